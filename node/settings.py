@@ -1,0 +1,202 @@
+"""Configuration: one Settings class from defaults, a TOML file and environment variables.
+
+Precedence (highest first): environment ``MEDGEMMA_NODE_<SECTION>__<KEY>``, the TOML file
+given with ``--config`` (or ``MEDGEMMA_NODE_CONFIG``), then the defaults below, which
+``config/node.toml`` mirrors.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+AE_TITLE_MAX = 16
+
+
+def _check_ae_title(value: str, what: str) -> str:
+    if not value or len(value) > AE_TITLE_MAX or not value.isascii() or "\\" in value:
+        raise ValueError(f"{what} {value!r} must be 1-16 ASCII characters without backslash")
+    return value
+
+
+class TlsSettings(BaseModel):
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""  # set to require and verify client certificates
+    require_client_cert: bool = False
+
+
+class DicomSettings(BaseModel):
+    ae_title: str = "MEDGEMMA"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    allowed_callers: list[str] = Field(default_factory=list)  # AE titles; empty = any caller
+    allowed_hosts: list[str] = Field(default_factory=list)  # IP addresses; empty = any host
+    max_associations: int = Field(default=16, ge=1)
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+    maximum_pdu_size: int = 0  # 0 = unlimited
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v, "dicom.ae_title")
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _callers(cls, v: list[str]) -> list[str]:
+        return [_check_ae_title(a.strip(), "dicom.allowed_callers entry") for a in v]
+
+
+class StorageSettings(BaseModel):
+    data_dir: str = "./var"
+    database_url: str = ""  # empty = SQLite file in data_dir
+    min_free_mb: int = Field(default=512, ge=0)  # below this, C-STORE answers Out of Resources
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def spool_path(self) -> Path:
+        return self.data_path / "spool"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_path / 'ledger.sqlite3'}"
+
+
+class CompletionSettings(BaseModel):
+    quiet_seconds: float = Field(default=5.0, ge=0)  # a study is complete after this quiet time
+    on_association_release: bool = False  # also complete studies when the sender releases
+    poll_seconds: float = Field(default=0.5, gt=0)
+
+
+DEFAULT_CHEST_TERMS = [
+    "CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS", "PULMONARY", "PA", "CXR",
+    "TORAX", "TÓRAX", "THORAX PA", "BRUSTKORB", "POITRINE", "TORACE",
+    "胸", "胸部", "胸片", "肺",
+]
+
+
+class PrereadSettings(BaseModel):
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    # matched case-insensitively as words (or substrings for CJK) in BodyPartExamined,
+    # StudyDescription, SeriesDescription, ProtocolName; ViewPosition PA/AP/LL/LAT also counts
+    chest_terms: list[str] = Field(default_factory=lambda: list(DEFAULT_CHEST_TERMS))
+    chest_view_positions: list[str] = Field(
+        default_factory=lambda: ["PA", "AP", "LL", "RL", "LAT", "LATERAL"]
+    )
+
+
+class QueueSettings(BaseModel):
+    broker_url: str = ""  # empty = embedded (serve); redis://... otherwise
+    preread_queue: str = "preread"
+    followup_queue: str = "followup"
+    requeue_after_seconds: float = Field(default=900.0, gt=0)  # stuck in complete/queued/running
+    reconcile_interval_seconds: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class EngineSettings(BaseModel):
+    name: Literal["medgemma", "vllm", "demo"] = "medgemma"
+    model: str = "google/medgemma-4b-it"
+    revision: str = "main"
+    local_files_only: bool = True
+    device: str = "auto"  # auto | cuda | cpu
+    server_url: str = ""  # vllm: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+
+
+class Destination(BaseModel):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae_title(v, "destinations.ae_title")
+
+
+class Settings(BaseSettings):
+    """All configuration of one node. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEDGEMMA_NODE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+    toml_file: ClassVar[Path | None] = None
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    preread: PrereadSettings = Field(default_factory=PrereadSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_file))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says what to fix."""
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from defaults, a TOML file (optional) and the environment."""
+    path = config_file or os.environ.get("MEDGEMMA_NODE_CONFIG") or None
+    toml_path: Path | None = None
+    if path:
+        toml_path = Path(path)
+        if not toml_path.is_file():
+            raise ConfigError(f"configuration file {toml_path} does not exist")
+
+    class _FileSettings(Settings):
+        toml_file = toml_path
+
+    try:
+        loaded = _FileSettings(**overrides)
+    except Exception as exc:  # pydantic ValidationError or TOML syntax error
+        where = f" in {toml_path}" if toml_path else ""
+        raise ConfigError(f"invalid configuration{where}: {exc}") from exc
+    return loaded
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (tests override by calling load_settings directly)."""
+    return load_settings()

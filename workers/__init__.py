@@ -1,0 +1,1 @@
+"""The GPU side: Celery app and tasks, imaging, engines, prompts, parsing, anchors."""

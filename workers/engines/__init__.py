@@ -1,0 +1,1 @@
+"""Engines that turn (image, prompt) into model text: medgemma, vllm, demo."""

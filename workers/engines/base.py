@@ -1,0 +1,57 @@
+"""The one small protocol every engine implements.
+
+An engine takes model-ready square images (uint8 RGB, ``ModelImage.size`` pixels a side,
+already padded and resized by ``workers.imaging``) and a prompt, and returns raw model
+text. It never returns numbers that the node trusts: parsing, geometry and measurements
+happen outside the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+
+class EngineError(Exception):
+    """The engine cannot run (missing model, unreachable server); the message says how to fix it."""
+
+
+class TransientEngineError(EngineError):
+    """A failure worth retrying (server busy, CUDA OOM under load)."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One single-turn request: images (first = primary) plus the user prompt.
+
+    images: uint8 arrays of shape (S, S, 3), RGB, S = the model's input size (896 for MedGemma).
+    system: optional system instruction (folded into the first user turn for Gemma 3).
+    """
+
+    images: tuple[npt.NDArray[np.uint8], ...]
+    prompt: str
+    system: str = ""
+    max_new_tokens: int = 1024
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What every output names: the model, its revision, and whether it is the demo engine."""
+
+    name: str  # medgemma | vllm | demo
+    model_id: str
+    revision: str
+    is_demo: bool = False
+
+
+@runtime_checkable
+class Engine(Protocol):
+    info: EngineInfo
+
+    def generate(self, requests: list[EngineRequest]) -> list[str]:
+        """Greedy-decode one text per request, in order. Batches when len(requests) > 1."""
+        ...
