@@ -87,9 +87,23 @@ class CompletionSettings(BaseModel):
 
 
 DEFAULT_CHEST_TERMS = [
-    "CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS", "PULMONARY", "PA", "CXR",
-    "TORAX", "TÓRAX", "THORAX PA", "BRUSTKORB", "POITRINE", "TORACE",
-    "胸", "胸部", "胸片", "肺",
+    "CHEST",
+    "THORAX",
+    "THORACIC",
+    "LUNG",
+    "LUNGS",
+    "PULMONARY",
+    "CXR",
+    "TORAX",
+    "TÓRAX",
+    "BRUSTKORB",
+    "POITRINE",
+    "TORACE",
+    "TORAKS",
+    "胸",
+    "胸部",
+    "胸片",
+    "肺",
 ]
 
 
@@ -107,9 +121,11 @@ class QueueSettings(BaseModel):
     broker_url: str = ""  # empty = embedded (serve); redis://... otherwise
     preread_queue: str = "preread"
     followup_queue: str = "followup"
-    requeue_after_seconds: float = Field(default=900.0, gt=0)  # stuck in complete/queued/running
+    requeue_after_seconds: float = Field(default=1200.0, gt=0)  # stuck in complete/queued/running
     reconcile_interval_seconds: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    task_soft_time_limit_seconds: float = Field(default=600.0, gt=0)
+    task_time_limit_seconds: float = Field(default=900.0, gt=0)
 
 
 class ApiSettings(BaseModel):

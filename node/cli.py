@@ -1,0 +1,163 @@
+"""The `medgemma-node` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+
+from node import __version__
+from node.settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger("medgemma.cli")
+
+
+def _setup_logging(settings: Settings | None, level: str, to_file: bool) -> None:
+    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings is not None and to_file:
+        logs = settings.storage.data_path / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            logging.handlers.RotatingFileHandler(
+                logs / "node.log", maxBytes=10 * 2**20, backupCount=5, encoding="utf-8"
+            )
+        )
+    logging.basicConfig(level=level.upper(), format=fmt, handlers=handlers, force=True)
+    # pynetdicom logs every PDU at INFO; keep its warnings only
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def _run_node(settings: Settings, *, embedded: bool) -> int:
+    from node.runtime import NodeRuntime
+
+    runtime = NodeRuntime(settings, embedded=embedded)
+    try:
+        host, port = runtime.start()
+    except OSError as exc:
+        print(
+            f"medgemma-node: cannot listen on {settings.dicom.bind_address}:"
+            f"{settings.dicom.port}: {exc.strerror}. Is another node running? "
+            "Set dicom.port or MEDGEMMA_NODE_DICOM__PORT.",
+            file=sys.stderr,
+        )
+        runtime.stop()
+        return 2
+    mode = "embedded worker" if embedded and not settings.queue.broker_url else "Celery broker"
+    print(
+        f"medgemma-node {__version__}: AE {settings.dicom.ae_title} on {host}:{port}, "
+        f"data in {settings.storage.data_path}, {mode}; Ctrl-C to stop",
+        flush=True,
+    )
+    try:
+        _wait_for_signal()
+    finally:
+        runtime.stop()
+    return 0
+
+
+def cmd_scp(args: argparse.Namespace, settings: Settings) -> int:
+    return _run_node(settings, embedded=False)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    return _run_node(settings, embedded=True)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from node.status import collect_status, render_status, status_json
+
+    status = collect_status(settings, study_uid=args.study, limit=args.limit)
+    print(status_json(status) if args.json else render_status(status))
+    return 0 if status.scp.listening else 1
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.queue.broker_url:
+        print(
+            "medgemma-node worker: queue.broker_url is empty. Set it, e.g. "
+            "MEDGEMMA_NODE_QUEUE__BROKER_URL=redis://127.0.0.1:6379/0",
+            file=sys.stderr,
+        )
+        return 2
+    queues = args.queues or f"{settings.queue.preread_queue},{settings.queue.followup_queue}"
+    argv = [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "worker",
+        "--queues", queues, "--concurrency", str(args.concurrency), "--pool", args.pool,
+        "--loglevel", args.log_level.upper(), "--without-gossip", "--without-mingle",
+        "--hostname", args.hostname,
+    ]  # fmt: skip
+    env = dict(os.environ)
+    if args.config:
+        env["MEDGEMMA_NODE_CONFIG"] = str(args.config)
+    return subprocess.call(argv, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medgemma-node",
+        description=(
+            "A DICOM node that adds AI-generated, preliminary MedGemma chest X-ray pre-reads "
+            "to a PACS. Not a diagnosis; every output says so."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"medgemma-node {__version__}")
+    parser.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="everything in one process (SCP + embedded worker)")
+    p.add_argument("--engine", choices=["medgemma", "vllm", "demo"], help="override engine.name")
+    p.set_defaults(func=cmd_serve, to_file=True)
+
+    p = sub.add_parser("scp", help="the DICOM SCP; queues pre-reads on the Celery broker")
+    p.set_defaults(func=cmd_scp, to_file=True)
+
+    p = sub.add_parser("worker", help="a Celery worker on queues preread and/or followup")
+    p.add_argument("--queues", help="comma-separated (default: preread,followup)")
+    p.add_argument("--engine", choices=["medgemma", "vllm", "demo"], help="override engine.name")
+    p.add_argument("--concurrency", type=int, default=1, help="processes (default 1 per GPU)")
+    p.add_argument("--pool", default="prefork", help="Celery pool (default prefork)")
+    p.add_argument("--hostname", default="medgemma@%h", help="Celery node name")
+    p.set_defaults(func=cmd_worker, to_file=False)
+
+    p = sub.add_parser("status", help="SCP health, ledger counts, latest studies, queue, disk")
+    p.add_argument("--study", help="details of one study (StudyInstanceUID)")
+    p.add_argument("--limit", type=int, default=10, help="latest studies to list")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status, to_file=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "engine", None):
+        os.environ["MEDGEMMA_NODE_ENGINE__NAME"] = args.engine
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"medgemma-node: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings, args.log_level, args.to_file)
+    try:
+        return int(args.func(args, settings))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

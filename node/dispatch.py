@@ -1,0 +1,129 @@
+"""Sending work to workers by task name: Celery over Redis, or an in-process worker for ``serve``.
+
+The node never imports worker code statically: production sends tasks by name through the
+broker; ``serve`` loads the worker entry point by its dotted name at start (``importlib``),
+so the node installs and runs without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Protocol
+
+log = logging.getLogger("medgemma.dispatch")
+
+PREREAD_TASK = "medgemma.preread"
+FOLLOWUP_TASK = "medgemma.followup"
+# The plain function behind PREREAD_TASK, loaded by name for the in-process worker.
+INPROCESS_PREREAD = "workers.preread:run_preread_by_uid"
+
+_TASK_NAMESPACE = uuid.UUID("6f1c1d2e-8b7a-4c59-9f0e-6d2a4b8c9e10")
+
+
+def preread_task_id(study_uid: str, version: int) -> str:
+    """The Celery task id of a study version's pre-read: the same every time it is sent."""
+    return str(uuid.uuid5(_TASK_NAMESPACE, f"preread/{study_uid}/{version}"))
+
+
+class DispatchError(Exception):
+    """The task could not be handed to the broker; the study stays queued for the reconciler."""
+
+
+class Dispatcher(Protocol):
+    def send_preread(self, study_uid: str, version: int) -> str: ...
+
+    def queue_depth(self) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
+class CeleryDispatcher:
+    """Sends tasks by name to a Celery broker (Redis); needs no worker code."""
+
+    def __init__(self, broker_url: str, preread_queue: str = "preread") -> None:
+        from celery import Celery
+
+        self.broker_url = broker_url
+        self.preread_queue = preread_queue
+        self.app = Celery("medgemma-node", broker=broker_url)
+        self.app.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            broker_connection_retry_on_startup=True,
+            broker_transport_options={"max_retries": 2, "interval_start": 0.2},
+        )
+
+    def send_preread(self, study_uid: str, version: int) -> str:
+        task_id = preread_task_id(study_uid, version)
+        try:
+            self.app.send_task(
+                PREREAD_TASK,
+                args=[study_uid, version],
+                task_id=task_id,
+                queue=self.preread_queue,
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+        except Exception as exc:
+            raise DispatchError(f"broker {self._safe_url()} unavailable: {exc}") from exc
+        return task_id
+
+    def queue_depth(self) -> int | None:
+        try:
+            with self.app.connection_for_write() as conn:
+                client = conn.channel().client
+                return int(client.llen(self.preread_queue))
+        except Exception:
+            return None
+
+    def _safe_url(self) -> str:
+        # never print a password from the URL
+        head, _, tail = self.broker_url.rpartition("@")
+        return f"{self.broker_url.split('://')[0]}://***@{tail}" if head else self.broker_url
+
+    def close(self) -> None:
+        self.app.close()
+
+
+class InProcessDispatcher:
+    """One background thread that runs pre-reads in this process (``serve``)."""
+
+    def __init__(self, handler: Callable[[str, int], object]) -> None:
+        self._handler = handler
+        self._queue: queue.Queue[tuple[str, int] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="medgemma-worker", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_entry_point(cls, entry_point: str, settings: object) -> InProcessDispatcher:
+        """Load the factory ``module:function`` by name; it returns the handler for settings."""
+        module_name, _, attr = entry_point.partition(":")
+        factory = getattr(importlib.import_module(module_name), attr)
+        return cls(factory(settings))
+
+    def send_preread(self, study_uid: str, version: int) -> str:
+        self._queue.put((study_uid, version))
+        return preread_task_id(study_uid, version)
+
+    def queue_depth(self) -> int | None:
+        return self._queue.qsize()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            study_uid, version = item
+            try:
+                self._handler(study_uid, version)
+            except Exception:
+                log.exception("in-process pre-read of study %s v%d failed", study_uid, version)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)

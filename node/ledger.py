@@ -1,0 +1,602 @@
+"""The study ledger: the durable record of every study, series and instance the node holds.
+
+Each study version moves through the states below; every transition is one committed
+transaction with a timestamp and, where it matters, a reason. The ledger is the source of
+truth for the reconciler (lost broker, lost worker) and for ``medgemma-node status``.
+
+    received -> complete -> queued -> running -> done | failed
+                        \\-> skipped (not a chest radiograph study)
+
+A study version is *open* while it is ``received``. An instance that arrives for a study
+whose latest version is no longer open starts a new version, which is pre-read again.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+def utcnow() -> datetime:
+    """Naive UTC (SQLite keeps no time zone; every timestamp in the ledger is UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class StudyState(enum.StrEnum):
+    RECEIVED = "received"
+    COMPLETE = "complete"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+ALLOWED_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
+    StudyState.RECEIVED: frozenset({StudyState.COMPLETE}),
+    StudyState.COMPLETE: frozenset({StudyState.QUEUED, StudyState.SKIPPED, StudyState.FAILED}),
+    # queued -> queued is the reconciler re-sending a lost task
+    StudyState.QUEUED: frozenset({StudyState.QUEUED, StudyState.RUNNING, StudyState.FAILED}),
+    # running -> queued: the reconciler re-queues work whose worker was lost
+    StudyState.RUNNING: frozenset(
+        {StudyState.DONE, StudyState.FAILED, StudyState.QUEUED, StudyState.RUNNING}
+    ),
+    StudyState.DONE: frozenset(),
+    StudyState.FAILED: frozenset({StudyState.QUEUED}),  # an operator's retry
+    StudyState.SKIPPED: frozenset(),
+}
+
+
+class LedgerError(Exception):
+    """A request the ledger refuses (unknown study, forbidden state transition)."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Study(Base):
+    """One version of a study. (study_uid, version) is unique."""
+
+    __tablename__ = "studies"
+    __table_args__ = (UniqueConstraint("study_uid", "version", name="uq_study_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), index=True, default=StudyState.RECEIVED.value)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    # header facts used by the rules and (later) the FHIR resources; never logged
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    accession_number: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    study_description: Mapped[str] = mapped_column(String(128), default="")
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    task_id: Mapped[str] = mapped_column(String(64), default="")
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    last_instance_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Series(Base):
+    __tablename__ = "series"
+    __table_args__ = (UniqueConstraint("study_id", "series_uid", name="uq_series_in_study"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    view_position: Mapped[str] = mapped_column(String(16), default="")
+    series_description: Mapped[str] = mapped_column(String(128), default="")
+    protocol_name: Mapped[str] = mapped_column(String(128), default="")
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    """One stored file. A re-sent SOP instance with different bytes is a new revision."""
+
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "revision", name="uq_sop_revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)  # relative to the spool root
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The header facts of one received instance that the ledger records."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str = ""
+    body_part: str = ""
+    view_position: str = ""
+    study_description: str = ""
+    series_description: str = ""
+    protocol_name: str = ""
+    patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """A detached, read-only view of one study version."""
+
+    id: int
+    study_uid: str
+    version: int
+    state: StudyState
+    reason: str
+    instance_count: int
+    attempts: int
+    task_id: str
+    accession_number: str
+    patient_id: str
+    study_description: str
+    updated_at: datetime
+    last_instance_at: datetime
+    result: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, s: Study) -> StudySummary:
+        return cls(
+            id=s.id,
+            study_uid=s.study_uid,
+            version=s.version,
+            state=StudyState(s.state),
+            reason=s.reason,
+            instance_count=s.instance_count,
+            attempts=s.attempts,
+            task_id=s.task_id,
+            accession_number=s.accession_number,
+            patient_id=s.patient_id,
+            study_description=s.study_description,
+            updated_at=s.updated_at,
+            last_instance_at=s.last_instance_at,
+            result=s.result,
+        )
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    series_uid: str
+    modality: str
+    body_part: str
+    view_position: str
+    series_description: str
+    protocol_name: str
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class InstanceSummary:
+    sop_instance_uid: str
+    revision: int
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    series_uid: str
+    path: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """What record_instance did: a new instance, a new revision, or an idempotent duplicate."""
+
+    study_id: int
+    study_version: int
+    revision: int
+    duplicate: bool  # same SOP instance, same bytes: nothing new was recorded
+
+
+def make_engine(url: str) -> Engine:
+    """A SQLAlchemy engine; SQLite gets WAL, full fsync and a busy timeout."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class StudyLedger:
+    """All reads and writes of study state. Each method is one transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # serialises version creation inside one process; the unique constraint covers others
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # --- instances ---------------------------------------------------------------------
+
+    def find_instance(self, sop_instance_uid: str) -> InstanceSummary | None:
+        """The latest revision of a SOP instance, or None."""
+        with self._tx() as s:
+            row = s.execute(
+                select(Instance, Series.series_uid)
+                .join(Series, Series.id == Instance.series_id)
+                .where(Instance.sop_instance_uid == sop_instance_uid)
+                .order_by(Instance.revision.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            inst, series_uid = row
+            return _instance_summary(inst, series_uid)
+
+    def record_instance(
+        self,
+        header: InstanceHeader,
+        *,
+        path: str,
+        sha256: str,
+        size_bytes: int,
+        revision: int,
+        calling_ae: str,
+    ) -> RecordOutcome:
+        """Record a stored instance in the open version of its study (creating one if needed)."""
+        for attempt in range(3):
+            try:
+                with self._lock, self._tx() as s:
+                    return self._record(s, header, path, sha256, size_bytes, revision, calling_ae)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _record(
+        self,
+        s: Session,
+        h: InstanceHeader,
+        path: str,
+        sha256: str,
+        size_bytes: int,
+        revision: int,
+        calling_ae: str,
+    ) -> RecordOutcome:
+        now = utcnow()
+        existing = s.execute(
+            select(Instance).where(
+                Instance.sop_instance_uid == h.sop_instance_uid, Instance.sha256 == sha256
+            )
+        ).scalar_one_or_none()
+        if existing is not None:
+            study = s.get(Study, existing.study_id)
+            assert study is not None
+            return RecordOutcome(study.id, study.version, existing.revision, duplicate=True)
+
+        latest = s.execute(
+            select(Study)
+            .where(Study.study_uid == h.study_uid)
+            .order_by(Study.version.desc())
+            .limit(1)
+            .with_for_update()
+        ).scalar_one_or_none()
+        if latest is None or latest.state != StudyState.RECEIVED.value:
+            study = Study(
+                study_uid=h.study_uid,
+                version=1 if latest is None else latest.version + 1,
+                state=StudyState.RECEIVED.value,
+                created_at=now,
+            )
+            s.add(study)
+            s.flush()
+        else:
+            study = latest
+        study.patient_id = study.patient_id or h.patient_id[:64]
+        study.accession_number = study.accession_number or h.accession_number[:64]
+        study.study_date = study.study_date or h.study_date[:8]
+        study.study_description = study.study_description or h.study_description[:128]
+        study.instance_count += 1
+        study.last_instance_at = now
+        study.updated_at = now
+
+        series = s.execute(
+            select(Series).where(Series.study_id == study.id, Series.series_uid == h.series_uid)
+        ).scalar_one_or_none()
+        if series is None:
+            series = Series(
+                study_id=study.id,
+                series_uid=h.series_uid,
+                modality=h.modality[:16],
+                body_part=h.body_part[:64],
+                view_position=h.view_position[:16],
+                series_description=h.series_description[:128],
+                protocol_name=h.protocol_name[:128],
+                instance_count=0,
+            )
+            s.add(series)
+            s.flush()
+        series.instance_count += 1
+        s.add(
+            Instance(
+                study_id=study.id,
+                series_id=series.id,
+                study_uid=h.study_uid,
+                sop_instance_uid=h.sop_instance_uid,
+                revision=revision,
+                sop_class_uid=h.sop_class_uid,
+                transfer_syntax_uid=h.transfer_syntax_uid,
+                path=path,
+                sha256=sha256,
+                size_bytes=size_bytes,
+                calling_ae=calling_ae[:16],
+                received_at=now,
+            )
+        )
+        return RecordOutcome(study.id, study.version, revision, duplicate=False)
+
+    # --- study state -------------------------------------------------------------------
+
+    def _transition(
+        self, s: Session, study: Study, new: StudyState, reason: str | None = None
+    ) -> None:
+        old = StudyState(study.state)
+        if new not in ALLOWED_TRANSITIONS[old]:
+            raise LedgerError(
+                f"study {study.study_uid} v{study.version}: {old.value} -> {new.value} "
+                "is not an allowed transition"
+            )
+        now = utcnow()
+        study.state = new.value
+        study.updated_at = now
+        if reason is not None:
+            study.reason = reason
+        if new is StudyState.COMPLETE:
+            study.completed_at = now
+        elif new is StudyState.QUEUED:
+            study.queued_at = now
+        elif new is StudyState.RUNNING:
+            study.started_at = now
+        elif new in (StudyState.DONE, StudyState.FAILED, StudyState.SKIPPED):
+            study.finished_at = now
+
+    def _get(self, s: Session, study_uid: str, version: int) -> Study:
+        study = s.execute(
+            select(Study).where(Study.study_uid == study_uid, Study.version == version)
+        ).scalar_one_or_none()
+        if study is None:
+            raise LedgerError(f"unknown study {study_uid} version {version}")
+        return study
+
+    def complete_quiet_studies(self, quiet_seconds: float) -> list[StudySummary]:
+        """Close every open study version that received nothing for ``quiet_seconds``."""
+        cutoff = utcnow() - timedelta(seconds=quiet_seconds)
+        with self._lock, self._tx() as s:
+            rows = (
+                s.execute(
+                    select(Study).where(
+                        Study.state == StudyState.RECEIVED.value, Study.last_instance_at <= cutoff
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for study in rows:
+                self._transition(s, study, StudyState.COMPLETE)
+            return [StudySummary.of(x) for x in rows]
+
+    def complete_studies(self, study_ids: Sequence[int]) -> list[StudySummary]:
+        """Close the given open study versions now (``complete on association release``)."""
+        with self._lock, self._tx() as s:
+            rows = (
+                s.execute(
+                    select(Study).where(
+                        Study.id.in_(list(study_ids)), Study.state == StudyState.RECEIVED.value
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for study in rows:
+                self._transition(s, study, StudyState.COMPLETE)
+            return [StudySummary.of(x) for x in rows]
+
+    def set_state(
+        self, study_uid: str, version: int, new: StudyState, reason: str | None = None
+    ) -> StudySummary:
+        with self._tx() as s:
+            study = self._get(s, study_uid, version)
+            self._transition(s, study, new, reason)
+            return StudySummary.of(study)
+
+    def mark_queued(self, study_uid: str, version: int, task_id: str) -> StudySummary:
+        with self._tx() as s:
+            study = self._get(s, study_uid, version)
+            self._transition(s, study, StudyState.QUEUED, "")
+            study.task_id = task_id
+            study.attempts += 1
+            return StudySummary.of(study)
+
+    def start_run(self, study_uid: str, version: int) -> StudySummary | None:
+        """Move a queued study to running; None when it needs no work (done, skipped, failed).
+
+        This is what makes a redelivered task idempotent: a finished study is not redone.
+        """
+        with self._tx() as s:
+            study = self._get(s, study_uid, version)
+            state = StudyState(study.state)
+            if state in (StudyState.DONE, StudyState.SKIPPED, StudyState.FAILED):
+                return None
+            if state not in (StudyState.QUEUED, StudyState.RUNNING):
+                raise LedgerError(
+                    f"study {study_uid} v{version} is {state.value}, not queued; refusing to run"
+                )
+            self._transition(s, study, StudyState.RUNNING, "")
+            return StudySummary.of(study)
+
+    def finish(
+        self,
+        study_uid: str,
+        version: int,
+        *,
+        ok: bool,
+        reason: str = "",
+        result: dict[str, Any] | None = None,
+    ) -> StudySummary:
+        with self._tx() as s:
+            study = self._get(s, study_uid, version)
+            self._transition(s, study, StudyState.DONE if ok else StudyState.FAILED, reason)
+            if result is not None:
+                study.result = result
+            return StudySummary.of(study)
+
+    # --- reads -------------------------------------------------------------------------
+
+    def get_study(self, study_uid: str, version: int | None = None) -> StudySummary | None:
+        with self._tx() as s:
+            q = select(Study).where(Study.study_uid == study_uid)
+            if version is not None:
+                q = q.where(Study.version == version)
+            row = s.execute(q.order_by(Study.version.desc()).limit(1)).scalar_one_or_none()
+            return StudySummary.of(row) if row else None
+
+    def study_versions(self, study_uid: str) -> list[StudySummary]:
+        with self._tx() as s:
+            rows = s.execute(
+                select(Study).where(Study.study_uid == study_uid).order_by(Study.version)
+            ).scalars()
+            return [StudySummary.of(r) for r in rows]
+
+    def series_of(self, study_uid: str, version: int) -> list[SeriesSummary]:
+        """Series of one study version (the header facts the pre-read rules look at)."""
+        with self._tx() as s:
+            study = self._get(s, study_uid, version)
+            rows = s.execute(select(Series).where(Series.study_id == study.id)).scalars()
+            return [
+                SeriesSummary(
+                    r.series_uid,
+                    r.modality,
+                    r.body_part,
+                    r.view_position,
+                    r.series_description,
+                    r.protocol_name,
+                    r.instance_count,
+                )
+                for r in rows
+            ]
+
+    def instances_of(
+        self, study_uid: str, up_to_version: int | None = None
+    ) -> list[InstanceSummary]:
+        """Every stored instance of a study (latest revision of each SOP instance)."""
+        with self._tx() as s:
+            q = (
+                select(Instance, Series.series_uid)
+                .join(Series, Series.id == Instance.series_id)
+                .join(Study, Study.id == Instance.study_id)
+                .where(Instance.study_uid == study_uid)
+            )
+            if up_to_version is not None:
+                q = q.where(Study.version <= up_to_version)
+            latest: dict[str, InstanceSummary] = {}
+            for inst, series_uid in s.execute(q.order_by(Instance.revision)):
+                latest[inst.sop_instance_uid] = _instance_summary(inst, series_uid)
+            return list(latest.values())
+
+    def stuck_studies(self, older_than_seconds: float) -> list[StudySummary]:
+        """Studies in complete, queued or running whose last change is older than the bound."""
+        cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+        states = [StudyState.COMPLETE.value, StudyState.QUEUED.value, StudyState.RUNNING.value]
+        with self._tx() as s:
+            rows = s.execute(
+                select(Study).where(Study.state.in_(states), Study.updated_at <= cutoff)
+            ).scalars()
+            return [StudySummary.of(r) for r in rows]
+
+    def studies_in_state(self, state: StudyState) -> list[StudySummary]:
+        with self._tx() as s:
+            rows = s.execute(select(Study).where(Study.state == state.value)).scalars()
+            return [StudySummary.of(r) for r in rows]
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self._tx() as s:
+            rows = s.execute(select(Study.state, func.count()).group_by(Study.state)).all()
+            return {state: int(n) for state, n in rows}
+
+    def latest_studies(self, limit: int = 10) -> list[StudySummary]:
+        with self._tx() as s:
+            rows = s.execute(
+                select(Study).order_by(Study.updated_at.desc(), Study.id.desc()).limit(limit)
+            ).scalars()
+            return [StudySummary.of(r) for r in rows]
+
+    def instance_count(self) -> int:
+        with self._tx() as s:
+            return int(s.execute(select(func.count()).select_from(Instance)).scalar_one())
+
+
+def _instance_summary(inst: Instance, series_uid: str) -> InstanceSummary:
+    return InstanceSummary(
+        sop_instance_uid=inst.sop_instance_uid,
+        revision=inst.revision,
+        sop_class_uid=inst.sop_class_uid,
+        transfer_syntax_uid=inst.transfer_syntax_uid,
+        series_uid=series_uid,
+        path=inst.path,
+        sha256=inst.sha256,
+        size_bytes=inst.size_bytes,
+    )

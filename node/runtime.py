@@ -1,0 +1,58 @@
+"""Wiring of one node process: spool, ledger, SCP, dispatcher and coordinator."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from node.completion import StudyCoordinator
+from node.dispatch import INPROCESS_PREREAD, CeleryDispatcher, Dispatcher, InProcessDispatcher
+from node.ledger import StudyLedger
+from node.scp import StorageSCP
+from node.settings import Settings
+from node.spool import Spool
+
+log = logging.getLogger("medgemma.node")
+
+
+def make_dispatcher(settings: Settings, *, embedded: bool) -> Dispatcher:
+    """Celery when a broker is configured; the in-process worker for ``serve`` without one."""
+    if settings.queue.broker_url:
+        return CeleryDispatcher(settings.queue.broker_url, settings.queue.preread_queue)
+    if not embedded:
+        raise ValueError(
+            "queue.broker_url is empty: set it (e.g. MEDGEMMA_NODE_QUEUE__BROKER_URL="
+            "redis://127.0.0.1:6379/0) or run `medgemma-node serve` for the embedded worker"
+        )
+    return InProcessDispatcher.from_entry_point(INPROCESS_PREREAD, settings)
+
+
+class NodeRuntime:
+    """The SCP side of a node: what `scp` and `serve` run."""
+
+    def __init__(self, settings: Settings, *, embedded: bool) -> None:
+        self.settings = settings
+        data = settings.storage.data_path
+        data.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(settings.storage.spool_path, settings.storage.min_free_mb * 2**20)
+        removed = self.spool.remove_orphan_parts()
+        if removed:
+            log.warning("removed %d partial files left by an interrupted write", removed)
+        self.ledger = StudyLedger(settings.storage.resolved_database_url())
+        self.dispatcher = make_dispatcher(settings, embedded=embedded)
+        self.coordinator = StudyCoordinator(settings, self.ledger, self.dispatcher)
+        self.scp = StorageSCP(
+            settings.dicom, self.spool, self.ledger, on_release=self.coordinator.complete_on_release
+        )
+        self.pid_file: Path = data / "node.pid"
+
+    def start(self) -> tuple[str, int]:
+        address = self.scp.start()
+        self.coordinator.start()
+        return address
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.coordinator.stop()
+        self.dispatcher.close()
+        self.ledger.close()

@@ -1,0 +1,407 @@
+"""The DICOM SCP: the AE, its presentation contexts, and the C-ECHO / C-STORE handlers.
+
+The C-STORE handler saves, records and answers; it never decodes pixels or runs inference.
+A success status is sent only after the file is fsynced in the spool and its row is
+committed in the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import Status
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.ledger import InstanceHeader, StudyLedger
+from node.settings import DicomSettings, TlsSettings
+from node.spool import OutOfSpace, Spool, SpoolError, is_valid_uid, sha256_of
+
+log = logging.getLogger("medgemma.scp")
+
+
+class StoreStatus(IntEnum):
+    """C-STORE response statuses (PS3.4 Table B.2-1 and PS3.7 C.4), used by name only."""
+
+    SUCCESS = int(Status.SUCCESS)
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    PROCESSING_FAILURE = 0x0110
+
+
+# Stored as received, never transcoded.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+# Large values (pixel data) are not loaded while the header is checked.
+_DEFER_SIZE = 4096
+
+# Receive datasets straight to a temporary file instead of memory; the handler moves it.
+_config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def storage_contexts() -> list[PresentationContext]:
+    """Every storage SOP class pynetdicom knows, each with the accepted transfer syntaxes."""
+    contexts = []
+    for cx in AllStoragePresentationContexts:
+        pc = PresentationContext()
+        pc.abstract_syntax = cx.abstract_syntax
+        pc.transfer_syntax = list(ACCEPTED_TRANSFER_SYNTAXES)
+        contexts.append(pc)
+    verification = PresentationContext()
+    verification.abstract_syntax = Verification
+    verification.transfer_syntax = [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
+    contexts.append(verification)
+    return contexts
+
+
+def make_ssl_context(tls: TlsSettings) -> ssl.SSLContext | None:
+    """A server TLS context from configuration, or None when TLS is off."""
+    if not tls.enabled:
+        return None
+    if not tls.cert_file or not tls.key_file:
+        raise ValueError("dicom.tls.enabled needs dicom.tls.cert_file and dicom.tls.key_file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file:
+        context.load_verify_locations(cafile=tls.ca_file)
+    if tls.require_client_cert:
+        if not tls.ca_file:
+            raise ValueError("dicom.tls.require_client_cert needs dicom.tls.ca_file")
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class _HostCheckingServer(ThreadedAssociationServer):
+    """Closes connections from hosts outside ``allowed_hosts`` before any PDU is read."""
+
+    allowed_hosts: frozenset[str] = frozenset()
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if not self.allowed_hosts:
+            return True
+        host = str(client_address[0])
+        if host in self.allowed_hosts:
+            return True
+        log.warning("refused connection from host %s: not in dicom.allowed_hosts", host)
+        return False
+
+
+def _failure(status: StoreStatus, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = int(status)
+    ds.ErrorComment = comment[:64]  # LO: 64 characters
+    return ds
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+@dataclass
+class StoreCounters:
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+
+
+class StorageSCP:
+    """The node's DICOM listener. ``on_release`` gets the study ids an association touched."""
+
+    def __init__(
+        self,
+        settings: DicomSettings,
+        spool: Spool,
+        ledger: StudyLedger,
+        on_release: Callable[[set[int]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.ledger = ledger
+        self.on_release = on_release
+        self.counters = StoreCounters()
+        self._touched: dict[int, set[int]] = {}
+        self._touched_lock = threading.Lock()
+        self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+
+        ae = AE(ae_title=settings.ae_title)
+        ae.supported_contexts = storage_contexts()
+        ae.maximum_associations = settings.max_associations
+        ae.acse_timeout = settings.acse_timeout
+        ae.dimse_timeout = settings.dimse_timeout
+        ae.network_timeout = settings.network_timeout
+        ae.maximum_pdu_size = settings.maximum_pdu_size
+        ae.require_calling_aet = list(settings.allowed_callers)
+        self.ae = ae
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> tuple[str, int]:
+        """Start listening (non-blocking). Returns the bound (host, port)."""
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_association_end),
+            (evt.EVT_ABORTED, self._on_association_end),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        server = self.ae.make_server(
+            (self.settings.bind_address, self.settings.port),
+            ssl_context=make_ssl_context(self.settings.tls),
+            evt_handlers=handlers,
+            server_class=_HostCheckingServer,
+        )
+        assert isinstance(server, _HostCheckingServer)
+        server.allowed_hosts = frozenset(self.settings.allowed_hosts)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="medgemma-scp", daemon=True
+        )
+        self._thread.start()
+        self.ae._servers.append(server)
+        host, port = server.server_address[:2]
+        log.info(
+            "DICOM SCP %s listening on %s:%d (max %d associations%s%s)",
+            self.settings.ae_title,
+            host,
+            port,
+            self.settings.max_associations,
+            ", TLS" if self.settings.tls.enabled else "",
+            f", callers {self.settings.allowed_callers}" if self.settings.allowed_callers else "",
+        )
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        self.ae.shutdown()
+        self._server = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the SCP is not running")
+        return int(self._server.server_address[1])
+
+    # --- handlers ----------------------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
+        return int(Status.SUCCESS)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        log.warning(
+            "association from %s (%s) rejected (calling AE not allowed or too many associations)",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+        )
+
+    def _on_association_end(self, event: evt.Event) -> None:
+        with self._touched_lock:
+            touched = self._touched.pop(id(event.assoc), set())
+        if touched and self.on_release is not None:
+            try:
+                self.on_release(touched)
+            except Exception:
+                log.exception("completing studies on association release failed")
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        started = time.monotonic()
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        request: Any = event.request
+        rq_sop = str(request.AffectedSOPInstanceUID or "")
+        path = Path(event.dataset_path)
+        try:
+            status = self._store(path, calling_ae, str(request.AffectedSOPClassUID or ""), rq_sop)
+        except Exception:
+            # Any unexpected failure: the sender gets a failure and may retry; nothing is lost.
+            log.exception("C-STORE of SOP instance %s from %s failed", rq_sop, calling_ae)
+            self.counters.refused += 1
+            return _failure(StoreStatus.PROCESSING_FAILURE, "internal error while storing")
+        if isinstance(status, Dataset):
+            self.counters.refused += 1
+        else:
+            study_id = status
+            with self._touched_lock:
+                self._touched.setdefault(id(event.assoc), set()).add(study_id)
+            log.debug("stored %s in %.1f ms", rq_sop, (time.monotonic() - started) * 1000)
+            return int(Status.SUCCESS)
+        return status
+
+    def _store(self, path: Path, calling_ae: str, rq_class: str, rq_sop: str) -> int | Dataset:
+        """Store one received file. Returns the study row id, or a failure status dataset."""
+        try:
+            ds = dcmread(path, defer_size=_DEFER_SIZE)
+            ts = str(ds.file_meta.TransferSyntaxUID)
+            _check_complete(ds, path)
+            header = InstanceHeader(
+                study_uid=_text(ds, "StudyInstanceUID"),
+                series_uid=_text(ds, "SeriesInstanceUID"),
+                sop_instance_uid=_text(ds, "SOPInstanceUID"),
+                sop_class_uid=_text(ds, "SOPClassUID"),
+                transfer_syntax_uid=ts,
+                modality=_text(ds, "Modality"),
+                body_part=_text(ds, "BodyPartExamined"),
+                view_position=_text(ds, "ViewPosition"),
+                study_description=_text(ds, "StudyDescription"),
+                series_description=_text(ds, "SeriesDescription"),
+                protocol_name=_text(ds, "ProtocolName"),
+                patient_id=_text(ds, "PatientID"),
+                accession_number=_text(ds, "AccessionNumber"),
+                study_date=_text(ds, "StudyDate"),
+            )
+        except Exception as exc:
+            log.warning(
+                "C-STORE of %s from %s refused: dataset cannot be parsed (%s)",
+                rq_sop,
+                calling_ae,
+                type(exc).__name__,
+            )
+            return _failure(StoreStatus.CANNOT_UNDERSTAND, "dataset cannot be parsed")
+
+        for keyword, value in (
+            ("StudyInstanceUID", header.study_uid),
+            ("SeriesInstanceUID", header.series_uid),
+            ("SOPInstanceUID", header.sop_instance_uid),
+        ):
+            if not value:
+                log.warning("C-STORE of %s from %s refused: no %s", rq_sop, calling_ae, keyword)
+                return _failure(StoreStatus.CANNOT_UNDERSTAND, f"missing {keyword}")
+            if not is_valid_uid(value):
+                log.warning("C-STORE of %s from %s refused: bad %s", rq_sop, calling_ae, keyword)
+                return _failure(StoreStatus.CANNOT_UNDERSTAND, f"invalid {keyword}")
+        if header.sop_instance_uid != rq_sop or (rq_class and header.sop_class_uid != rq_class):
+            log.warning(
+                "C-STORE from %s refused: dataset SOP instance/class differ from the request (%s)",
+                calling_ae,
+                rq_sop,
+            )
+            return _failure(
+                StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Instance/Class UID differ from the C-STORE request",
+            )
+
+        sha256, size = sha256_of(path)
+        existing = self.ledger.find_instance(header.sop_instance_uid)
+        if existing is not None and existing.sha256 == sha256:
+            self.counters.duplicates += 1
+            log.info(
+                "duplicate of %s (study %s) from %s: identical, already stored",
+                header.sop_instance_uid,
+                header.study_uid,
+                calling_ae,
+            )
+            found = self.ledger.record_instance(
+                header,
+                path=existing.path,
+                sha256=sha256,
+                size_bytes=size,
+                revision=existing.revision,
+                calling_ae=calling_ae,
+            )
+            return found.study_id
+        revision = 1 if existing is None else existing.revision + 1
+        try:
+            relative = self.spool.relative_path(
+                header.study_uid, header.series_uid, header.sop_instance_uid, revision
+            )
+            self.spool.store_file(path, relative, sha256, size)
+        except OutOfSpace as exc:
+            log.error("C-STORE of %s refused: %s", header.sop_instance_uid, exc)
+            return _failure(StoreStatus.OUT_OF_RESOURCES, "out of disk space on the node")
+        except SpoolError as exc:
+            log.error("C-STORE of %s failed: %s", header.sop_instance_uid, exc)
+            return _failure(StoreStatus.OUT_OF_RESOURCES, "cannot write to the spool")
+        outcome = self.ledger.record_instance(
+            header,
+            path=relative,
+            sha256=sha256,
+            size_bytes=size,
+            revision=revision,
+            calling_ae=calling_ae,
+        )
+        self.counters.stored += 1
+        if revision > 1:
+            log.warning(
+                "SOP instance %s re-sent with different content: kept as revision %d "
+                "(study %s version %d)",
+                header.sop_instance_uid,
+                revision,
+                header.study_uid,
+                outcome.study_version,
+            )
+        else:
+            log.info(
+                "stored %s (study %s v%d, %s, %d bytes) from %s",
+                header.sop_instance_uid,
+                header.study_uid,
+                outcome.study_version,
+                header.modality or "?",
+                size,
+                calling_ae,
+            )
+        return outcome.study_id
+
+
+class IncompleteDataset(ValueError):
+    pass
+
+
+def _check_complete(ds: Dataset, path: Path) -> None:
+    """Raise IncompleteDataset when the received data stops before the dataset ends.
+
+    pydicom skips large values (defer_size) and drops an encapsulated Pixel Data element
+    whose sequence delimiter is missing, so a truncated stream would otherwise pass.
+    """
+    size = path.stat().st_size
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag, keep_deferred=True)
+        offset = getattr(elem, "value_tell", None)
+        length = getattr(elem, "length", None)
+        if offset is not None and length is not None and length != 0xFFFFFFFF:
+            if offset + length > size:
+                raise IncompleteDataset(f"element {elem.tag} ends past the end of the data")
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is not None and ts.is_encapsulated and "Rows" in ds and "PixelData" not in ds:
+        raise IncompleteDataset("encapsulated Pixel Data is truncated (no sequence delimiter)")

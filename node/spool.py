@@ -1,0 +1,127 @@
+"""The spool: received instances on disk, written atomically and fsynced.
+
+Layout: ``<data_dir>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``;
+a later revision of the same SOP instance (different bytes) is ``<SOP>.r<N>.dcm``. A file
+is first written as ``*.part``, fsynced, then renamed over its final name, and the
+directory is fsynced: after a crash a file either exists complete or not at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+# PS3.5 9.1: components of digits separated by dots, no leading zeros, at most 64 chars.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_CHUNK = 1 << 20
+
+
+class SpoolError(Exception):
+    """The spool cannot take a file (disk full, unsafe UID)."""
+
+
+class OutOfSpace(SpoolError):
+    """Free space is below the configured watermark."""
+
+
+def is_valid_uid(uid: str) -> bool:
+    """True for a well-formed DICOM UID (also what keeps spool paths inside the spool)."""
+    return 0 < len(uid) <= 64 and bool(_UID_RE.match(uid))
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    relative_path: str
+    sha256: str
+    size_bytes: int
+
+
+def sha256_of(path: Path) -> tuple[str, int]:
+    """SHA-256 hex digest and size in bytes of a file."""
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming_bytes: int) -> None:
+        """Raise OutOfSpace when storing ``incoming_bytes`` would cross the watermark."""
+        free = self.free_bytes()
+        if free - incoming_bytes < self.min_free_bytes:
+            raise OutOfSpace(
+                f"free space {free // 2**20} MiB minus {incoming_bytes // 2**20} MiB incoming "
+                f"is below the watermark of {self.min_free_bytes // 2**20} MiB "
+                f"on {self.root}"
+            )
+
+    def relative_path(self, study_uid: str, series_uid: str, sop_uid: str, revision: int) -> str:
+        for what, uid in (("Study", study_uid), ("Series", series_uid), ("SOP Instance", sop_uid)):
+            if not is_valid_uid(uid):
+                raise SpoolError(f"{what} Instance UID {uid!r} is not a valid DICOM UID")
+        name = f"{sop_uid}.dcm" if revision == 1 else f"{sop_uid}.r{revision}.dcm"
+        return f"{study_uid}/{series_uid}/{name}"
+
+    def path_of(self, relative_path: str) -> Path:
+        return self.root / relative_path
+
+    def store_file(self, source: Path, relative_path: str, sha256: str, size: int) -> StoredFile:
+        """Move (or, across file systems, copy) ``source`` into the spool durably.
+
+        The source is consumed: renamed when it is on the spool's file system, else copied.
+        """
+        self.check_space(size)
+        final = self.root / relative_path
+        final.parent.mkdir(parents=True, exist_ok=True)
+        part = final.with_name(final.name + ".part")
+        try:
+            try:
+                os.replace(source, part)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                with source.open("rb") as src, part.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, _CHUNK)
+            with part.open("rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(part, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"disk full while writing {relative_path}") from exc
+            raise SpoolError(f"cannot write {relative_path}: {exc.strerror}") from exc
+        return StoredFile(final, relative_path, sha256, size)
+
+    def remove_orphan_parts(self) -> int:
+        """Delete ``*.part`` files left by a crash (never a complete ``.dcm``); return how many."""
+        count = 0
+        for part in self.root.rglob("*.part"):
+            part.unlink(missing_ok=True)
+            count += 1
+        return count

@@ -1,0 +1,207 @@
+"""`medgemma-node status`: is the SCP listening, what is the ledger doing, how full is the disk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.ledger import StudyLedger, StudySummary
+from node.settings import Settings
+
+STATE_ORDER = ("received", "complete", "queued", "running", "done", "failed", "skipped")
+
+
+@dataclass
+class ScpProbe:
+    listening: bool
+    detail: str
+    echo_ms: float | None = None
+
+
+@dataclass
+class NodeStatus:
+    scp: ScpProbe
+    counts: dict[str, int]
+    latest: list[dict[str, Any]]
+    queue_depth: int | None
+    queue_detail: str
+    data_dir: str
+    free_mb: int
+    watermark_mb: int
+    log_tail: list[str] = field(default_factory=list)
+    study: dict[str, Any] | None = None
+
+
+def probe_scp(settings: Settings, timeout: float = 5.0) -> ScpProbe:
+    """C-ECHO the configured SCP on loopback (or its bind address)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    host = settings.dicom.bind_address
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    ae = AE(ae_title=settings.dicom.ae_title)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    started = time.monotonic()
+    assoc = ae.associate(host, settings.dicom.port, ae_title=settings.dicom.ae_title)
+    try:
+        if assoc.is_established:
+            status = assoc.send_c_echo()
+            ms = (time.monotonic() - started) * 1000
+            ok = status is not None and getattr(status, "Status", None) == 0
+            return ScpProbe(
+                ok, f"C-ECHO {'ok' if ok else 'failed'} on {host}:{settings.dicom.port}", ms
+            )
+        if assoc.is_rejected:
+            return ScpProbe(
+                True,
+                f"listening on {host}:{settings.dicom.port}, but rejected this probe "
+                f"(calling AE {settings.dicom.ae_title} not in dicom.allowed_callers)",
+            )
+        return ScpProbe(False, f"nothing answers on {host}:{settings.dicom.port}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def queue_depth(settings: Settings) -> tuple[int | None, str]:
+    if not settings.queue.broker_url:
+        return None, "embedded (serve): no broker"
+    try:
+        import redis
+
+        client = redis.Redis.from_url(settings.queue.broker_url, socket_timeout=3)
+        q = settings.queue
+        depth = int(client.llen(q.preread_queue))
+        followup = int(client.llen(q.followup_queue))
+        return depth, f"{q.preread_queue}={depth} {q.followup_queue}={followup}"
+    except Exception as exc:
+        return None, f"broker unreachable ({type(exc).__name__})"
+
+
+def _study_row(s: StudySummary) -> dict[str, Any]:
+    return {
+        "study_uid": s.study_uid,
+        "version": s.version,
+        "state": s.state.value,
+        "instances": s.instance_count,
+        "attempts": s.attempts,
+        "updated": s.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+        "reason": s.reason,
+    }
+
+
+def collect_status(
+    settings: Settings,
+    *,
+    study_uid: str | None = None,
+    limit: int = 10,
+    probe: Callable[[Settings], ScpProbe] = probe_scp,
+) -> NodeStatus:
+    data_dir = settings.storage.data_path
+    ledger = StudyLedger(settings.storage.resolved_database_url())
+    try:
+        counts = ledger.counts_by_state()
+        latest = [_study_row(s) for s in ledger.latest_studies(limit)]
+        study: dict[str, Any] | None = None
+        if study_uid:
+            versions = ledger.study_versions(study_uid)
+            study = {
+                "study_uid": study_uid,
+                "versions": [
+                    {
+                        **_study_row(v),
+                        "series": [asdict(x) for x in ledger.series_of(study_uid, v.version)],
+                        "result": v.result,
+                    }
+                    for v in versions
+                ],
+            }
+    finally:
+        ledger.close()
+    depth, detail = queue_depth(settings)
+    usage = shutil.disk_usage(data_dir if data_dir.exists() else Path.cwd())
+    return NodeStatus(
+        scp=probe(settings),
+        counts={k: counts.get(k, 0) for k in STATE_ORDER},
+        latest=latest,
+        queue_depth=depth,
+        queue_detail=detail,
+        data_dir=str(data_dir),
+        free_mb=usage.free // 2**20,
+        watermark_mb=settings.storage.min_free_mb,
+        log_tail=_log_tail(data_dir / "logs" / "node.log", 10),
+        study=study,
+    )
+
+
+def _log_tail(path: Path, lines: int) -> list[str]:
+    if not path.is_file():
+        return []
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - 16384))
+        return f.read().decode("utf-8", "replace").splitlines()[-lines:]
+
+
+def render_status(status: NodeStatus) -> str:
+    out: list[str] = []
+    scp = status.scp
+    echo = f" ({scp.echo_ms:.0f} ms)" if scp.echo_ms is not None else ""
+    out.append(f"SCP:      {'LISTENING' if scp.listening else 'DOWN'} - {scp.detail}{echo}")
+    out.append(f"Queue:    {status.queue_detail}")
+    low = " (BELOW WATERMARK)" if status.free_mb < status.watermark_mb else ""
+    out.append(
+        f"Disk:     {status.free_mb} MiB free in {status.data_dir} "
+        f"(watermark {status.watermark_mb} MiB){low}"
+    )
+    out.append("Studies:  " + "  ".join(f"{k}={v}" for k, v in status.counts.items()))
+    if status.latest:
+        out.append("Latest studies:")
+        for row in status.latest:
+            reason = f"  - {row['reason']}" if row["reason"] else ""
+            out.append(
+                f"  {row['updated']}  {row['state']:<8} v{row['version']}  "
+                f"{row['instances']:>3} inst  {row['study_uid']}{reason}"
+            )
+    if status.study is not None:
+        out.append(f"Study {status.study['study_uid']}:")
+        if not status.study["versions"]:
+            out.append("  not in the ledger")
+        for v in status.study["versions"]:
+            out.append(f"  version {v['version']}: {v['state']} {v['reason']}".rstrip())
+            for s in v["series"]:
+                out.append(
+                    f"    series {s['series_uid']} {s['modality']} {s['body_part']} "
+                    f"{s['view_position']} ({s['instance_count']} inst)"
+                )
+            out.extend(_render_result(v.get("result")))
+    if status.log_tail:
+        out.append("Last log lines:")
+        out.extend(f"  {line}" for line in status.log_tail)
+    return "\n".join(out)
+
+
+def _render_result(result: dict[str, Any] | None) -> list[str]:
+    if not result:
+        return []
+    lines: list[str] = []
+    for a in result.get("anchors", []):
+        size = a.get("size_text", "")
+        lines.append(
+            f"    {a.get('anchor_id', '?'):<4} {a.get('kind', ''):<8} {a.get('label', '')}"
+            f"  {size}  uid={a.get('tracking_uid', '')}"
+        )
+    if result.get("impression"):
+        lines.append(f"    impression: {result['impression']}")
+    return lines
+
+
+def status_json(status: NodeStatus) -> str:
+    return json.dumps(asdict(status), indent=2, default=str)

@@ -1,0 +1,45 @@
+"""The Celery app of the GPU workers (broker from the node settings).
+
+Long GPU work follows the nothing-lost rules: a message is acknowledged only after the
+task ends (acks_late), a worker takes one message at a time (prefetch 1), and a message
+whose worker died is given back to the queue (reject on worker lost).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from node.settings import Settings, get_settings
+
+
+def make_celery(settings: Settings) -> Celery:
+    broker = settings.queue.broker_url or "redis://127.0.0.1:6379/0"
+    app = Celery("medgemma-worker", broker=broker, include=["workers.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results live in the ledger, not in a result backend
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(settings.queue.preread_queue), Queue(settings.queue.followup_queue)],
+        task_default_queue=settings.queue.preread_queue,
+        task_routes={
+            "medgemma.preread": {"queue": settings.queue.preread_queue},
+            "medgemma.followup": {"queue": settings.queue.followup_queue},
+        },
+        task_soft_time_limit=settings.queue.task_soft_time_limit_seconds,
+        task_time_limit=settings.queue.task_time_limit_seconds,
+        broker_connection_retry_on_startup=True,
+        # Redis: a message not acknowledged within this time is redelivered (> hard limit).
+        broker_transport_options={
+            "visibility_timeout": int(settings.queue.task_time_limit_seconds * 2)
+        },
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+app = make_celery(get_settings())
