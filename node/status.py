@@ -26,6 +26,7 @@ class ScpProbe:
 @dataclass
 class NodeStatus:
     scp: ScpProbe
+    ledger_detail: str
     counts: dict[str, int]
     latest: list[dict[str, Any]]
     queue_depth: int | None
@@ -105,7 +106,40 @@ def collect_status(
     probe: Callable[[Settings], ScpProbe] = probe_scp,
 ) -> NodeStatus:
     data_dir = settings.storage.data_path
-    ledger = StudyLedger(settings.storage.resolved_database_url())
+    counts: dict[str, int] = {}
+    latest: list[dict[str, Any]] = []
+    study: dict[str, Any] | None = None
+    url = settings.storage.resolved_database_url()
+    sqlite_file = data_dir / "ledger.sqlite3"
+    if not settings.storage.database_url and not sqlite_file.is_file():
+        ledger_detail = f"no ledger at {sqlite_file} (has a node run with this data_dir?)"
+    else:
+        try:
+            counts, latest, study = _read_ledger(url, study_uid, limit)
+            ledger_detail = "ok"
+        except Exception as exc:
+            ledger_detail = f"cannot read the ledger ({type(exc).__name__}: {exc})"
+    depth, detail = queue_depth(settings)
+    usage = shutil.disk_usage(data_dir if data_dir.exists() else Path.cwd())
+    return NodeStatus(
+        scp=probe(settings),
+        ledger_detail=ledger_detail,
+        counts={k: counts.get(k, 0) for k in STATE_ORDER},
+        latest=latest,
+        queue_depth=depth,
+        queue_detail=detail,
+        data_dir=str(data_dir),
+        free_mb=usage.free // 2**20,
+        watermark_mb=settings.storage.min_free_mb,
+        log_tail=_log_tail(data_dir / "logs" / "node.log", 10),
+        study=study,
+    )
+
+
+def _read_ledger(
+    url: str, study_uid: str | None, limit: int
+) -> tuple[dict[str, int], list[dict[str, Any]], dict[str, Any] | None]:
+    ledger = StudyLedger(url)
     try:
         counts = ledger.counts_by_state()
         latest = [_study_row(s) for s in ledger.latest_studies(limit)]
@@ -125,20 +159,7 @@ def collect_status(
             }
     finally:
         ledger.close()
-    depth, detail = queue_depth(settings)
-    usage = shutil.disk_usage(data_dir if data_dir.exists() else Path.cwd())
-    return NodeStatus(
-        scp=probe(settings),
-        counts={k: counts.get(k, 0) for k in STATE_ORDER},
-        latest=latest,
-        queue_depth=depth,
-        queue_detail=detail,
-        data_dir=str(data_dir),
-        free_mb=usage.free // 2**20,
-        watermark_mb=settings.storage.min_free_mb,
-        log_tail=_log_tail(data_dir / "logs" / "node.log", 10),
-        study=study,
-    )
+    return counts, latest, study
 
 
 def _log_tail(path: Path, lines: int) -> list[str]:
@@ -161,6 +182,8 @@ def render_status(status: NodeStatus) -> str:
         f"Disk:     {status.free_mb} MiB free in {status.data_dir} "
         f"(watermark {status.watermark_mb} MiB){low}"
     )
+    if status.ledger_detail != "ok":
+        out.append(f"Ledger:   {status.ledger_detail}")
     out.append("Studies:  " + "  ".join(f"{k}={v}" for k, v in status.counts.items()))
     if status.latest:
         out.append("Latest studies:")

@@ -1,0 +1,65 @@
+"""Shared fixtures: real peers (tests/peers.py) and a node running on a free port."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from node.ledger import StudySummary
+from node.runtime import NodeRuntime
+from node.settings import Settings, load_settings
+from tests.peers import *  # noqa: F403
+from tests.peers import free_port
+
+
+def make_settings(tmp_path: Path, **sections: dict[str, object]) -> Settings:
+    """Settings for a test node: data in tmp_path, a free loopback port, short quiet period."""
+    base: dict[str, dict[str, object]] = {
+        "dicom": {"bind_address": "127.0.0.1", "port": free_port()},
+        "storage": {"data_dir": str(tmp_path / "var"), "min_free_mb": 0},
+        "completion": {"quiet_seconds": 0.5, "poll_seconds": 0.1},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return load_settings(None, **base)
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeRuntime]]:
+    """Start NodeRuntime instances (embedded worker unless a broker is configured)."""
+    started: list[NodeRuntime] = []
+
+    def start(embedded: bool = True, **sections: dict[str, object]) -> NodeRuntime:
+        runtime = NodeRuntime(make_settings(tmp_path, **sections), embedded=embedded)
+        runtime.start()
+        started.append(runtime)
+        return runtime
+
+    yield start
+    for runtime in started:
+        runtime.stop()
+
+
+@pytest.fixture
+def node(node_factory: Callable[..., NodeRuntime]) -> NodeRuntime:
+    return node_factory()
+
+
+def wait_for_state(
+    runtime: NodeRuntime, study_uid: str, states: set[str], timeout: float = 30.0
+) -> StudySummary:
+    """Wait until the latest version of a study is in one of ``states``."""
+    deadline = time.monotonic() + timeout
+    last: StudySummary | None = None
+    while time.monotonic() < deadline:
+        last = runtime.ledger.get_study(study_uid)
+        if last is not None and last.state.value in states:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(
+        f"study {study_uid} not in {sorted(states)} after {timeout}s "
+        f"(last: {last.state.value if last else 'absent'}, {last.reason if last else ''})"
+    )

@@ -1,0 +1,143 @@
+"""The node as a user runs it: `medgemma-node serve`, a PACS (Orthanc) pushing, `status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from node.runtime import NodeRuntime
+from node.synthetic import make_two_view_study, write_study
+from tests.conftest import wait_for_state
+from tests.peers import OrthancPeer, dcmtk, free_port
+
+SMALL = {"rows": 512, "cols": 416}
+
+
+def test_orthanc_pushes_a_study_to_the_node(
+    node_factory: Callable[..., NodeRuntime], orthanc: OrthancPeer, tmp_path: Path
+) -> None:
+    node = node_factory()
+    images = make_two_view_study(seed=31, **SMALL)
+    for path in write_study(tmp_path / "in", images):
+        orthanc.upload(path)
+    orthanc.add_modality("medgemma", "MEDGEMMA", "127.0.0.1", node.scp.port)
+    (study_id,) = [s for s in orthanc.studies()]
+    orthanc.store_to_modality("medgemma", [study_id])
+    uid = images[0].dataset.StudyInstanceUID
+    study = wait_for_state(node, uid, {"done"})
+    assert study.instance_count == 2
+    assert {s.view_position for s in node.ledger.series_of(uid, 1)} == {"PA", "LL"}
+
+
+class ServeProcess:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "serve"],
+            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "node.cli", *args],
+            env=self.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[ServeProcess]:
+    env = dict(os.environ)
+    port = free_port()
+    env.update(
+        MEDGEMMA_NODE_DICOM__PORT=str(port),
+        MEDGEMMA_NODE_DICOM__BIND_ADDRESS="127.0.0.1",
+        MEDGEMMA_NODE_STORAGE__DATA_DIR=str(tmp_path / "var"),
+        MEDGEMMA_NODE_COMPLETION__QUIET_SECONDS="1",
+        MEDGEMMA_NODE_ENGINE__NAME="demo",
+    )
+    proc = ServeProcess(env, tmp_path / "serve.log")
+    deadline = time.monotonic() + 60
+    while proc.cli("status").returncode != 0:
+        if proc.process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"serve did not start:\n{proc.log.read_text()}")
+        time.sleep(0.3)
+    yield proc
+    os.killpg(proc.process.pid, signal.SIGTERM)
+    proc.process.wait(30)
+
+
+def test_serve_storescu_then_status_shows_done(serve: ServeProcess, tmp_path: Path) -> None:
+    images = make_two_view_study(seed=32, **SMALL)
+    paths = write_study(tmp_path / "in", images)
+    port = serve.env["MEDGEMMA_NODE_DICOM__PORT"]
+    sent = subprocess.run(
+        [dcmtk("storescu"), "-aec", "MEDGEMMA", "127.0.0.1", port, *map(str, paths)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    uid = images[0].dataset.StudyInstanceUID
+    deadline = time.monotonic() + 60
+    while True:
+        status = json.loads(serve.cli("status", "--json").stdout)
+        states = {row["study_uid"]: row["state"] for row in status["latest"]}
+        if states.get(uid) == "done" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert states.get(uid) == "done", serve.log.read_text()
+    assert status["scp"]["listening"] is True
+    assert status["counts"]["done"] == 1
+
+    text = serve.cli("status", "--study", uid)
+    assert text.returncode == 0
+    assert "LISTENING" in text.stdout
+    assert f"done     v1    2 inst  {uid}" in text.stdout
+    assert "version 1: done" in text.stdout
+    # no patient data in the log
+    log = (Path(serve.env["MEDGEMMA_NODE_STORAGE__DATA_DIR"]) / "logs" / "node.log").read_text()
+    ds = images[0].dataset
+    assert uid in log
+    assert str(ds.PatientID) not in log and str(ds.PatientName) not in log
+    assert str(ds.AccessionNumber) not in log
+
+
+def test_status_says_when_the_scp_is_down(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env.update(
+        MEDGEMMA_NODE_DICOM__PORT=str(free_port()),
+        MEDGEMMA_NODE_STORAGE__DATA_DIR=str(tmp_path / "var"),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "status"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "SCP:      DOWN" in result.stdout
+    assert "no ledger at" in result.stdout
+
+
+def test_serve_refuses_a_busy_port_clearly(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        env.update(
+            MEDGEMMA_NODE_DICOM__PORT=str(s.getsockname()[1]),
+            MEDGEMMA_NODE_DICOM__BIND_ADDRESS="127.0.0.1",
+            MEDGEMMA_NODE_STORAGE__DATA_DIR=str(tmp_path / "var"),
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "node.cli", "serve"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
