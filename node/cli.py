@@ -106,6 +106,36 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return subprocess.call(argv, env=env)
 
 
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from node.demo import DemoError, demo_settings, run_demo
+    from node.status import _render_result
+
+    data_dir = Path(args.data_dir) if args.data_dir else settings.storage.data_path / "demo"
+    demo = demo_settings(data_dir, args.port)
+    print(
+        "medgemma-node demo: a synthetic two-view chest study (DEMO engine, not for clinical "
+        f"use) through a node on 127.0.0.1, data in {demo.storage.data_path}",
+        flush=True,
+    )
+    try:
+        outcome = run_demo(demo, timeout=args.timeout)
+    except (DemoError, OSError) as exc:
+        print(f"medgemma-node demo failed: {exc}", file=sys.stderr)
+        return 1
+    study = outcome.study
+    print(f"study      {study.study_uid} version {study.version}: {study.state.value}")
+    if study.reason:
+        print(f"reason     {study.reason}")
+    print(f"received   {study.instance_count} instances in {outcome.spool_dir}")
+    print(f"ledger     {demo.storage.resolved_database_url()}")
+    for line in _render_result(study.result):
+        print(line.strip())
+    print(f"took       {outcome.seconds:.1f} s")
+    return 0 if study.state.value == "done" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medgemma-node",
@@ -133,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default="prefork", help="Celery pool (default prefork)")
     p.add_argument("--hostname", default="medgemma@%h", help="Celery node name")
     p.set_defaults(func=cmd_worker, to_file=False)
+
+    p = sub.add_parser("demo", help="run a bundled synthetic chest study through the whole loop")
+    p.add_argument("--data-dir", help="where the demo keeps its data (default: <data_dir>/demo)")
+    p.add_argument("--port", type=int, default=0, help="DICOM port (default: any free port)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for results")
+    p.set_defaults(func=cmd_demo, to_file=False)
 
     p = sub.add_parser("status", help="SCP health, ledger counts, latest studies, queue, disk")
     p.add_argument("--study", help="details of one study (StudyInstanceUID)")
