@@ -142,6 +142,24 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class AnchorRow(Base):
+    """One version of one anchor (the worker's JSON record; see workers.anchors.Anchor)."""
+
+    __tablename__ = "anchors"
+    __table_args__ = (UniqueConstraint("tracking_uid", "version", name="uq_anchor_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    anchor_id: Mapped[str] = mapped_column(String(16))
+    tracking_uid: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 @dataclass(frozen=True)
 class InstanceHeader:
     """The header facts of one received instance that the ledger records."""
@@ -503,6 +521,50 @@ class StudyLedger:
             if result is not None:
                 study.result = result
             return StudySummary.of(study)
+
+    def save_anchors(
+        self, study_uid: str, study_version: int, anchors: Sequence[dict[str, Any]]
+    ) -> int:
+        """Record anchor versions; a (tracking UID, version) already kept is skipped."""
+        added = 0
+        with self._tx() as s:
+            for a in anchors:
+                exists = s.execute(
+                    select(AnchorRow.id).where(
+                        AnchorRow.tracking_uid == a["tracking_uid"],
+                        AnchorRow.version == int(a["version"]),
+                    )
+                ).first()
+                if exists:
+                    continue
+                s.add(
+                    AnchorRow(
+                        study_uid=study_uid,
+                        study_version=study_version,
+                        anchor_id=a["anchor_id"],
+                        tracking_uid=a["tracking_uid"],
+                        version=int(a["version"]),
+                        kind=a["kind"],
+                        label=a["label"],
+                        data=dict(a),
+                    )
+                )
+                added += 1
+        return added
+
+    def anchors_of(self, study_uid: str, *, all_versions: bool = False) -> list[dict[str, Any]]:
+        """The anchors of a study: the latest version of each, or every version."""
+        with self._tx() as s:
+            rows = s.execute(
+                select(AnchorRow).where(AnchorRow.study_uid == study_uid).order_by(AnchorRow.id)
+            ).scalars()
+            if all_versions:
+                return [dict(r.data) for r in rows]
+            latest: dict[str, dict[str, Any]] = {}
+            for r in rows:
+                if r.tracking_uid not in latest or r.version >= latest[r.tracking_uid]["version"]:
+                    latest[r.tracking_uid] = dict(r.data)
+            return sorted(latest.values(), key=lambda d: int(str(d["anchor_id"])[1:]))
 
     # --- reads -------------------------------------------------------------------------
 
