@@ -215,6 +215,12 @@ def _render_result(result: dict[str, Any] | None) -> list[str]:
     if not result:
         return []
     lines: list[str] = []
+    if result.get("notice"):
+        lines.append(f"    {result['notice']}")
+        lines.append(
+            f"    model {result.get('model_id')} ({result.get('model_revision')}), "
+            f"prompt {result.get('prompt_version')}, engine {result.get('engine')}"
+        )
     for a in result.get("anchors", []):
         size = a.get("size_text", "")
         lines.append(

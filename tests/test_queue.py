@@ -19,6 +19,7 @@ from node.dispatch import CeleryDispatcher, preread_task_id
 from node.runtime import NodeRuntime
 from node.synthetic import make_chest_radiograph, write_study
 from tests.conftest import wait_for_state
+from tests.test_preread import assert_matches_phantom
 from tests.peers import dcmtk, free_port
 
 SMALL = {"rows": 256, "cols": 208}
@@ -90,7 +91,7 @@ def test_study_goes_through_redis_to_a_celery_worker(
 ) -> None:
     worker = worker_factory()
     node = node_factory(embedded=False, queue={"broker_url": redis_url, **queues})
-    image = make_chest_radiograph(seed=21, **SMALL)
+    image = make_chest_radiograph(seed=21, rows=1250, cols=1024)
     (path,) = write_study(tmp_path / "in", [image])
     sent = subprocess.run(
         [dcmtk("storescu"), "-aec", "MEDGEMMA", "127.0.0.1", str(node.scp.port), str(path)],
@@ -103,6 +104,9 @@ def test_study_goes_through_redis_to_a_celery_worker(
     assert f"medgemma.preread[{study.task_id}]" in worker.output()
     # the broker queue is empty again: the message was acknowledged
     assert redis.Redis.from_url(redis_url).llen(queues["preread_queue"]) == 0
+    # the worker's demo engine found the phantom's nodules as anchors (IoU >= 0.5)
+    assert study.result is not None
+    assert_matches_phantom(study.result, image)
 
 
 def test_redelivered_task_does_no_double_work(

@@ -1,19 +1,39 @@
-"""The pre-read of one study version, as a plain function (tested without a broker)."""
+"""The pre-read of one study version, as plain functions (tested without a broker).
+
+choose the views -> decode + LUTs -> pad to square -> engine -> tolerant parse -> anchors
+(geometry in source pixels, sizes from pixel spacing) -> ledger (result + anchor versions).
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
+from node import __version__ as node_version
 from node.ledger import LedgerError, StudyLedger
-from node.settings import Settings
+from node.settings import EngineSettings, Settings
+from workers.anchors import Anchor, build_anchors
+from workers.engines.base import Engine, EngineError, EngineRequest, TransientEngineError
+from workers.imaging import ImagingError, choose_views, load_display_image, to_model_image
+from workers.parsing import parse_preread
+from workers.prompts import PROMPT_VERSION, build_preread_prompt
 
 log = logging.getLogger("medgemma.preread")
+
+DEMO_NOTICE = "DEMO - not for clinical use"
+AI_NOTICE = "AI-generated, preliminary, not a diagnosis"
 
 
 class TransientPrereadError(Exception):
     """Worth retrying (engine busy, GPU out of memory under load)."""
+
+
+class PrereadFailure(Exception):
+    """The study cannot be pre-read (no readable image, engine refused); not retried."""
 
 
 @lru_cache(maxsize=4)
@@ -25,10 +45,117 @@ def ledger_for(settings: Settings) -> StudyLedger:
     return _ledger(settings.storage.resolved_database_url())
 
 
-def run_preread(settings: Settings, study_uid: str, version: int) -> str:
+_engines: dict[tuple[str, ...], Engine] = {}
+
+
+def engine_for(settings: EngineSettings) -> Engine:
+    """The process-wide engine for these settings, loaded on first use."""
+    key = (
+        settings.name,
+        settings.model,
+        settings.revision,
+        settings.device,
+        settings.server_url,
+        str(settings.local_files_only),
+    )
+    if key not in _engines:
+        from workers.engines.factory import make_engine
+
+        _engines[key] = make_engine(
+            settings.name,
+            model=settings.model,
+            revision=settings.revision,
+            local_files_only=settings.local_files_only,
+            device=settings.device,
+            server_url=settings.server_url,
+        )
+    return _engines[key]
+
+
+def analyse_study(
+    ledger: StudyLedger,
+    spool_root: Path,
+    engine: Engine,
+    study_uid: str,
+    version: int,
+) -> dict[str, Any]:
+    """Read one study version and return its result record (anchors, narrative, provenance)."""
+    instances = ledger.instances_of(study_uid, up_to_version=version)
+    paths = [spool_root / i.path for i in instances]
+    frontal, lateral = choose_views(paths)
+    if frontal is None:
+        raise PrereadFailure("no CR/DX image in the study to read")
+    try:
+        image = load_display_image(frontal.source)
+        model_image, transform = to_model_image(image)
+        images = [model_image]
+        if lateral is not None:
+            lateral_image, _ = to_model_image(load_display_image(lateral.source))
+            images.append(lateral_image)
+    except ImagingError as exc:
+        raise PrereadFailure(f"cannot decode the image: {exc}") from exc
+
+    system, prompt = build_preread_prompt(has_lateral=lateral is not None)
+    started = time.monotonic()
+    try:
+        (text,) = engine.generate(
+            [EngineRequest(images=tuple(images), prompt=prompt, system=system)]
+        )
+    except TransientEngineError as exc:
+        raise TransientPrereadError(str(exc)) from exc
+    except EngineError as exc:
+        raise PrereadFailure(f"engine error: {exc}") from exc
+    engine_seconds = time.monotonic() - started
+    parsed = parse_preread(text)
+
+    prior: list[Anchor] = []
+    if version > 1:
+        previous = ledger.get_study(study_uid, version - 1)
+        if previous is not None and previous.result:
+            prior = [Anchor.from_json(a) for a in previous.result.get("anchors", [])]
+    anchors = build_anchors(
+        parsed,
+        transform,
+        source_sop_instance_uid=frontal.sop_instance_uid,
+        spacing_mm=image.pixel_spacing_mm,
+        spacing_source=image.spacing_source,
+        prior=prior,
+    )
+    info = engine.info
+    notice = f"{DEMO_NOTICE}. {AI_NOTICE}" if info.is_demo else AI_NOTICE
+    return {
+        "notice": notice,
+        "is_demo": info.is_demo,
+        "engine": info.name,
+        "model_id": info.model_id,
+        "model_revision": info.revision,
+        "prompt_version": PROMPT_VERSION,
+        "node_version": node_version,
+        "structured": parsed.structured,
+        "parse_warnings": list(parsed.warnings),
+        "findings_text": parsed.findings_text,
+        "impression": parsed.impression,
+        "model_text": text,
+        "frontal": {"sop_instance_uid": frontal.sop_instance_uid, "reason": frontal.reason},
+        "lateral": (
+            {"sop_instance_uid": lateral.sop_instance_uid, "reason": lateral.reason}
+            if lateral
+            else None
+        ),
+        "pixel_spacing_mm": list(image.pixel_spacing_mm) if image.pixel_spacing_mm else None,
+        "spacing_source": image.spacing_source,
+        "engine_seconds": round(engine_seconds, 3),
+        "anchors": [a.to_json() for a in anchors],
+    }
+
+
+def run_preread(
+    settings: Settings, study_uid: str, version: int, engine: Engine | None = None
+) -> str:
     """Run the pre-read of a study version and record the outcome in the ledger.
 
     Returns the final state ("done", "failed") or "noop" when there was nothing to do.
+    Raises TransientPrereadError (the study stays running) for the task to retry.
     """
     ledger = ledger_for(settings)
     try:
@@ -40,10 +167,32 @@ def run_preread(settings: Settings, study_uid: str, version: int) -> str:
         log.info("study %s v%d already finished: nothing to do", study_uid, version)
         return "noop"
     log.info("pre-read of study %s v%d started", study_uid, version)
-    instances = ledger.instances_of(study_uid, up_to_version=version)
-    result = {"instances": len(instances)}
+    try:
+        engine = engine or engine_for(settings.engine)
+        result = analyse_study(ledger, settings.storage.spool_path, engine, study_uid, version)
+    except TransientPrereadError:
+        raise
+    except (PrereadFailure, EngineError) as exc:
+        ledger.finish(study_uid, version, ok=False, reason=str(exc))
+        log.error("pre-read of study %s v%d failed: %s", study_uid, version, exc)
+        return "failed"
+    except Exception as exc:
+        ledger.finish(study_uid, version, ok=False, reason=f"internal error: {exc!r}"[:500])
+        log.exception("pre-read of study %s v%d failed unexpectedly", study_uid, version)
+        return "failed"
     ledger.finish(study_uid, version, ok=True, reason="", result=result)
-    log.info("pre-read of study %s v%d done", study_uid, version)
+    ledger.save_anchors(study_uid, version, result["anchors"])
+    findings = sum(1 for a in result["anchors"] if a["kind"] == "finding")
+    log.info(
+        "pre-read of study %s v%d done: %d findings, %d anchors, %s engine %.1f s%s",
+        study_uid,
+        version,
+        findings,
+        len(result["anchors"]),
+        result["engine"],
+        result["engine_seconds"],
+        "" if result["structured"] else " (text-only: the answer had no parsable JSON)",
+    )
     return "done"
 
 
@@ -58,6 +207,13 @@ def run_preread_by_uid(settings: Settings) -> Callable[[str, int], str]:
     """The in-process worker's entry point (``serve``): bound to the node's settings."""
 
     def handler(study_uid: str, version: int) -> str:
-        return run_preread(settings, study_uid, version)
+        for attempt in range(3):
+            try:
+                return run_preread(settings, study_uid, version)
+            except TransientPrereadError as exc:
+                log.warning("transient error (attempt %d): %s", attempt + 1, exc)
+                time.sleep(2**attempt)
+        fail_study(settings, study_uid, version, "engine kept failing (transient errors)")
+        return "failed"
 
     return handler
