@@ -93,6 +93,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    env = dict(os.environ)
+    if args.config:
+        env["MEDGEMMA_NODE_CONFIG"] = str(args.config)
+    # the engine check runs in the worker's own package (the node never imports it)
+    preflight = subprocess.call([sys.executable, "-m", "workers.preflight"], env=env)
+    if preflight != 0:
+        return preflight
     queues = args.queues or f"{settings.queue.preread_queue},{settings.queue.followup_queue}"
     argv = [
         sys.executable, "-m", "celery", "-A", "workers.celery_app:app", "worker",
@@ -100,9 +107,6 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         "--loglevel", args.log_level.upper(), "--without-gossip", "--without-mingle",
         "--hostname", args.hostname,
     ]  # fmt: skip
-    env = dict(os.environ)
-    if args.config:
-        env["MEDGEMMA_NODE_CONFIG"] = str(args.config)
     return subprocess.call(argv, env=env)
 
 

@@ -19,8 +19,8 @@ from node.dispatch import CeleryDispatcher, preread_task_id
 from node.runtime import NodeRuntime
 from node.synthetic import make_chest_radiograph, write_study
 from tests.conftest import wait_for_state
-from tests.test_preread import assert_matches_phantom
 from tests.peers import dcmtk, free_port
+from tests.test_preread import assert_matches_phantom
 
 SMALL = {"rows": 256, "cols": 208}
 
@@ -188,3 +188,30 @@ def test_reconciler_gives_up_after_max_attempts(
     node.coordinator.reconcile(older_than_seconds=0)  # gives up
     failed = wait_for_state(node, uid, {"failed"}, timeout=5)
     assert "gave up after 2 attempts" in failed.reason
+
+
+def test_worker_with_a_missing_model_refuses_to_start(tmp_path: Path, redis_url: str) -> None:
+    env = dict(os.environ)
+    env.update(
+        MEDGEMMA_NODE_QUEUE__BROKER_URL=redis_url,
+        MEDGEMMA_NODE_STORAGE__DATA_DIR=str(tmp_path / "var"),
+        MEDGEMMA_NODE_ENGINE__NAME="medgemma",
+        MEDGEMMA_NODE_ENGINE__MODEL=str(tmp_path / "no-such-model"),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "worker"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "hf download" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_without_a_broker_says_how_to_set_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_NODE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "worker"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "MEDGEMMA_NODE_QUEUE__BROKER_URL" in result.stderr

@@ -7,7 +7,11 @@ whose worker died is given back to the queue (reject on worker lost).
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery import Celery
+from celery.signals import worker_process_init
 from kombu import Queue
 
 from node.settings import Settings, get_settings
@@ -43,3 +47,15 @@ def make_celery(settings: Settings) -> Celery:
 
 
 app = make_celery(get_settings())
+
+
+@worker_process_init.connect
+def _load_engine(**_: Any) -> None:
+    """Load and warm the engine once per pool process, before its first task."""
+    from workers.preread import engine_for
+
+    try:
+        engine_for(get_settings().engine)
+    except Exception:
+        # the first task fails with the same error and records it on the study
+        logging.getLogger("medgemma.worker").exception("engine could not be loaded")
