@@ -62,5 +62,5 @@ def test_tls_without_certificate_is_a_clear_error(tmp_path: Path) -> None:
     from node.scp import make_ssl_context
     from node.settings import TlsSettings
 
-    with pytest.raises(ValueError, match="needs dicom.tls.cert_file"):
+    with pytest.raises(ValueError, match=r"needs dicom\.tls\.cert_file"):
         make_ssl_context(TlsSettings(enabled=True))
