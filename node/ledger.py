@@ -275,6 +275,8 @@ class StudyLedger:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        import node.outbox  # noqa: F401  (registers the outbox table on Base)
+
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # serialises version creation inside one process; the unique constraint covers others

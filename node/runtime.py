@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from node.completion import StudyCoordinator
 from node.dispatch import INPROCESS_PREREAD, CeleryDispatcher, Dispatcher, InProcessDispatcher
 from node.ledger import StudyLedger
+from node.outbox import Outbox, OutboxSender
 from node.scp import StorageSCP
 from node.settings import Settings
 from node.spool import Spool
@@ -44,15 +44,18 @@ class NodeRuntime:
         self.scp = StorageSCP(
             settings.dicom, self.spool, self.ledger, on_release=self.coordinator.complete_on_release
         )
-        self.pid_file: Path = data / "node.pid"
+        self.outbox = Outbox(self.ledger, settings.outbox)
+        self.sender = OutboxSender(self.outbox, settings.destinations, settings.dicom.ae_title)
 
     def start(self) -> tuple[str, int]:
         address = self.scp.start()
         self.coordinator.start()
+        self.sender.start(self.settings.outbox.poll_seconds)
         return address
 
     def stop(self) -> None:
         self.scp.stop()
+        self.sender.stop()
         self.coordinator.stop()
         self.dispatcher.close()
         self.ledger.close()

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -143,14 +143,37 @@ class EngineSettings(BaseModel):
 
 
 class Destination(BaseModel):
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    """Where SR and SEG go: a DICOM AE (C-STORE) or a DICOMweb server (STOW-RS)."""
 
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, v: str) -> str:
-        return _check_ae_title(v, "destinations.ae_title")
+    kind: Literal["dicom", "dicomweb"] = "dicom"
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(default=104, ge=1, le=65535)
+    url: str = ""  # dicomweb: the DICOMweb root, e.g. http://pacs:8042/dicom-web
+
+    @model_validator(mode="after")
+    def _complete(self) -> Destination:
+        if self.kind == "dicom":
+            _check_ae_title(self.ae_title, "destinations.ae_title")
+            if not self.host:
+                raise ValueError("a dicom destination needs host (and port)")
+        elif not self.url.startswith(("http://", "https://")):
+            raise ValueError("a dicomweb destination needs url = http(s)://.../dicom-web")
+        return self
+
+    @property
+    def key(self) -> str:
+        """A stable name for logs and the outbox: AE@host:port or the DICOMweb URL."""
+        if self.kind == "dicomweb":
+            return self.url.rstrip("/")
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class OutboxSettings(BaseModel):
+    max_attempts: int = Field(default=8, ge=1)  # then the delivery is dead-lettered
+    backoff_base_seconds: float = Field(default=5.0, gt=0)  # 5, 10, 20, 40 ... seconds
+    backoff_max_seconds: float = Field(default=600.0, gt=0)
+    poll_seconds: float = Field(default=1.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -171,6 +194,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     destinations: list[Destination] = Field(default_factory=list)
 
     @classmethod

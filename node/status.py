@@ -34,6 +34,8 @@ class NodeStatus:
     data_dir: str
     free_mb: int
     watermark_mb: int
+    outbox: dict[str, int] = field(default_factory=dict)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
     log_tail: list[str] = field(default_factory=list)
     study: dict[str, Any] | None = None
 
@@ -109,13 +111,15 @@ def collect_status(
     counts: dict[str, int] = {}
     latest: list[dict[str, Any]] = []
     study: dict[str, Any] | None = None
+    outbox: dict[str, int] = {}
+    dead: list[dict[str, Any]] = []
     url = settings.storage.resolved_database_url()
     sqlite_file = data_dir / "ledger.sqlite3"
     if not settings.storage.database_url and not sqlite_file.is_file():
         ledger_detail = f"no ledger at {sqlite_file} (has a node run with this data_dir?)"
     else:
         try:
-            counts, latest, study = _read_ledger(url, study_uid, limit)
+            counts, latest, study, outbox, dead = _read_ledger(url, study_uid, limit)
             ledger_detail = "ok"
         except Exception as exc:
             ledger_detail = f"cannot read the ledger ({type(exc).__name__}: {exc})"
@@ -131,6 +135,8 @@ def collect_status(
         data_dir=str(data_dir),
         free_mb=usage.free // 2**20,
         watermark_mb=settings.storage.min_free_mb,
+        outbox=outbox,
+        dead_letters=dead,
         log_tail=_log_tail(data_dir / "logs" / "node.log", 10),
         study=study,
     )
@@ -138,7 +144,16 @@ def collect_status(
 
 def _read_ledger(
     url: str, study_uid: str | None, limit: int
-) -> tuple[dict[str, int], list[dict[str, Any]], dict[str, Any] | None]:
+) -> tuple[
+    dict[str, int],
+    list[dict[str, Any]],
+    dict[str, Any] | None,
+    dict[str, int],
+    list[dict[str, Any]],
+]:
+    from node.outbox import DeliveryState, Outbox
+    from node.settings import OutboxSettings
+
     ledger = StudyLedger(url)
     try:
         counts = ledger.counts_by_state()
@@ -157,9 +172,34 @@ def _read_ledger(
                     for v in versions
                 ],
             }
+        outbox = Outbox(ledger, OutboxSettings())
+        dead = [
+            {
+                "study_uid": d.study_uid,
+                "kind": d.kind,
+                "sop_instance_uid": d.sop_instance_uid,
+                "destination": d.destination,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+            }
+            for d in outbox.deliveries(state=DeliveryState.DEAD)[-10:]
+        ]
+        if study is not None:
+            study["deliveries"] = [
+                {
+                    "kind": d.kind,
+                    "version": d.study_version,
+                    "destination": d.destination,
+                    "state": d.state.value,
+                    "attempts": d.attempts,
+                    "last_error": d.last_error,
+                }
+                for d in outbox.deliveries(study_uid=study_uid)
+            ]
+        counts_out = outbox.counts()
     finally:
         ledger.close()
-    return counts, latest, study
+    return counts, latest, study, counts_out, dead
 
 
 def _log_tail(path: Path, lines: int) -> list[str]:
@@ -185,6 +225,13 @@ def render_status(status: NodeStatus) -> str:
     if status.ledger_detail != "ok":
         out.append(f"Ledger:   {status.ledger_detail}")
     out.append("Studies:  " + "  ".join(f"{k}={v}" for k, v in status.counts.items()))
+    if status.outbox:
+        out.append("Outbox:   " + "  ".join(f"{k}={v}" for k, v in status.outbox.items()))
+    for d in status.dead_letters:
+        out.append(
+            f"  DEAD {d['kind'].upper()} of {d['study_uid']} to {d['destination']} "
+            f"after {d['attempts']} attempts: {d['last_error']}"
+        )
     if status.latest:
         out.append("Latest studies:")
         for row in status.latest:
@@ -205,6 +252,12 @@ def render_status(status: NodeStatus) -> str:
                     f"{s['view_position']} ({s['instance_count']} inst)"
                 )
             out.extend(_render_result(v.get("result")))
+        for d in status.study.get("deliveries", []):
+            err = f" - {d['last_error']}" if d["last_error"] else ""
+            out.append(
+                f"  {d['kind'].upper()} v{d['version']} -> {d['destination']}: {d['state']} "
+                f"({d['attempts']} attempts){err}"
+            )
     if status.log_tail:
         out.append("Last log lines:")
         out.extend(f"  {line}" for line in status.log_tail)
