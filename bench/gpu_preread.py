@@ -1,0 +1,393 @@
+"""GPU pre-read benchmark: a MedGemma-4B-sized Gemma 3 with random weights, through MedGemmaEngine.
+
+No download: the model is built from the published architecture numbers with random weights
+(speed does not depend on the weights), saved with a character-level tokenizer padded to the
+real vocabulary size, and loaded through ``workers.engines.medgemma.MedGemmaEngine`` -- the
+same processor/model/generate path that real MedGemma weights take. Greedy decoding with
+``min_new_tokens = max_new_tokens = N`` (through the engine's ``generation_kwargs``
+passthrough) so random weights cannot stop early.
+
+Measured per batch size B (each repeat runs the whole engine call, image preprocessing
+included; the best repeat is kept, the first acting as warm-up):
+  prep_s         chat template + tokenisation + image preprocessing of the batch (CPU)
+  ttft_s         engine.generate with 1 new token: time to the first token of every request
+  decode_tok_s   B * (N - 1) / (t_N - t_1): generated tokens per second, whole batch
+  per_seq_tok_s  (N - 1) / (t_N - t_1): tokens per second seen by one request
+  studies_per_h  B * 3600 / t_N, one pre-read (one study, one image) per request
+
+Usage:
+  python bench/gpu_preread.py [--tiny] [--batch 1 8 32] [--new-tokens N] [--out FILE]
+``--tiny`` builds a tiny config on the CPU: a smoke check of this script in seconds.
+Results: a table on stdout and JSON in bench/out/gpu_preread.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+# MedGemma 4B = the Gemma 3 4B architecture. Numbers from google/gemma-3-4b-it's config.json
+# on the Hugging Face Hub (medgemma-4b-it shares it): text hidden 2560, intermediate 10240,
+# 34 layers, sliding_window 1024, rope_scaling linear x8 on global layers; the rest are
+# transformers' Gemma3TextConfig defaults written out here (8 heads, 4 KV heads, head_dim 256,
+# query_pre_attn_scalar 256, vocab 262208, rope theta 1e6 global / 1e4 local, 5 local : 1
+# global layers). Vision: SigLIP so400m -- hidden 1152, intermediate 4304, 27 layers,
+# 16 heads, 896 px, patch 14, no pooling head; 256 tokens per image (64x64 patches pooled 4x4).
+# Cross-checked: transformers builds 4.30e9 parameters from these, the published size.
+MEDGEMMA_4B_TEXT: dict[str, Any] = {
+    "vocab_size": 262_208,
+    "hidden_size": 2560,
+    "intermediate_size": 10_240,
+    "num_hidden_layers": 34,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 1024,
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    },
+}
+MEDGEMMA_4B_VISION: dict[str, Any] = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "image_size": 896,
+    "patch_size": 14,
+    "layer_norm_eps": 1e-6,
+}
+MEDGEMMA_4B_MM_TOKENS = 256
+
+IMAGE_SIDE = 896  # what workers.imaging hands the engine
+CHARS_PER_REAL_TOKEN = 3.8  # the real Gemma tokenizer on English + JSON text (estimate)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; 0 on success, 2 when no CUDA device is available without --tiny."""
+    args = _parse(argv)
+    import torch
+    import transformers
+
+    from tests.tiny_gemma import TINY_MM_TOKENS, TINY_TEXT, TINY_VISION, save_gemma3_checkpoint
+    from workers.engines.base import EngineRequest, TransientEngineError
+    from workers.engines.medgemma import MedGemmaEngine
+
+    if args.tiny:
+        device, dtype = "cpu", torch.float32
+        text, vision, mm_tokens = TINY_TEXT, TINY_VISION, TINY_MM_TOKENS
+    elif torch.cuda.is_available():
+        device, dtype = "cuda", torch.bfloat16
+        text, vision, mm_tokens = MEDGEMMA_4B_TEXT, MEDGEMMA_4B_VISION, MEDGEMMA_4B_MM_TOKENS
+    else:
+        print("CUDA is not available: run with --tiny for a CPU smoke check", file=sys.stderr)
+        return 2
+
+    system, prompt = _preread_prompt(args.prompt_tokens)
+    report: dict[str, Any] = {
+        "model": "random-weight Gemma 3 " + ("(tiny)" if args.tiny else "(MedGemma 4B shape)"),
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else platform.processor() or "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "new_tokens": args.new_tokens,
+        "prompt_text_tokens": len(system) + len(prompt),
+        "image_tokens": mm_tokens,
+        "text_config": text,
+        "vision_config": vision,
+    }
+
+    with tempfile.TemporaryDirectory(prefix="gpu-preread-") as tmp:
+        directory = Path(tmp) / "model"
+        started = time.perf_counter()
+        save_gemma3_checkpoint(
+            directory,
+            text=text,
+            vision=vision,
+            mm_tokens_per_image=mm_tokens,
+            device=device,
+            dtype=dtype,
+            printable_only=False,
+        )
+        report["build_and_save_s"] = round(time.perf_counter() - started, 2)
+        report["checkpoint_gb"] = round(sum(f.stat().st_size for f in directory.iterdir()) / 1e9, 3)
+        _release(torch)
+
+        started = time.perf_counter()
+        engine = MedGemmaEngine(str(directory), "random-weights", device=device)
+        report["load_and_warm_s"] = round(time.perf_counter() - started, 2)
+        report["parameters"] = sum(p.numel() for p in engine.model.parameters())
+
+        rng = np.random.default_rng(0)
+        results = []
+        for batch in args.batch:
+            requests = [
+                EngineRequest(
+                    images=(rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), np.uint8),),
+                    prompt=prompt,
+                    system=system,
+                    max_new_tokens=args.new_tokens,
+                )
+                for _ in range(batch)
+            ]
+            try:
+                results.append(_measure(engine, requests, args.new_tokens, args.repeats, torch))
+            except TransientEngineError as exc:  # out of memory at this batch size
+                results.append({"batch": batch, "error": str(exc)[:200]})
+                _release(torch)
+        report["transformers_results"] = results
+        del engine
+        _release(torch)
+
+        report["vllm_results"] = _vllm(directory, args, system, prompt, device)
+
+    _print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"\nresults written to {args.out}")
+    return 0
+
+
+def _measure(
+    engine: Any, requests: list[Any], new_tokens: int, repeats: int, torch: Any
+) -> dict[str, Any]:
+    """Best-of-``repeats`` timings of one batch through engine.prepare / engine.generate."""
+    prep, first, full = [], [], []
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    one = [_with_budget(request, 1) for request in requests]
+    engine.generate(one, generation_kwargs={"min_new_tokens": 1})  # untimed: first-shape costs
+    for _ in range(repeats):
+        started = time.perf_counter()
+        inputs = engine.prepare(requests)
+        prep.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        engine.generate(one, generation_kwargs={"min_new_tokens": 1})
+        first.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        engine.generate(requests, generation_kwargs={"min_new_tokens": new_tokens})
+        full.append(time.perf_counter() - started)
+    batch = len(requests)
+    t_1, t_n = min(first), min(full)
+    result: dict[str, Any] = {
+        "batch": batch,
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "prep_s": round(min(prep), 4),
+        **_rates(batch, new_tokens, t_1, t_n),
+    }
+    if engine.device.type == "cuda":
+        result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    return result
+
+
+def _rates(batch: int, new_tokens: int, t_1: float, t_n: float) -> dict[str, Any]:
+    """TTFT, decode rates and studies/hour from the 1-token and N-token batch times (seconds).
+
+    Decode rates are None when timing noise makes t_N <= t_1 (tiny models on a busy CPU).
+    """
+    decode_s = t_n - t_1
+    return {
+        "ttft_s": round(t_1, 4),
+        "total_s": round(t_n, 4),
+        "decode_tok_s": round(batch * (new_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
+        "per_seq_tok_s": round((new_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
+        "studies_per_h": round(batch * 3600 / t_n, 1),
+    }
+
+
+def _vllm(
+    directory: Path, args: argparse.Namespace, system: str, prompt: str, device: str
+) -> list[dict[str, Any]] | str:
+    """The same batches through vLLM's offline engine when vllm is importable."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        print("vllm not installed: skipped")
+        return "vllm not installed: skipped"
+    if device != "cuda":
+        print("vllm needs CUDA: skipped")
+        return "vllm needs CUDA: skipped"
+    from workers.engines.vllm import png_data_url
+
+    try:
+        llm = LLM(
+            model=str(directory),
+            dtype="bfloat16",
+            max_model_len=4096,
+            limit_mm_per_prompt={"image": 1},
+            max_num_seqs=max(args.batch),
+            seed=0,
+        )
+        rng = np.random.default_rng(0)
+        first = SamplingParams(temperature=0, max_tokens=1)
+        full = SamplingParams(
+            temperature=0,
+            max_tokens=args.new_tokens,
+            min_tokens=args.new_tokens,
+            ignore_eos=True,
+        )
+        results = []
+        for batch in args.batch:
+            conversations = [
+                [
+                    {"role": "system", "content": system},
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {
+                                    "url": png_data_url(
+                                        rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), np.uint8)
+                                    )
+                                },
+                            },
+                            {"type": "text", "text": prompt},
+                        ],
+                    },
+                ]
+                for _ in range(batch)
+            ]
+            t_1s, t_ns = [], []
+            llm.chat(conversations, first, use_tqdm=False)  # untimed warm-up
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                llm.chat(conversations, first, use_tqdm=False)
+                t_1s.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                llm.chat(conversations, full, use_tqdm=False)
+                t_ns.append(time.perf_counter() - started)
+            rates = _rates(batch, args.new_tokens, min(t_1s), min(t_ns))
+            results.append({"batch": batch, **rates})
+        return results
+    except Exception as exc:  # report and keep the transformers numbers
+        print(f"vllm failed: {exc!r}")
+        return f"vllm failed: {exc!r}"[:500]
+
+
+def _preread_prompt(text_tokens: int) -> tuple[str, str]:
+    """(system, prompt) of about ``text_tokens`` tokens of the char-level bench tokenizer.
+
+    The project's pre-read prompt, cut to the length the real Gemma tokenizer would give it,
+    because the bench tokenizer spends one token per character.
+    """
+    try:
+        from workers.prompts import build_preread_prompt
+
+        system, prompt = build_preread_prompt(False)
+    except ImportError:
+        system, prompt = "You are a radiologist.", "List every abnormal finding as JSON. " * 100
+    budget = max(text_tokens - len(system), 16)
+    return system, prompt[:budget]
+
+
+def _default_prompt_tokens() -> int:
+    """The estimated real-tokenizer length of the project's pre-read prompt."""
+    try:
+        from workers.prompts import build_preread_prompt
+
+        system, prompt = build_preread_prompt(False)
+    except ImportError:
+        return 800
+    return round((len(system) + len(prompt)) / CHARS_PER_REAL_TOKEN)
+
+
+def _with_budget(request: Any, max_new_tokens: int) -> Any:
+    """A copy of an EngineRequest with another max_new_tokens."""
+    from dataclasses import replace
+
+    return replace(request, max_new_tokens=max_new_tokens)
+
+
+def _release(torch: Any) -> None:
+    """Return freed memory to the allocator so the next stage starts clean."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    """The results as a fixed-width table."""
+    print(
+        f"\n{report['model']} on {report['device']} ({report['dtype']}), "
+        f"{report['parameters'] / 1e6:,.1f} M parameters; torch {report['torch']}, "
+        f"transformers {report['transformers']}"
+    )
+    print(
+        f"prompt: {report['prompt_text_tokens']} text + {report['image_tokens']} image tokens; "
+        f"{report['new_tokens']} new tokens forced; build+save {report['build_and_save_s']} s "
+        f"({report['checkpoint_gb']} GB), load+warm {report['load_and_warm_s']} s"
+    )
+    header = (
+        f"{'engine':<13}{'batch':>6}{'prep_s':>9}{'ttft_s':>9}{'total_s':>9}"
+        f"{'decode_tok/s':>14}{'per_seq_tok/s':>15}{'studies/h':>11}{'peak_GB':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for engine, rows in (
+        ("transformers", report["transformers_results"]),
+        ("vllm", report["vllm_results"]),
+    ):
+        if isinstance(rows, str):
+            print(f"{engine:<13}{rows}")
+            continue
+        for row in rows:
+            if "error" in row:
+                print(f"{engine:<13}{row['batch']:>6}  {row['error']}")
+                continue
+            print(
+                f"{engine:<13}{row['batch']:>6}{row.get('prep_s', float('nan')):>9.3f}"
+                f"{row['ttft_s']:>9.3f}{row['total_s']:>9.3f}{_num(row['decode_tok_s']):>14}"
+                f"{_num(row['per_seq_tok_s']):>15}{row['studies_per_h']:>11.1f}"
+                f"{row.get('peak_gpu_gb', float('nan')):>9.2f}"
+            )
+
+
+def _num(value: float | None) -> str:
+    """One decimal, or "n/a"."""
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU (smoke check)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=256, help="tokens forced per request")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        help="text tokens of the prompt (default: the real pre-read prompt's)",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "gpu_preread.json")
+    args = parser.parse_args(argv)
+    if args.new_tokens < 2 or args.repeats < 1 or min(args.batch) < 1:
+        parser.error("--new-tokens must be >= 2, --repeats and every --batch >= 1")
+    if args.prompt_tokens is None:
+        args.prompt_tokens = _default_prompt_tokens()
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())
