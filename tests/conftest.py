@@ -15,16 +15,20 @@ from tests.peers import *  # noqa: F403
 from tests.peers import free_port
 
 
-def make_settings(tmp_path: Path, **sections: dict[str, object]) -> Settings:
+def make_settings(tmp_path: Path, **sections: object) -> Settings:
     """Settings for a test node: data in tmp_path, a free loopback port, short quiet period."""
-    base: dict[str, dict[str, object]] = {
+    base: dict[str, object] = {
         "dicom": {"bind_address": "127.0.0.1", "port": free_port()},
         "storage": {"data_dir": str(tmp_path / "var"), "min_free_mb": 0},
         "completion": {"quiet_seconds": 0.5, "poll_seconds": 0.1},
         "engine": {"name": "demo"},
     }
     for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
+        current = base.get(name)
+        if isinstance(current, dict) and isinstance(values, dict):
+            current.update(values)
+        else:
+            base[name] = values
     return load_settings(None, **base)
 
 
@@ -33,7 +37,7 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeRuntime]]:
     """Start NodeRuntime instances (embedded worker unless a broker is configured)."""
     started: list[NodeRuntime] = []
 
-    def start(embedded: bool = True, **sections: dict[str, object]) -> NodeRuntime:
+    def start(embedded: bool = True, **sections: object) -> NodeRuntime:
         runtime = NodeRuntime(make_settings(tmp_path, **sections), embedded=embedded)
         runtime.start()
         started.append(runtime)

@@ -180,8 +180,16 @@ def run_preread(
         ledger.finish(study_uid, version, ok=False, reason=f"internal error: {exc!r}"[:500])
         log.exception("pre-read of study %s v%d failed unexpectedly", study_uid, version)
         return "failed"
+    try:
+        from workers.results import publish_results
+
+        result["outputs"] = publish_results(settings, ledger, study_uid, version, result)
+    except Exception as exc:
+        ledger.finish(study_uid, version, ok=False, reason=f"cannot build SR/SEG: {exc}"[:500])
+        log.exception("SR/SEG of study %s v%d could not be built", study_uid, version)
+        return "failed"
+    ledger.save_anchors(study_uid, version, result["anchors"])  # before done: readers see both
     ledger.finish(study_uid, version, ok=True, reason="", result=result)
-    ledger.save_anchors(study_uid, version, result["anchors"])
     findings = sum(1 for a in result["anchors"] if a["kind"] == "finding")
     log.info(
         "pre-read of study %s v%d done: %d findings, %d anchors, %s engine %.1f s%s",

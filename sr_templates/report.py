@@ -1,0 +1,423 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) of one pre-read, built with highdicom.
+
+Layout (see README.md for why)::
+
+    CONTAINER (126000, DCM, "Imaging Measurement Report")      TID 1500
+      HAS CONCEPT MOD  Language of Content Item and Descendants  en-US
+      HAS OBS CONTEXT  Observer Type = Device, Device Observer UID/Name/Manufacturer/Model
+      HAS CONCEPT MOD  Procedure reported = (413815006, SCT, "Chest imaging (procedure)")
+      CONTAINS         Image Library: every source image of the study
+      CONTAINS         CONTAINER (126010, DCM, "Imaging Measurements")  - only with findings
+        CONTAINS       CONTAINER (125007, DCM, "Measurement Group")      TID 1410, per finding
+          Tracking Identifier "A1 right upper zone nodule", Tracking Unique Identifier
+          Finding, Finding Site (+ Laterality), Algorithm Identification (TID 4019)
+          Image Region SCOORD (ELLIPSE / closed POLYGON / POINT) SELECTED FROM the image
+          Long axis, Short axis, Area (NUM, mm / mm2 or {pixels} / {pixels^2})
+          Qualitative evaluations: Margins, Lesion Density, Shape
+      CONTAINS         CONTAINER (C0034375, UMLS, "Qualitative Evaluations")  TID 1500 row 12
+        TEXT Finding (the narrative), TEXT Impression, TEXT Comment (AI statement, provenance)
+
+Completion Flag PARTIAL, Verification Flag UNVERIFIED: the report is preliminary and no
+person has verified it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, Final
+
+import highdicom as hd
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    ContainerContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    ImageContentItem,
+    ImageRegion,
+    LanguageOfContentItemAndDescendants,
+    Measurement,
+    NumContentItem,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    SourceImageForRegion,
+    TextContentItem,
+    TrackingIdentifier,
+    UIDRefContentItem,
+)
+from highdicom.sr.enum import RelationshipTypeValues
+from highdicom.sr.value_types import CodeContentItem
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dicom_codes
+from pydicom.uid import generate_uid
+
+from sr_templates import codes as c
+from sr_templates.records import PrereadRecord, ReportedFinding
+from sr_templates.series import DEFAULT_NODE, device_uid, series_uid
+
+__all__ = [
+    "COMPREHENSIVE_3D_SR",
+    "DEFAULT_MANUFACTURER",
+    "SR_SERIES_DESCRIPTION",
+    "build_measurement_report",
+    "coding_scheme_identification",
+]
+
+COMPREHENSIVE_3D_SR: Final = "1.2.840.10008.5.1.4.1.1.88.34"
+DEFAULT_MANUFACTURER: Final = "medgemma-node"
+SR_SERIES_DESCRIPTION: Final = "MedGemma pre-read (AI, preliminary)"
+_EN_US: Final = CodedConcept("en-US", "RFC5646", "English (United States)")
+_MODALITIES: Final = {
+    "1.2.840.10008.5.1.4.1.1.1": dicom_codes.cid29.ComputedRadiography,
+    "1.2.840.10008.5.1.4.1.1.1.1": dicom_codes.cid29.DigitalRadiography,
+    "1.2.840.10008.5.1.4.1.1.1.1.1": dicom_codes.cid29.DigitalRadiography,
+}
+
+
+def _source_by_uid(source_datasets: Sequence[Dataset]) -> dict[str, Dataset]:
+    if isinstance(source_datasets, Dataset) or not isinstance(source_datasets, Sequence):
+        raise TypeError("source_datasets must be a list of pydicom Datasets")
+    if not source_datasets:
+        raise ValueError("source_datasets must hold at least the frontal image")
+    by_uid: dict[str, Dataset] = {}
+    study_uids = set()
+    for i, ds in enumerate(source_datasets):
+        if not isinstance(ds, Dataset):
+            raise TypeError(f"source_datasets[{i}] must be a pydicom Dataset")
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"):
+            if keyword not in ds:
+                raise ValueError(f"source_datasets[{i}] has no {keyword}")
+        by_uid[str(ds.SOPInstanceUID)] = ds
+        study_uids.add(str(ds.StudyInstanceUID))
+    if len(study_uids) != 1:
+        raise ValueError(f"source_datasets must be images of one study, got {len(study_uids)}")
+    return by_uid
+
+
+def _image_library(datasets: Sequence[Dataset]) -> ContainerContentItem:
+    """TID 1600 Image Library with TID 1602/1603 descriptors of every source image.
+
+    Written here rather than with highdicom's ImageLibrary, which (0.28.2) requires Imager
+    Pixel Spacing and a two-valued Patient Orientation on every CR/DX image; both may be
+    absent (CR without spacing). Descriptors that the image lacks are left out.
+    """
+    acq = RelationshipTypeValues.HAS_ACQ_CONTEXT
+    groups: dict[tuple[str, str], list[ImageContentItem]] = {}
+    for ds in datasets:
+        modality = _MODALITIES.get(str(ds.SOPClassUID))
+        if modality is None:
+            raise ValueError(f"source image {ds.SOPInstanceUID} is not a CR or DX image")
+        item = ImageContentItem(
+            name=dicom_codes.SCT.Source,
+            referenced_sop_class_uid=str(ds.SOPClassUID),
+            referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        )
+        descriptors = ContentSequence()
+        descriptors.append(CodeContentItem(dicom_codes.DCM.Modality, modality, acq))
+        for name, value in ((dicom_codes.DCM.PixelDataRows, ds.Rows),
+                            (dicom_codes.DCM.PixelDataColumns, ds.Columns)):  # fmt: skip
+            descriptors.append(
+                NumContentItem(name, int(value), unit=c.UNIT_PIXELS, relationship_type=acq)
+            )
+        orientation = ds.get("PatientOrientation")
+        if orientation is not None and len(orientation) == 2 and all(orientation):
+            descriptors.append(
+                TextContentItem(dicom_codes.DCM.PatientOrientationRow, orientation[0], acq)
+            )
+            descriptors.append(
+                TextContentItem(dicom_codes.DCM.PatientOrientationColumn, orientation[1], acq)
+            )
+        spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
+        if spacing is not None and len(spacing) == 2:
+            for name, value in ((dicom_codes.DCM.HorizontalPixelSpacing, spacing[1]),
+                                (dicom_codes.DCM.VerticalPixelSpacing, spacing[0])):  # fmt: skip
+                descriptors.append(
+                    NumContentItem(name, float(value), unit=c.UNIT_MM, relationship_type=acq)
+                )
+        item.ContentSequence = descriptors
+        key = (modality.value, str(ds.get("FrameOfReferenceUID", "")))
+        groups.setdefault(key, []).append(item)
+    library = ContainerContentItem(
+        name=dicom_codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = ContentSequence()
+    for (_modality, frame_of_reference), items in groups.items():
+        group = ContainerContentItem(
+            name=dicom_codes.DCM.ImageLibraryGroup,
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        )
+        group.ContentSequence = ContentSequence()
+        if frame_of_reference:
+            group.ContentSequence.append(
+                UIDRefContentItem(dicom_codes.DCM.FrameOfReferenceUID, frame_of_reference, acq)
+            )
+        group.ContentSequence.extend(items)
+        library.ContentSequence.append(group)
+    return library
+
+
+def _algorithm(record: PrereadRecord) -> AlgorithmIdentification:
+    """TID 4019: name = model id, version = model revision, parameters = the prompt and
+    node versions (as "key=value")."""
+    return AlgorithmIdentification(
+        name=record.model_id,
+        version=record.model_revision,
+        parameters=[f"{k}={v}" for k, v in record.algorithm_parameters.items()],
+    )
+
+
+def _measurements(finding: ReportedFinding) -> list[Measurement]:
+    m = finding.measurements
+    if m is None:
+        return []
+    if m.units == "mm":
+        length, area = c.UNIT_MM, c.UNIT_MM2
+    else:
+        length, area = c.UNIT_PIXELS, c.UNIT_SQUARE_PIXELS
+    return [
+        Measurement(name=c.MEASUREMENT_LONG_AXIS, value=m.long_axis, unit=length),
+        Measurement(name=c.MEASUREMENT_SHORT_AXIS, value=m.short_axis, unit=length),
+        Measurement(name=c.MEASUREMENT_AREA, value=m.area, unit=area),
+    ]
+
+
+def _group(
+    finding: ReportedFinding, source: Dataset, algorithm: AlgorithmIdentification
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    graphic_type, points = finding.region.graphic()
+    region = ImageRegion(
+        graphic_type=graphic_type,
+        graphic_data=points,
+        source_image=SourceImageForRegion(
+            referenced_sop_class_uid=str(source.SOPClassUID),
+            referenced_sop_instance_uid=str(source.SOPInstanceUID),
+        ),
+    )
+    sites = []
+    if finding.site is not None:
+        sites.append(
+            FindingSite(anatomic_location=finding.site.code, laterality=finding.laterality_code)
+        )
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=finding.tracking_uid, identifier=finding.tracking_identifier
+        ),
+        referenced_region=region,
+        finding_type=finding.finding.code,
+        algorithm_id=algorithm,
+        finding_sites=sites or None,
+        measurements=_measurements(finding) or None,
+        qualitative_evaluations=[
+            QualitativeEvaluation(name=name.code, value=value.code)
+            for name, value in finding.attributes
+        ]
+        or None,
+    )
+
+
+def _statement(record: PrereadRecord) -> str:
+    parts = []
+    if record.is_demo:
+        parts.append(f"{c.DEMO_STATEMENT}.")
+    parts.append(f"{c.AI_STATEMENT}.")
+    parts.append(
+        f"Model {record.model_id} (revision {record.model_revision}), prompt "
+        f"{record.prompt_version}, medgemma-node {record.node_version}."
+    )
+    units = {f.measurements.units for f in record.findings if f.measurements is not None}
+    if "px" in units:
+        parts.append("The image has no pixel spacing: sizes are in pixels.")
+    if "mm" in units:
+        parts.append(
+            "Sizes are computed from the outlined regions and the image's pixel spacing "
+            "(Imager Pixel Spacing is at the detector, not corrected for magnification), "
+            "never taken from the model's text."
+        )
+    return " ".join(parts)
+
+
+def _narrative(record: PrereadRecord) -> ContainerContentItem:
+    container = ContainerContentItem(
+        name=c.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    items = ContentSequence()
+    contains = RelationshipTypeValues.CONTAINS
+    if record.findings_text:
+        items.append(TextContentItem(c.NARRATIVE_FINDING, record.findings_text, contains))
+    if record.impression:
+        items.append(TextContentItem(c.NARRATIVE_IMPRESSION, record.impression, contains))
+    items.append(TextContentItem(c.NARRATIVE_COMMENT, _statement(record), contains))
+    container.ContentSequence = items
+    return container
+
+
+def _root(
+    record: PrereadRecord,
+    sources: dict[str, Dataset],
+    source_datasets: Sequence[Dataset],
+    *,
+    manufacturer: str,
+) -> ContentSequence:
+    """The TID 1500 root container and its content (see the module docstring)."""
+    root = ContainerContentItem(name=c.REPORT_TITLE, template_id="1500")
+    content = ContentSequence()
+    content.extend(LanguageOfContentItemAndDescendants(_EN_US))
+    device = DeviceObserverIdentifyingAttributes(
+        uid=device_uid(record.model_id, record.model_revision),
+        name="MedGemma pre-read",
+        manufacturer_name=manufacturer,
+        model_name=record.model_id,
+    )
+    content.extend(
+        ObservationContext(
+            observer_device_context=ObserverContext(
+                observer_type=dicom_codes.cid270.Device,
+                observer_identifying_attributes=device,
+            )
+        )
+    )
+    content.append(
+        CodeContentItem(
+            name=dicom_codes.DCM.ProcedureReported,
+            value=c.PROCEDURE_CHEST_IMAGING,
+            relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    )
+    content.append(_image_library(source_datasets))
+    if record.findings:
+        algorithm = _algorithm(record)
+        measurements = ContainerContentItem(
+            name=c.IMAGING_MEASUREMENTS, relationship_type=RelationshipTypeValues.CONTAINS
+        )
+        groups = ContentSequence()
+        for finding in record.findings:
+            source = sources.get(finding.source_sop_instance_uid)
+            if source is None:
+                raise ValueError(
+                    f"anchor {finding.anchor_id} refers to image "
+                    f"{finding.source_sop_instance_uid}, which is not in source_datasets"
+                )
+            groups.extend(_group(finding, source, algorithm))
+        measurements.ContentSequence = groups
+        content.append(measurements)
+    content.append(_narrative(record))
+    root.ContentSequence = content
+    return ContentSequence([root], is_root=True)
+
+
+def coding_scheme_identification(dataset: Dataset) -> None:
+    """Declare the private coding scheme (99MGN) in ``dataset`` when its content uses it
+    (Coding Scheme Identification Sequence, SOP Common module)."""
+    item = Dataset()
+    item.CodingSchemeDesignator = c.PRIVATE_SCHEME
+    item.CodingSchemeName = c.PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = c.PRIVATE_SCHEME_ORGANIZATION
+    existing = [
+        x for x in dataset.get("CodingSchemeIdentificationSequence", [])
+        if x.CodingSchemeDesignator != c.PRIVATE_SCHEME
+    ]  # fmt: skip
+    dataset.CodingSchemeIdentificationSequence = [*existing, item]
+
+
+def detach_from_sources(dataset: Dataset, sources: Sequence[Dataset]) -> None:
+    """Give ``dataset`` its own copies of data elements it shares with ``sources``.
+
+    highdicom puts the source images' patient and study element objects themselves into
+    the new SR/SEG, so that changing one (``sr.PatientName = ...``) would change the
+    source image too.
+    """
+    for source in sources:
+        for tag in list(dataset.keys()):
+            if tag in source and dataset[tag] is source[tag]:
+                dataset[tag] = copy.deepcopy(source[tag])
+
+
+def _uses_private_scheme(value: Any) -> bool:
+    if isinstance(value, Dataset):
+        if value.get("CodingSchemeDesignator") == c.PRIVATE_SCHEME:
+            return True
+        return any(_uses_private_scheme(elem.value) for elem in value if elem.VR == "SQ")
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return any(_uses_private_scheme(item) for item in value)
+    return False
+
+
+def build_measurement_report(
+    result: dict[str, Any],
+    source_datasets: list[Dataset],
+    *,
+    series_number: int,
+    instance_number: int,
+    sop_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    predecessor: Dataset | None = None,
+    manufacturer: str = DEFAULT_MANUFACTURER,
+    institution_name: str | None = None,
+    node: str = DEFAULT_NODE,
+) -> Dataset:
+    """The TID 1500 Measurement Report (Comprehensive 3D SR) of a pre-read result.
+
+    result: a ``workers.preread.analyse_study`` result (anchors as ``Anchor.to_json()``).
+    source_datasets: the study's images (at least every image an anchor refers to; the
+        frontal image). They go into the image library and the evidence; pixel data are
+        not needed.
+    series_number / instance_number: Series and Instance Number (see
+        :func:`sr_templates.series.series_number`; the study version is a good instance
+        number).
+    sop_instance_uid: None gives a new random UID under ``codes.UID_ROOT``; pass
+        :func:`sr_templates.series.derived_uid` for a redelivery-safe UID.
+    series_instance_uid: None gives :func:`sr_templates.series.series_uid` ("sr") of the
+        study, the same for every version.
+    predecessor: the SR this one amends: listed in the Predecessor Documents Sequence.
+        The amended result's anchors keep their tracking UIDs (workers.anchors), so each
+        finding keeps its Tracking Unique Identifier across versions.
+
+    One measurement group per finding anchor; landmarks are not written (README.md).
+    A result without findings gives a report with the narrative only. Every report says
+    it is AI-generated and preliminary, and DEMO when the engine was the demo engine.
+    """
+    record = PrereadRecord.from_result(result)
+    sources = _source_by_uid(source_datasets)
+    for name, value in (("series_number", series_number), ("instance_number", instance_number)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    study_uid = str(source_datasets[0].StudyInstanceUID)
+    if predecessor is not None:
+        if not isinstance(predecessor, Dataset):
+            raise TypeError("predecessor must be a pydicom Dataset (the SR being amended)")
+        if str(predecessor.get("StudyInstanceUID", "")) != study_uid:
+            raise ValueError("predecessor must be an SR of the same study")
+        if predecessor.get("Modality") != "SR":
+            raise ValueError("predecessor must be an SR document (Modality SR)")
+    content = _root(record, sources, source_datasets, manufacturer=manufacturer)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=list(source_datasets),
+        content=content,
+        series_instance_uid=series_instance_uid or series_uid("sr", study_uid, node=node),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(prefix=c.UID_ROOT),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        previous_versions=[predecessor] if predecessor is not None else None,
+    )
+    detach_from_sources(sr, source_datasets)
+    description = SR_SERIES_DESCRIPTION
+    if record.is_demo:
+        description = f"DEMO {description}"
+    sr.SeriesDescription = description
+    sr.ManufacturerModelName = "medgemma-node"
+    sr.SoftwareVersions = record.node_version
+    if _uses_private_scheme(sr.ContentSequence):
+        coding_scheme_identification(sr)
+    return sr

@@ -1,0 +1,126 @@
+"""DICOM results of a pre-read: the TID 1500 SR and the SEG, written durably and queued.
+
+Files go to ``<data_dir>/results/<StudyInstanceUID>/{sr,seg}-v<version>.dcm`` and one
+outbox row per configured destination; the node's outbox sender delivers them. UIDs are
+derived from (node AE title, kind, study, version), so a rebuilt or re-sent result keeps
+its SOP Instance UID and the PACS never sees a duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from node.ledger import StudyLedger
+from node.outbox import Outbox
+from node.settings import Settings
+from node.spool import write_file_atomically
+from sr_templates.report import build_measurement_report
+from sr_templates.segmentation import build_segmentation
+from sr_templates.series import derived_uid, series_number, series_uid
+
+log = logging.getLogger("medgemma.results")
+
+
+def results_dir(settings: Settings, study_uid: str) -> Path:
+    return settings.storage.data_path / "results" / study_uid
+
+
+def _save(ds: Dataset, path: Path) -> None:
+    write_file_atomically(path, lambda f: ds.save_as(f, enforce_file_format=True))
+
+
+def _source_headers(
+    settings: Settings, ledger: StudyLedger, study_uid: str, version: int, wanted: set[str]
+) -> list[Dataset]:
+    """Headers (no pixel data) of the study's images that the result refers to."""
+    out: list[Dataset] = []
+    for inst in ledger.instances_of(study_uid, up_to_version=version):
+        if inst.sop_instance_uid in wanted:
+            path = settings.storage.spool_path / inst.path
+            out.append(dcmread(path, stop_before_pixels=True))
+    return out
+
+
+def _predecessor(directory: Path, version: int) -> Dataset | None:
+    """The newest SR of an earlier study version, which this one amends."""
+    for earlier in range(version - 1, 0, -1):
+        path = directory / f"sr-v{earlier}.dcm"
+        if path.is_file():
+            return dcmread(path, stop_before_pixels=True)
+    return None
+
+
+def publish_results(
+    settings: Settings, ledger: StudyLedger, study_uid: str, version: int, result: dict[str, Any]
+) -> dict[str, Any]:
+    """Build, store and queue the SR (always) and SEG (when there are findings).
+
+    Returns {"sr": {...}, "seg": {...} | None} with each file's path and UIDs, for the
+    study's result record.
+    """
+    node = settings.dicom.ae_title
+    frontal = result["frontal"]["sop_instance_uid"]
+    wanted = {frontal} | (
+        {result["lateral"]["sop_instance_uid"]} if result.get("lateral") else set()
+    )
+    sources = _source_headers(settings, ledger, study_uid, version, wanted)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    ordered = [by_uid[frontal]] + [ds for uid, ds in by_uid.items() if uid != frontal]
+    directory = results_dir(settings, study_uid)
+
+    sr = build_measurement_report(
+        result,
+        ordered,
+        series_number=series_number("sr"),
+        instance_number=version,
+        sop_instance_uid=derived_uid("sr", study_uid, version, node=node),
+        series_instance_uid=series_uid("sr", study_uid, node=node),
+        predecessor=_predecessor(directory, version),
+        node=node,
+    )
+    seg = build_segmentation(
+        result,
+        by_uid[frontal],
+        series_number=series_number("seg"),
+        instance_number=version,
+        sop_instance_uid=derived_uid("seg", study_uid, version, node=node),
+        series_instance_uid=series_uid("seg", study_uid, node=node),
+        node=node,
+    )
+    outbox = Outbox(ledger, settings.outbox)
+    outputs: dict[str, Any] = {"sr": None, "seg": None}
+    for kind, ds in (("sr", sr), ("seg", seg)):
+        if ds is None:
+            continue
+        path = directory / f"{kind}-v{version}.dcm"
+        _save(ds, path)
+        outbox.enqueue(
+            study_uid=study_uid,
+            study_version=version,
+            kind=kind,
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            path=path,
+            destinations=list(settings.destinations),
+        )
+        outputs[kind] = {
+            "path": str(path),
+            "sop_instance_uid": str(ds.SOPInstanceUID),
+            "series_instance_uid": str(ds.SeriesInstanceUID),
+        }
+    log.info(
+        "study %s v%d: SR %s%s written, %d destination(s)",
+        study_uid,
+        version,
+        outputs["sr"]["sop_instance_uid"],
+        f", SEG {outputs['seg']['sop_instance_uid']}"
+        if outputs["seg"]
+        else " (no findings: no SEG)",
+        len(settings.destinations),
+    )
+    return outputs
