@@ -318,3 +318,37 @@ def test_complete_on_association_release(
     assert storescu(runtime.scp.port, path).returncode == 0
     # with a one-hour quiet period, only the release can have completed it
     wait_for_state(runtime, image.dataset.StudyInstanceUID, {"done"}, timeout=15)
+
+
+def test_association_limit_rejects_the_one_too_many(
+    node_factory: Callable[..., NodeRuntime],
+) -> None:
+    runtime = node_factory(dicom={"max_associations": 2})
+    ae = AE(ae_title="MANY")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", runtime.scp.port, ae_title="MEDGEMMA") for _ in range(2)]
+    assert all(a.is_established for a in held)
+    extra = ae.associate("127.0.0.1", runtime.scp.port, ae_title="MEDGEMMA")
+    assert extra.is_rejected  # local limit exceeded, a transient rejection
+    for a in held:
+        a.release()
+    again = ae.associate("127.0.0.1", runtime.scp.port, ae_title="MEDGEMMA")
+    assert again.is_established
+    again.release()
+
+
+def test_host_allow_list_closes_unknown_hosts(
+    node_factory: Callable[..., NodeRuntime],
+) -> None:
+    other = node_factory(dicom={"allowed_hosts": ["192.0.2.10"]})  # not loopback
+    refused = subprocess.run(
+        [dcmtk("echoscu"), "-aec", "MEDGEMMA", "127.0.0.1", str(other.scp.port)],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    mine = node_factory(dicom={"allowed_hosts": ["127.0.0.1"]})
+    allowed = subprocess.run(
+        [dcmtk("echoscu"), "-aec", "MEDGEMMA", "127.0.0.1", str(mine.scp.port)],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert allowed.returncode == 0
