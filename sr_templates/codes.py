@@ -233,6 +233,28 @@ NARRATIVE_COMMENT: Final = _dict_code("DCM", "Comment")  # 121106
 #: cannot know what was ordered. The modality (CR/DX) is in the image library.
 PROCEDURE_CHEST_IMAGING: Final = _dict_code("SCT", "ChestImaging")  # 413815006
 
+#: TID 1204 language of the report (RFC 5646; the value highdicom uses by default).
+LANGUAGE_EN_US: Final = Code("en-US", "RFC5646", "English (United States)")
+#: TID 1001/1002 observation context: the algorithm is a device observer (CID 270).
+OBSERVER_TYPE_DEVICE: Final = _dict_code("DCM", "Device")  # 121007
+PROCEDURE_REPORTED: Final = _dict_code("DCM", "ProcedureReported")  # 121058
+#: TID 1600-1603 image library
+IMAGE_LIBRARY: Final = _dict_code("DCM", "ImageLibrary")  # 111028
+IMAGE_LIBRARY_GROUP: Final = _dict_code("DCM", "ImageLibraryGroup")  # 126200
+IMAGE_SOURCE: Final = _dict_code("SCT", "Source")  # 260753009
+MODALITY: Final = _dict_code("DCM", "Modality")  # 121139
+MODALITY_CR: Final = _dict_code("DCM", "ComputedRadiography")  # CR (CID 29)
+MODALITY_DX: Final = _dict_code("DCM", "DigitalRadiography")  # DX (CID 29)
+PIXEL_DATA_ROWS: Final = _dict_code("DCM", "PixelDataRows")  # 110910
+PIXEL_DATA_COLUMNS: Final = _dict_code("DCM", "PixelDataColumns")  # 110911
+PATIENT_ORIENTATION_ROW: Final = _dict_code("DCM", "PatientOrientationRow")  # 111044
+PATIENT_ORIENTATION_COLUMN: Final = _dict_code("DCM", "PatientOrientationColumn")  # 111043
+HORIZONTAL_PIXEL_SPACING: Final = _dict_code("DCM", "HorizontalPixelSpacing")  # 111026
+VERTICAL_PIXEL_SPACING: Final = _dict_code("DCM", "VerticalPixelSpacing")  # 111066
+FRAME_OF_REFERENCE_UID: Final = _dict_code("DCM", "FrameOfReferenceUID")  # 112227
+#: SEG Algorithm Family (CID 7162)
+ALGORITHM_FAMILY_AI: Final = _dict_code("DCM", "ArtificialIntelligence")  # 123110
+
 # ----------------------------------------------------------------------------- measurements
 
 MEASUREMENT_LONG_AXIS: Final = _dict_code("SCT", "LongAxis")  # 103339001 (CID 7470)

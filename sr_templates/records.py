@@ -29,7 +29,7 @@ from sr_templates.ontology import ChestConcept
 __all__ = ["FindingMeasurements", "FindingRegion", "PrereadRecord", "ReportedFinding"]
 
 RegionShape = Literal["ellipse", "rectangle", "point"]
-GraphicType = Literal["ELLIPSE", "POLYGON", "POINT"]
+GraphicType = Literal["ELLIPSE", "POLYLINE", "POINT"]
 _SHAPES: Final = ("ellipse", "rectangle", "point")
 
 
@@ -109,7 +109,8 @@ class FindingRegion:
         """SCOORD graphic type and data, as ``(column, row)`` points in source pixels.
 
         ELLIPSE: the major axis end points, then the minor axis end points (PS3.3
-        C.18.6.1.2); POLYGON: the box, closed (first point repeated last); POINT: centre.
+        C.18.6.1.2); POLYLINE: the box, closed (first point repeated last: 2D SCOORD has no
+        POLYGON, a closed POLYLINE is an area); POINT: centre.
         """
         cr, cc = self.center
         shape = self.effective_shape
@@ -123,7 +124,7 @@ class FindingRegion:
             return "ELLIPSE", np.array(points, dtype=np.float64)
         r0, c0, r1, c1 = self.box
         closed = [[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]]
-        return "POLYGON", np.array(closed, dtype=np.float64)
+        return "POLYLINE", np.array(closed, dtype=np.float64)
 
     def mask(self, rows: int, cols: int) -> npt.NDArray[np.bool_]:
         """The pixels of a ``rows x cols`` image whose centre lies in the region.

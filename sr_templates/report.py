@@ -11,7 +11,7 @@ Layout (see README.md for why)::
         CONTAINS       CONTAINER (125007, DCM, "Measurement Group")      TID 1410, per finding
           Tracking Identifier "A1 right upper zone nodule", Tracking Unique Identifier
           Finding, Finding Site (+ Laterality), Algorithm Identification (TID 4019)
-          Image Region SCOORD (ELLIPSE / closed POLYGON / POINT) SELECTED FROM the image
+          Image Region SCOORD (ELLIPSE / closed POLYLINE / POINT) SELECTED FROM the image
           Long axis, Short axis, Area (NUM, mm / mm2 or {pixels} / {pixels^2})
           Qualitative evaluations: Margins, Lesion Density, Shape
       CONTAINS         CONTAINER (C0034375, UMLS, "Qualitative Evaluations")  TID 1500 row 12
@@ -19,6 +19,13 @@ Layout (see README.md for why)::
 
 Completion Flag PARTIAL, Verification Flag UNVERIFIED: the report is preliminary and no
 person has verified it.
+
+OHIF: the groups are standard TID 1410 (SCOORD at group level, NUM siblings), which OHIF
+3.x draws read-only (outline + values, "not compatible" badge), not its own
+tracked-measurement convention (Tracking Identifier "Cornerstone3DTools@^0.1.0:<Tool>",
+SCOORD under the first NUM), which would put a viewer tool name where the readable
+tracking identifier belongs and make OHIF recompute the sizes instead of showing ours.
+Every group has 112039 and 112040, without which OHIF crashes. README.md has the reasons.
 """
 
 from __future__ import annotations
@@ -52,8 +59,15 @@ from highdicom.sr import (
 from highdicom.sr.enum import RelationshipTypeValues
 from highdicom.sr.value_types import CodeContentItem
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes as dicom_codes
-from pydicom.uid import generate_uid
+from pydicom.sr.coding import Code
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    generate_uid,
+)
+from pydicom.valuerep import PersonName
 
 from sr_templates import codes as c
 from sr_templates.records import PrereadRecord, ReportedFinding
@@ -67,14 +81,13 @@ __all__ = [
     "coding_scheme_identification",
 ]
 
-COMPREHENSIVE_3D_SR: Final = "1.2.840.10008.5.1.4.1.1.88.34"
+COMPREHENSIVE_3D_SR: Final = Comprehensive3DSRStorage
 DEFAULT_MANUFACTURER: Final = "medgemma-node"
 SR_SERIES_DESCRIPTION: Final = "MedGemma pre-read (AI, preliminary)"
-_EN_US: Final = CodedConcept("en-US", "RFC5646", "English (United States)")
-_MODALITIES: Final = {
-    "1.2.840.10008.5.1.4.1.1.1": dicom_codes.cid29.ComputedRadiography,
-    "1.2.840.10008.5.1.4.1.1.1.1": dicom_codes.cid29.DigitalRadiography,
-    "1.2.840.10008.5.1.4.1.1.1.1.1": dicom_codes.cid29.DigitalRadiography,
+_MODALITIES: Final[dict[str, Code]] = {
+    ComputedRadiographyImageStorage: c.MODALITY_CR,
+    DigitalXRayImageStorageForPresentation: c.MODALITY_DX,
+    DigitalXRayImageStorageForProcessing: c.MODALITY_DX,
 }
 
 
@@ -112,30 +125,26 @@ def _image_library(datasets: Sequence[Dataset]) -> ContainerContentItem:
         if modality is None:
             raise ValueError(f"source image {ds.SOPInstanceUID} is not a CR or DX image")
         item = ImageContentItem(
-            name=dicom_codes.SCT.Source,
+            name=c.IMAGE_SOURCE,
             referenced_sop_class_uid=str(ds.SOPClassUID),
             referenced_sop_instance_uid=str(ds.SOPInstanceUID),
             relationship_type=RelationshipTypeValues.CONTAINS,
         )
         descriptors = ContentSequence()
-        descriptors.append(CodeContentItem(dicom_codes.DCM.Modality, modality, acq))
-        for name, value in ((dicom_codes.DCM.PixelDataRows, ds.Rows),
-                            (dicom_codes.DCM.PixelDataColumns, ds.Columns)):  # fmt: skip
+        descriptors.append(CodeContentItem(c.MODALITY, modality, acq))
+        for name, value in ((c.PIXEL_DATA_ROWS, ds.Rows),
+                            (c.PIXEL_DATA_COLUMNS, ds.Columns)):  # fmt: skip
             descriptors.append(
                 NumContentItem(name, int(value), unit=c.UNIT_PIXELS, relationship_type=acq)
             )
         orientation = ds.get("PatientOrientation")
         if orientation is not None and len(orientation) == 2 and all(orientation):
-            descriptors.append(
-                TextContentItem(dicom_codes.DCM.PatientOrientationRow, orientation[0], acq)
-            )
-            descriptors.append(
-                TextContentItem(dicom_codes.DCM.PatientOrientationColumn, orientation[1], acq)
-            )
+            descriptors.append(TextContentItem(c.PATIENT_ORIENTATION_ROW, orientation[0], acq))
+            descriptors.append(TextContentItem(c.PATIENT_ORIENTATION_COLUMN, orientation[1], acq))
         spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
         if spacing is not None and len(spacing) == 2:
-            for name, value in ((dicom_codes.DCM.HorizontalPixelSpacing, spacing[1]),
-                                (dicom_codes.DCM.VerticalPixelSpacing, spacing[0])):  # fmt: skip
+            for name, value in ((c.HORIZONTAL_PIXEL_SPACING, spacing[1]),
+                                (c.VERTICAL_PIXEL_SPACING, spacing[0])):  # fmt: skip
                 descriptors.append(
                     NumContentItem(name, float(value), unit=c.UNIT_MM, relationship_type=acq)
                 )
@@ -143,18 +152,18 @@ def _image_library(datasets: Sequence[Dataset]) -> ContainerContentItem:
         key = (modality.value, str(ds.get("FrameOfReferenceUID", "")))
         groups.setdefault(key, []).append(item)
     library = ContainerContentItem(
-        name=dicom_codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS
+        name=c.IMAGE_LIBRARY, relationship_type=RelationshipTypeValues.CONTAINS
     )
     library.ContentSequence = ContentSequence()
     for (_modality, frame_of_reference), items in groups.items():
         group = ContainerContentItem(
-            name=dicom_codes.DCM.ImageLibraryGroup,
+            name=c.IMAGE_LIBRARY_GROUP,
             relationship_type=RelationshipTypeValues.CONTAINS,
         )
         group.ContentSequence = ContentSequence()
         if frame_of_reference:
             group.ContentSequence.append(
-                UIDRefContentItem(dicom_codes.DCM.FrameOfReferenceUID, frame_of_reference, acq)
+                UIDRefContentItem(c.FRAME_OF_REFERENCE_UID, frame_of_reference, acq)
             )
         group.ContentSequence.extend(items)
         library.ContentSequence.append(group)
@@ -266,7 +275,7 @@ def _root(
     """The TID 1500 root container and its content (see the module docstring)."""
     root = ContainerContentItem(name=c.REPORT_TITLE, template_id="1500")
     content = ContentSequence()
-    content.extend(LanguageOfContentItemAndDescendants(_EN_US))
+    content.extend(LanguageOfContentItemAndDescendants(CodedConcept.from_code(c.LANGUAGE_EN_US)))
     device = DeviceObserverIdentifyingAttributes(
         uid=device_uid(record.model_id, record.model_revision),
         name="MedGemma pre-read",
@@ -276,14 +285,14 @@ def _root(
     content.extend(
         ObservationContext(
             observer_device_context=ObserverContext(
-                observer_type=dicom_codes.cid270.Device,
+                observer_type=CodedConcept.from_code(c.OBSERVER_TYPE_DEVICE),
                 observer_identifying_attributes=device,
             )
         )
     )
     content.append(
         CodeContentItem(
-            name=dicom_codes.DCM.ProcedureReported,
+            name=c.PROCEDURE_REPORTED,
             value=c.PROCEDURE_CHEST_IMAGING,
             relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD,
         )
@@ -337,6 +346,33 @@ def detach_from_sources(dataset: Dataset, sources: Sequence[Dataset]) -> None:
                 dataset[tag] = copy.deepcopy(source[tag])
 
 
+def use_utf8(dataset: Dataset) -> None:
+    """Specific Character Set ISO_IR 192 (UTF-8) for the whole object.
+
+    highdicom copies the source image's character set (often ISO_IR 100, Latin-1), in
+    which a model's narrative or label ("右上肺野结节", "≥ 5 mm") cannot be encoded; the
+    values are Python strings, so the patient and study attributes copied from the image
+    are simply written in UTF-8 as well.
+    """
+    dataset.SpecificCharacterSet = "ISO_IR 192"
+    _fresh_person_names(dataset)
+
+
+def _fresh_person_names(dataset: Dataset) -> None:
+    """Person names rebuilt from their text: a PersonName made from a str keeps the bytes
+    of its first encoding (e.g. Latin-1, when the source image was saved) and would write
+    those bytes again under ISO_IR 192 (pydicom 3.0)."""
+    for elem in dataset:
+        if elem.VR == "PN" and elem.value is not None:
+            if elem.VM > 1:
+                elem.value = [PersonName(str(v)) for v in elem.value]
+            elif elem.value != "":
+                elem.value = PersonName(str(elem.value))
+        elif elem.VR == "SQ":
+            for item in elem.value:
+                _fresh_person_names(item)
+
+
 def _uses_private_scheme(value: Any) -> bool:
     if isinstance(value, Dataset):
         if value.get("CodingSchemeDesignator") == c.PRIVATE_SCHEME:
@@ -377,7 +413,8 @@ def build_measurement_report(
         The amended result's anchors keep their tracking UIDs (workers.anchors), so each
         finding keeps its Tracking Unique Identifier across versions.
 
-    One measurement group per finding anchor; landmarks are not written (README.md).
+    One standard TID 1410 measurement group per finding anchor (read-only in OHIF, see
+    the module docstring); landmarks are not written (README.md).
     A result without findings gives a report with the narrative only. Every report says
     it is AI-generated and preliminary, and DEMO when the engine was the demo engine.
     """
@@ -412,6 +449,7 @@ def build_measurement_report(
         previous_versions=[predecessor] if predecessor is not None else None,
     )
     detach_from_sources(sr, source_datasets)
+    use_utf8(sr)
     description = SR_SERIES_DESCRIPTION
     if record.is_demo:
         description = f"DEMO {description}"

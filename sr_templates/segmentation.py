@@ -11,7 +11,7 @@ Plane Orientation, which highdicom refuses to take without a Frame of Reference.
 are added after construction: Pixel Measures (Pixel Spacing = the image's Imager Pixel
 Spacing or Pixel Spacing, Slice Thickness 1) and Plane Orientation (1\\0\\0\\0\\1\\0).
 Patient Orientation (Type 2C, required without a Frame of Reference) is copied from the
-image; highdicom leaves it out.
+image; highdicom leaves it out. Each segment has a display colour (OHIF warns without).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any, Final
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.uid import generate_uid
 
 from sr_templates import codes as c
@@ -30,6 +29,7 @@ from sr_templates.report import (
     DEFAULT_MANUFACTURER,
     coding_scheme_identification,
     detach_from_sources,
+    use_utf8,
 )
 from sr_templates.series import DEFAULT_NODE, series_uid
 
@@ -38,6 +38,18 @@ __all__ = ["SEG_CONTENT_LABEL", "SEG_SERIES_DESCRIPTION", "build_segmentation"]
 SEG_SERIES_DESCRIPTION: Final = "MedGemma pre-read regions (AI, preliminary)"
 SEG_CONTENT_LABEL: Final = "MEDGEMMA_PREREAD"
 _LO_MAX: Final = 64  # Segment Label is LO
+#: Segment display colours (RGB, written as Recommended Display CIELab Value), in turn:
+#: distinct on a grey radiograph; without them OHIF warns and picks its own.
+_PALETTE: Final = (
+    (230, 60, 60),
+    (60, 200, 90),
+    (70, 130, 240),
+    (240, 200, 40),
+    (40, 210, 220),
+    (220, 80, 220),
+    (250, 140, 30),
+    (150, 100, 240),
+)
 
 
 def _spacing(source: Dataset) -> tuple[float, float] | None:
@@ -64,6 +76,7 @@ def _description(
         tracking_uid=finding.tracking_uid,
         tracking_id=label,
         anatomic_regions=[finding.site.code] if finding.site is not None else None,
+        display_color=hd.color.CIELabColor.from_rgb(*_PALETTE[(number - 1) % len(_PALETTE)]),
     )
 
 
@@ -150,7 +163,7 @@ def build_segmentation(
     masks = np.stack([f.region.mask(rows, cols) for f in record.findings], axis=-1)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=record.model_id,
-        family=dicom_codes.cid7162.ArtificialIntelligence,
+        family=c.ALGORITHM_FAMILY_AI,
         version=record.model_revision,
         parameters=record.algorithm_parameters,
     )
@@ -176,6 +189,7 @@ def build_segmentation(
         content_creator_name="MedGemma^PreRead",
     )
     detach_from_sources(seg, [source_dataset])
+    use_utf8(seg)
     for segment, finding in zip(seg.SegmentSequence, record.findings, strict=True):
         _add_laterality(segment, finding)
     _make_ohif_compatible(seg, source_dataset)

@@ -111,6 +111,7 @@ def dsrdump_ok(path: str | os.PathLike[str]) -> tuple[bool, str]:
         [dcmtk("dsrdump"), os.fspath(path)],
         capture_output=True,
         text=True,
+        errors="replace",  # dsrdump may cut a long value inside a UTF-8 character
         timeout=60,
         check=False,
     )
