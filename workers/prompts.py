@@ -1,0 +1,174 @@
+"""Versioned prompts for MedGemma, and the vocabularies they ask for.
+
+Every result stores :data:`PROMPT_VERSION`; change it whenever a prompt's wording or a
+vocabulary changes, so that stored results can be traced to the text that produced them.
+
+The tuples here (:data:`FINDING_TYPES`, :data:`SITES`, :data:`LANDMARKS`,
+:data:`LATERALITIES`, :data:`ATTRIBUTE_VALUES`) are the single source of truth for the
+structured output: the prompt lists them, :mod:`workers.parsing` validates against them,
+and the demo engine emits only them.
+
+Coordinates follow the MedGemma convention: ``box_2d = [y0, x0, y1, x1]``, integers
+normalised to 0-1000 of the image as the model sees it (padded to square, so 0-1000 spans
+the padded square, not the original detector area). Left and right are the patient's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+PROMPT_VERSION = "preread-2026.11.1"
+
+FINDING_TYPES: tuple[str, ...] = (
+    "nodule",
+    "mass",
+    "consolidation",
+    "ground_glass_opacity",
+    "reticular_opacity",
+    "atelectasis",
+    "pleural_effusion",
+    "pneumothorax",
+    "cardiomegaly",
+    "hilar_enlargement",
+    "widened_mediastinum",
+    "rib_fracture",
+    "calcification",
+    "hyperinflation",
+    "support_device",
+    "other",
+)
+
+SITES: tuple[str, ...] = (
+    "right_upper_zone",
+    "right_middle_zone",
+    "right_lower_zone",
+    "left_upper_zone",
+    "left_middle_zone",
+    "left_lower_zone",
+    "right_upper_lobe",
+    "right_middle_lobe",
+    "right_lower_lobe",
+    "left_upper_lobe",
+    "lingula",
+    "left_lower_lobe",
+    "right_lung",
+    "left_lung",
+    "both_lungs",
+    "right_hilum",
+    "left_hilum",
+    "mediastinum",
+    "trachea",
+    "heart",
+    "right_pleura",
+    "left_pleura",
+    "right_costophrenic_angle",
+    "left_costophrenic_angle",
+    "right_hemidiaphragm",
+    "left_hemidiaphragm",
+    "right_ribs",
+    "left_ribs",
+    "right_clavicle",
+    "left_clavicle",
+    "spine",
+    "upper_abdomen",
+)
+
+LANDMARKS: tuple[str, ...] = (
+    "right_hilum",
+    "left_hilum",
+    "carina",
+    "right_costophrenic_angle",
+    "left_costophrenic_angle",
+    "right_lung_apex",
+    "left_lung_apex",
+    "right_heart_border",
+    "left_heart_border",
+)
+
+LATERALITIES: tuple[str, ...] = ("right", "left", "bilateral", "none")
+
+ATTRIBUTE_VALUES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "margin": ("smooth", "lobulated", "spiculated", "ill_defined"),
+        "density": ("solid", "part_solid", "ground_glass", "calcified"),
+        "shape": ("round", "oval", "irregular"),
+    }
+)
+
+# A sentence only the pre-read prompt contains: engines and tests recognise the task by it.
+PREREAD_TASK_LINE = "Task: structured pre-read of a chest radiograph."
+
+PREREAD_SYSTEM = (
+    "You are an expert thoracic radiologist assisting with a preliminary read of chest "
+    "radiographs. Your output is AI-generated, preliminary, and is reviewed by a "
+    "radiologist; describe only what is visible and say when the image is normal."
+)
+
+
+def _quoted(values: tuple[str, ...]) -> str:
+    return ", ".join(f'"{v}"' for v in values)
+
+
+def _attribute_lines() -> str:
+    return "\n".join(f'    "{key}": {_quoted(vals)}' for key, vals in ATTRIBUTE_VALUES.items())
+
+
+def build_preread_prompt(has_lateral: bool) -> tuple[str, str]:
+    """Return ``(system, user)`` for the pre-read of one chest radiograph study.
+
+    has_lateral: True when a lateral view is sent as the second image; boxes always refer
+    to the first (frontal) image.
+    """
+    if has_lateral:
+        images = (
+            "You are given two images of the same study: the first is the frontal (PA or AP) "
+            "chest radiograph, the second is the lateral view. Use the lateral view to "
+            "confirm and localise findings, but give every box on the FIRST (frontal) image."
+        )
+    else:
+        images = "You are given one frontal (PA or AP) chest radiograph."
+    user = f"""{PREREAD_TASK_LINE}
+{images}
+
+Report:
+(a) every abnormal finding, each as a JSON object with these keys:
+  "box_2d": [y0, x0, y1, x1], the smallest box around the finding, where (y0, x0) is the
+    top-left and (y1, x1) the bottom-right corner, so y0 < y1 and x0 < x1; integers
+    normalised to 0-1000 of the image as given (a box starting at 15% of the image width
+    has x0 = 150);
+  "label": a short description, e.g. "right lower zone nodule";
+  "finding": exactly one of {_quoted(FINDING_TYPES)};
+  "site": exactly one of {_quoted(SITES)};
+  "laterality": one of {_quoted(LATERALITIES)};
+  "attributes" (optional, only what is visible): an object with any of
+{_attribute_lines()}
+(b) these anatomical landmarks, each as {{"box_2d": [y0, x0, y1, x1], "label": name}} with
+  name exactly one of {_quoted(LANDMARKS)}; leave out a landmark you cannot see;
+(c) a short narrative: "findings_text" (what you see, as in the Findings section of a
+  report) and "impression" (one or two sentences).
+
+Rules:
+- Left and right are the PATIENT's left and right, not the viewer's: on a PA frontal
+  image the patient's right side is on the left of the image, and the cardiac apex
+  points to the patient's left.
+- Never state sizes, distances or other measurements: they are computed from the boxes.
+- If there are no abnormal findings, "findings" is an empty list [] and the narrative
+  says the study is normal.
+- Use "other" for a finding type that is not in the list, and describe it in "label".
+
+You may reason briefly first. Then write "Final Answer:" followed by exactly ONE fenced
+json block containing a single object:
+```json
+{{"findings": [{{"box_2d": [y0, x0, y1, x1], "label": "...", "finding": "...",
+   "site": "...", "laterality": "...", "attributes": {{}}}}],
+ "landmarks": [{{"box_2d": [y0, x0, y1, x1], "label": "..."}}],
+ "findings_text": "...",
+ "impression": "..."}}
+```"""
+    return PREREAD_SYSTEM, user
+
+
+def is_preread_prompt(prompt: str) -> bool:
+    """True when ``prompt`` is (or contains) the user text of :func:`build_preread_prompt`."""
+    return PREREAD_TASK_LINE in prompt
