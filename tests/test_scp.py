@@ -352,3 +352,19 @@ def test_host_allow_list_closes_unknown_hosts(
         capture_output=True, timeout=30,
     )  # fmt: skip
     assert allowed.returncode == 0
+
+
+def test_other_objects_of_a_chest_study_are_kept_and_the_study_is_read(
+    node: NodeRuntime, tmp_path: Path
+) -> None:
+    from node.synthetic import make_secondary_capture
+
+    image = make_chest_radiograph(seed=12, **SMALL)
+    uid = image.dataset.StudyInstanceUID
+    sc = make_secondary_capture(study_uid=uid)
+    paths = write_study(tmp_path / "in", [image, sc])
+    assert storescu(node.scp.port, *paths).returncode == 0
+    study = wait_for_state(node, uid, {"done"})
+    assert study.instance_count == 2
+    classes = {i.sop_class_uid for i in node.ledger.instances_of(uid)}
+    assert str(sc.SOPClassUID) in classes  # kept, though not pre-read
