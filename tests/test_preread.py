@@ -190,3 +190,15 @@ def test_transient_engine_error_is_raised_for_retry(
     # the retry finds it running and completes it
     engine = ScriptedEngine('Final Answer:\n```json\n{"findings": [], "landmarks": []}\n```')
     assert run_preread(settings, uid, 1, engine=engine) == "done"
+
+
+def test_truncated_answer_says_findings_may_be_incomplete(
+    queued_study: tuple[NodeRuntime, str],
+) -> None:
+    node, uid = queued_study
+    settings = load_settings(None, **{"storage": node.settings.storage.model_dump()})
+    cut = 'Final Answer:\n```json\n{"findings": [{"box_2d": [100, 120, 180, 200], "label": "nod'
+    assert run_preread(settings, uid, 1, engine=ScriptedEngine(cut)) == "done"
+    study = node.ledger.get_study(uid)
+    assert study is not None and study.result is not None
+    assert "findings may be incomplete" in study.result["notice"]

@@ -123,6 +123,9 @@ def analyse_study(
     )
     info = engine.info
     notice = f"{DEMO_NOTICE}. {AI_NOTICE}" if info.is_demo else AI_NOTICE
+    if any("truncated" in w for w in parsed.warnings):
+        # a cut-off answer must not read as a normal study
+        notice += ". The model's answer was cut off: findings may be incomplete"
     return {
         "notice": notice,
         "is_demo": info.is_demo,
