@@ -41,10 +41,24 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
+def _api_busy(settings: Settings, exc: OSError) -> None:
+    print(
+        f"medgemma-node: cannot listen on {settings.api.host}:{settings.api.port} for the "
+        f"FHIR API: {exc.strerror or exc}. Is another node running? "
+        "Set api.port or MEDGEMMA_NODE_API__PORT.",
+        file=sys.stderr,
+    )
+
+
 def _run_node(settings: Settings, *, embedded: bool) -> int:
     from node.runtime import NodeRuntime
 
-    runtime = NodeRuntime(settings, embedded=embedded)
+    # serve runs everything in one process: the FHIR API too
+    try:
+        runtime = NodeRuntime(settings, embedded=embedded, api=embedded)
+    except ConfigError as exc:
+        print(f"medgemma-node: {exc}", file=sys.stderr)
+        return 2
     try:
         host, port = runtime.start()
     except OSError as exc:
@@ -56,9 +70,18 @@ def _run_node(settings: Settings, *, embedded: bool) -> int:
         )
         runtime.stop()
         return 2
+    fhir = ""
+    if runtime.api is not None:
+        try:
+            runtime.start_api()
+        except OSError as exc:
+            _api_busy(settings, exc)
+            runtime.stop()
+            return 2
+        fhir = f", FHIR API {runtime.api.base_url}"
     mode = "embedded worker" if embedded and not settings.queue.broker_url else "Celery broker"
     print(
-        f"medgemma-node {__version__}: AE {settings.dicom.ae_title} on {host}:{port}, "
+        f"medgemma-node {__version__}: AE {settings.dicom.ae_title} on {host}:{port}{fhir}, "
         f"data in {settings.storage.data_path}, {mode}; Ctrl-C to stop",
         flush=True,
     )
@@ -75,6 +98,42 @@ def cmd_scp(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return _run_node(settings, embedded=True)
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from node.fhir.server import ApiServer
+    from node.runtime import make_dispatcher
+
+    try:
+        dispatcher = make_dispatcher(settings, embedded=False)
+    except ValueError as exc:
+        print(f"medgemma-node api: {exc}", file=sys.stderr)
+        return 2
+    try:
+        server = ApiServer(settings, dispatcher=dispatcher)
+    except ConfigError as exc:
+        print(f"medgemma-node api: {exc}", file=sys.stderr)
+        dispatcher.close()
+        return 2
+    try:
+        server.start()
+    except OSError as exc:
+        _api_busy(settings, exc)
+        server.stop()
+        dispatcher.close()
+        return 2
+    print(
+        f"medgemma-node {__version__}: FHIR API on {server.base_url}, data in "
+        f"{settings.storage.data_path}, follow-ups to queue {settings.queue.followup_queue}; "
+        "Ctrl-C to stop",
+        flush=True,
+    )
+    try:
+        _wait_for_signal()
+    finally:
+        server.stop()
+        dispatcher.close()
+    return 0
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -111,20 +170,22 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import secrets
     from pathlib import Path
 
     from node.demo import DemoError, demo_settings, run_demo
     from node.status import _render_result
 
     data_dir = Path(args.data_dir) if args.data_dir else settings.storage.data_path / "demo"
-    demo = demo_settings(data_dir, args.port)
+    token = secrets.token_urlsafe(24)
+    demo = demo_settings(data_dir, args.port, token)
     print(
         "medgemma-node demo: a synthetic two-view chest study (DEMO engine, not for clinical "
         f"use) through a node on 127.0.0.1, data in {demo.storage.data_path}",
         flush=True,
     )
     try:
-        outcome = run_demo(demo, timeout=args.timeout)
+        outcome = run_demo(demo, token, timeout=args.timeout)
     except (DemoError, OSError) as exc:
         print(f"medgemma-node demo failed: {exc}", file=sys.stderr)
         return 1
@@ -136,8 +197,17 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     print(f"ledger     {demo.storage.resolved_database_url()}")
     for line in _render_result(study.result):
         print(line.strip())
+    outputs = (study.result or {}).get("outputs") or {}
+    for kind in ("sr", "seg"):
+        if outputs.get(kind):
+            print(f"{kind.upper():<10} {outputs[kind]['path']}")
+    if outcome.fhir is not None:
+        f = outcome.fhir
+        print(f"FHIR       {outcome.fhir_base}/DiagnosticReport/{f.report_id} ({f.report_status})")
+        print(f"question   {f.question}")
+        print(f"answer     {f.answer}")
     print(f"took       {outcome.seconds:.1f} s")
-    return 0 if study.state.value == "done" else 1
+    return 0 if study.state.value == "done" and outcome.fhir is not None else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,12 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="everything in one process (SCP + embedded worker)")
+    p = sub.add_parser("serve", help="everything in one process (SCP + FHIR API + embedded worker)")
     p.add_argument("--engine", choices=["medgemma", "vllm", "demo"], help="override engine.name")
     p.set_defaults(func=cmd_serve, to_file=True)
 
     p = sub.add_parser("scp", help="the DICOM SCP; queues pre-reads on the Celery broker")
     p.set_defaults(func=cmd_scp, to_file=True)
+
+    p = sub.add_parser("api", help="the FHIR R4 API; sends follow-up questions to the broker")
+    p.set_defaults(func=cmd_api, to_file=True)
 
     p = sub.add_parser("worker", help="a Celery worker on queues preread and/or followup")
     p.add_argument("--queues", help="comma-separated (default: preread,followup)")

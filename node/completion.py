@@ -70,6 +70,12 @@ class StudyCoordinator:
         """Mark queued first (so a fast worker finds it queued), then hand it to the broker."""
         task_id = preread_task_id(study.study_uid, study.version)
         self.ledger.mark_queued(study.study_uid, study.version, task_id)
+        try:  # the RIS sees a registered DiagnosticReport while the pre-read waits
+            from node.fhir.store import record_preread
+
+            record_preread(self.ledger, study.study_uid, study.version)
+        except Exception:
+            log.exception("FHIR resources of study %s not written", study.study_uid)
         try:
             self.dispatcher.send_preread(study.study_uid, study.version)
         except DispatchError as exc:

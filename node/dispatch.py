@@ -19,8 +19,9 @@ log = logging.getLogger("medgemma.dispatch")
 
 PREREAD_TASK = "medgemma.preread"
 FOLLOWUP_TASK = "medgemma.followup"
-# The plain function behind PREREAD_TASK, loaded by name for the in-process worker.
+# The plain functions behind the tasks, loaded by name for the in-process worker.
 INPROCESS_PREREAD = "workers.preread:run_preread_by_uid"
+INPROCESS_FOLLOWUP = "workers.followup:run_followup_by_id"
 
 _TASK_NAMESPACE = uuid.UUID("6f1c1d2e-8b7a-4c59-9f0e-6d2a4b8c9e10")
 
@@ -30,12 +31,19 @@ def preread_task_id(study_uid: str, version: int) -> str:
     return str(uuid.uuid5(_TASK_NAMESPACE, f"preread/{study_uid}/{version}"))
 
 
+def followup_task_id(question_id: str) -> str:
+    """The Celery task id of a follow-up question: the same every time it is sent."""
+    return str(uuid.uuid5(_TASK_NAMESPACE, f"followup/{question_id}"))
+
+
 class DispatchError(Exception):
     """The task could not be handed to the broker; the study stays queued for the reconciler."""
 
 
 class Dispatcher(Protocol):
     def send_preread(self, study_uid: str, version: int) -> str: ...
+
+    def send_followup(self, question_id: str) -> str: ...
 
     def queue_depth(self) -> int | None: ...
 
@@ -45,11 +53,14 @@ class Dispatcher(Protocol):
 class CeleryDispatcher:
     """Sends tasks by name to a Celery broker (Redis); needs no worker code."""
 
-    def __init__(self, broker_url: str, preread_queue: str = "preread") -> None:
+    def __init__(
+        self, broker_url: str, preread_queue: str = "preread", followup_queue: str = "followup"
+    ) -> None:
         from celery import Celery
 
         self.broker_url = broker_url
         self.preread_queue = preread_queue
+        self.followup_queue = followup_queue
         self.app = Celery("medgemma-node", broker=broker_url)
         self.app.conf.update(
             task_serializer="json",
@@ -66,6 +77,22 @@ class CeleryDispatcher:
                 args=[study_uid, version],
                 task_id=task_id,
                 queue=self.preread_queue,
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+        except Exception as exc:
+            raise DispatchError(f"broker {self._safe_url()} unavailable: {exc}") from exc
+        return task_id
+
+    def send_followup(self, question_id: str) -> str:
+        """Queue a follow-up question (its id) on the follow-up queue."""
+        task_id = followup_task_id(question_id)
+        try:
+            self.app.send_task(
+                FOLLOWUP_TASK,
+                args=[question_id],
+                task_id=task_id,
+                queue=self.followup_queue,
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
             )
@@ -91,24 +118,52 @@ class CeleryDispatcher:
 
 
 class InProcessDispatcher:
-    """One background thread that runs pre-reads in this process (``serve``)."""
+    """Background threads that run the work in this process (``serve``): one for pre-reads
+    and, with a follow-up handler, one for follow-up questions (short work is not queued
+    behind long pre-reads)."""
 
-    def __init__(self, handler: Callable[[str, int], object]) -> None:
+    def __init__(
+        self,
+        handler: Callable[[str, int], object],
+        followup_handler: Callable[[str], object] | None = None,
+    ) -> None:
         self._handler = handler
         self._queue: queue.Queue[tuple[str, int] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="medgemma-worker", daemon=True)
         self._thread.start()
+        self._followup_handler = followup_handler
+        self._followups: queue.Queue[str | None] = queue.Queue()
+        self._followup_thread: threading.Thread | None = None
+        if followup_handler is not None:
+            self._followup_thread = threading.Thread(
+                target=self._run_followups, name="medgemma-followup", daemon=True
+            )
+            self._followup_thread.start()
 
     @classmethod
-    def from_entry_point(cls, entry_point: str, settings: object) -> InProcessDispatcher:
-        """Load the factory ``module:function`` by name; it returns the handler for settings."""
-        module_name, _, attr = entry_point.partition(":")
-        factory = getattr(importlib.import_module(module_name), attr)
-        return cls(factory(settings))
+    def from_entry_point(
+        cls, entry_point: str, settings: object, followup_entry_point: str | None = None
+    ) -> InProcessDispatcher:
+        """Load the factories ``module:function`` by name; each returns a handler for settings."""
+
+        def load(name: str) -> Callable[..., object]:
+            module_name, _, attr = name.partition(":")
+            factory = getattr(importlib.import_module(module_name), attr)
+            handler: Callable[..., object] = factory(settings)
+            return handler
+
+        followup = load(followup_entry_point) if followup_entry_point else None
+        return cls(load(entry_point), followup)
 
     def send_preread(self, study_uid: str, version: int) -> str:
         self._queue.put((study_uid, version))
         return preread_task_id(study_uid, version)
+
+    def send_followup(self, question_id: str) -> str:
+        if self._followup_handler is None:
+            raise DispatchError("this process has no follow-up worker")
+        self._followups.put(question_id)
+        return followup_task_id(question_id)
 
     def queue_depth(self) -> int | None:
         return self._queue.qsize()
@@ -124,6 +179,20 @@ class InProcessDispatcher:
             except Exception:
                 log.exception("in-process pre-read of study %s v%d failed", study_uid, version)
 
+    def _run_followups(self) -> None:
+        assert self._followup_handler is not None
+        while True:
+            question_id = self._followups.get()
+            if question_id is None:
+                return
+            try:
+                self._followup_handler(question_id)
+            except Exception:
+                log.exception("in-process follow-up %s failed", question_id)
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
+        if self._followup_thread is not None:
+            self._followups.put(None)
+            self._followup_thread.join(timeout=30)

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from node.completion import StudyCoordinator
-from node.dispatch import INPROCESS_PREREAD, CeleryDispatcher, Dispatcher, InProcessDispatcher
+from node.dispatch import (
+    INPROCESS_FOLLOWUP,
+    INPROCESS_PREREAD,
+    CeleryDispatcher,
+    Dispatcher,
+    InProcessDispatcher,
+)
 from node.ledger import StudyLedger
 from node.outbox import Outbox, OutboxSender
 from node.scp import StorageSCP
 from node.settings import Settings
 from node.spool import Spool
+
+if TYPE_CHECKING:
+    from node.fhir.server import ApiServer
 
 log = logging.getLogger("medgemma.node")
 
@@ -18,19 +28,21 @@ log = logging.getLogger("medgemma.node")
 def make_dispatcher(settings: Settings, *, embedded: bool) -> Dispatcher:
     """Celery when a broker is configured; the in-process worker for ``serve`` without one."""
     if settings.queue.broker_url:
-        return CeleryDispatcher(settings.queue.broker_url, settings.queue.preread_queue)
+        return CeleryDispatcher(
+            settings.queue.broker_url, settings.queue.preread_queue, settings.queue.followup_queue
+        )
     if not embedded:
         raise ValueError(
             "queue.broker_url is empty: set it (e.g. MEDGEMMA_NODE_QUEUE__BROKER_URL="
             "redis://127.0.0.1:6379/0) or run `medgemma-node serve` for the embedded worker"
         )
-    return InProcessDispatcher.from_entry_point(INPROCESS_PREREAD, settings)
+    return InProcessDispatcher.from_entry_point(INPROCESS_PREREAD, settings, INPROCESS_FOLLOWUP)
 
 
 class NodeRuntime:
-    """The SCP side of a node: what `scp` and `serve` run."""
+    """The SCP side of a node: what `scp` and `serve` run (``api=True``: the FHIR API too)."""
 
-    def __init__(self, settings: Settings, *, embedded: bool) -> None:
+    def __init__(self, settings: Settings, *, embedded: bool, api: bool = False) -> None:
         self.settings = settings
         data = settings.storage.data_path
         data.mkdir(parents=True, exist_ok=True)
@@ -46,6 +58,11 @@ class NodeRuntime:
         )
         self.outbox = Outbox(self.ledger, settings.outbox)
         self.sender = OutboxSender(self.outbox, settings.destinations, settings.dicom.ae_title)
+        self.api: ApiServer | None = None
+        if api:
+            from node.fhir.server import ApiServer
+
+            self.api = ApiServer(settings, dispatcher=self.dispatcher)
 
     def start(self) -> tuple[str, int]:
         address = self.scp.start()
@@ -53,7 +70,14 @@ class NodeRuntime:
         self.sender.start(self.settings.outbox.poll_seconds)
         return address
 
+    def start_api(self) -> tuple[str, int]:
+        """Start the FHIR API (``serve``); OSError when its port cannot be bound."""
+        assert self.api is not None, "NodeRuntime(api=True) serves the FHIR API"
+        return self.api.start()
+
     def stop(self) -> None:
+        if self.api is not None:
+            self.api.stop()
         self.scp.stop()
         self.sender.stop()
         self.coordinator.stop()

@@ -133,6 +133,69 @@ class ApiSettings(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+class StaticToken(BaseModel):
+    """A bearer token given to one client (e.g. the RIS): its SHA-256 and its scopes.
+
+    Only the hash is configured, never the token: ``printf %s TOKEN | sha256sum``.
+    """
+
+    name: str  # who holds it; written into AuditEvents and logs instead of the token
+    sha256: str
+    scopes: list[str] = Field(default_factory=list)  # e.g. "system/DiagnosticReport.read"
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        v = v.strip().lower()
+        if len(v) != 64 or any(ch not in "0123456789abcdef" for ch in v):
+            raise ValueError("auth.tokens sha256 must be 64 hexadecimal digits")
+        return v
+
+
+class AuthSettings(BaseModel):
+    """Who may use the FHIR API: static tokens and/or JWTs from one issuer (SMART scopes)."""
+
+    required: bool = True  # false only on a closed test network; accesses are still audited
+    tokens: list[StaticToken] = Field(default_factory=list)
+    jwt_issuer: str = ""  # empty = no JWTs accepted
+    jwt_audience: str = ""  # empty = the aud claim is not checked
+    jwks_file: str = ""  # a JWKS JSON file, or
+    jwks_url: str = ""  # the issuer's JWKS URL (keys cached)
+    jwt_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"])
+    leeway_seconds: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _jwks(self) -> AuthSettings:
+        if self.jwt_issuer and not (self.jwks_file or self.jwks_url):
+            raise ValueError("auth.jwt_issuer needs auth.jwks_file or auth.jwks_url")
+        return self
+
+
+class FhirSettings(BaseModel):
+    """The FHIR R4 endpoint: identifiers, limits, follow-up waiting and subscriptions."""
+
+    base_url: str = ""  # public base, e.g. https://node.example/fhir; empty = from the request
+    patient_id_system: str = ""  # Identifier.system of DICOM PatientID (e.g. urn:oid:...)
+    accession_system: str = ""  # Identifier.system of AccessionNumber
+    max_request_bytes: int = Field(default=1_048_576, ge=1024)
+    page_size: int = Field(default=20, ge=1)
+    max_page_size: int = Field(default=200, ge=1)
+    respond_sync_timeout_seconds: float = Field(default=30.0, gt=0)  # Prefer: respond-sync
+    subscription_max_attempts: int = Field(default=8, ge=1)
+    subscription_backoff_base_seconds: float = Field(default=5.0, gt=0)
+    subscription_backoff_max_seconds: float = Field(default=600.0, gt=0)
+    subscription_poll_seconds: float = Field(default=1.0, gt=0)
+    subscription_timeout_seconds: float = Field(default=10.0, gt=0)
+    subscription_allowed_endpoints: list[str] = Field(default_factory=list)  # URL prefixes
+
+    @field_validator("base_url")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError("fhir.base_url must be empty or an http(s) URL")
+        return v.rstrip("/")
+
+
 class EngineSettings(BaseModel):
     name: Literal["medgemma", "vllm", "demo"] = "medgemma"
     model: str = "google/medgemma-4b-it"
@@ -193,6 +256,8 @@ class Settings(BaseSettings):
     preread: PrereadSettings = Field(default_factory=PrereadSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    fhir: FhirSettings = Field(default_factory=FhirSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     destinations: list[Destination] = Field(default_factory=list)

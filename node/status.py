@@ -38,6 +38,9 @@ class NodeStatus:
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     log_tail: list[str] = field(default_factory=list)
     study: dict[str, Any] | None = None
+    # FHIR Subscription notifications: counts by state and the latest dead ones
+    notifications: dict[str, int] = field(default_factory=dict)
+    dead_notifications: list[dict[str, Any]] = field(default_factory=list)
 
 
 def probe_scp(settings: Settings, timeout: float = 5.0) -> ScpProbe:
@@ -113,6 +116,8 @@ def collect_status(
     study: dict[str, Any] | None = None
     outbox: dict[str, int] = {}
     dead: list[dict[str, Any]] = []
+    notifications: dict[str, int] = {}
+    dead_notifications: list[dict[str, Any]] = []
     url = settings.storage.resolved_database_url()
     sqlite_file = data_dir / "ledger.sqlite3"
     if not settings.storage.database_url and not sqlite_file.is_file():
@@ -121,6 +126,7 @@ def collect_status(
         try:
             counts, latest, study, outbox, dead = _read_ledger(url, study_uid, limit)
             ledger_detail = "ok"
+            notifications, dead_notifications = _read_notifications(url)
         except Exception as exc:
             ledger_detail = f"cannot read the ledger ({type(exc).__name__}: {exc})"
     depth, detail = queue_depth(settings)
@@ -139,6 +145,8 @@ def collect_status(
         dead_letters=dead,
         log_tail=_log_tail(data_dir / "logs" / "node.log", 10),
         study=study,
+        notifications=notifications,
+        dead_notifications=dead_notifications,
     )
 
 
@@ -202,6 +210,17 @@ def _read_ledger(
     return counts, latest, study, counts_out, dead
 
 
+def _read_notifications(url: str) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """FHIR Subscription deliveries: counts by state and the latest dead ones."""
+    from node.fhir.notify import subscription_status
+
+    ledger = StudyLedger(url)
+    try:
+        return subscription_status(ledger)
+    finally:
+        ledger.close()
+
+
 def _log_tail(path: Path, lines: int) -> list[str]:
     if not path.is_file():
         return []
@@ -231,6 +250,13 @@ def render_status(status: NodeStatus) -> str:
         out.append(
             f"  DEAD {d['kind'].upper()} of {d['study_uid']} to {d['destination']} "
             f"after {d['attempts']} attempts: {d['last_error']}"
+        )
+    if any(status.notifications.values()):
+        out.append("Notify:   " + "  ".join(f"{k}={v}" for k, v in status.notifications.items()))
+    for n in status.dead_notifications:
+        out.append(
+            f"  DEAD notification of Subscription/{n['subscription']} ({n['endpoint']}) about "
+            f"{n['resource']} after {n['attempts']} attempts: {n['last_error']}"
         )
     if status.latest:
         out.append("Latest studies:")

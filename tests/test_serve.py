@@ -141,3 +141,22 @@ def test_serve_refuses_a_busy_port_clearly(tmp_path: Path) -> None:
         )  # fmt: skip
     assert result.returncode == 2
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_command_runs_the_whole_loop(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_NODE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "demo",
+         "--data-dir", str(tmp_path / "demo")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "version 1: done" in out
+    assert "DEMO - not for clinical use" in out
+    assert "right upper zone nodule" in out and " mm" in out
+    sr = next(line.split()[1] for line in out.splitlines() if line.startswith("SR "))
+    seg = next(line.split()[1] for line in out.splitlines() if line.startswith("SEG "))
+    assert Path(sr).is_file() and Path(seg).is_file()
+    assert "/fhir/DiagnosticReport/" in out and "(preliminary)" in out
+    assert "answer" in out

@@ -178,6 +178,7 @@ def run_preread(
     except (PrereadFailure, EngineError) as exc:
         ledger.finish(study_uid, version, ok=False, reason=str(exc))
         log.error("pre-read of study %s v%d failed: %s", study_uid, version, exc)
+        record_fhir(ledger, study_uid, version)  # a cancelled DiagnosticReport says so
         return "failed"
     except Exception as exc:
         ledger.finish(study_uid, version, ok=False, reason=f"internal error: {exc!r}"[:500])
@@ -193,6 +194,7 @@ def run_preread(
         return "failed"
     ledger.save_anchors(study_uid, version, result["anchors"])  # before done: readers see both
     ledger.finish(study_uid, version, ok=True, reason="", result=result)
+    record_fhir(ledger, study_uid, version)
     findings = sum(1 for a in result["anchors"] if a["kind"] == "finding")
     log.info(
         "pre-read of study %s v%d done: %d findings, %d anchors, %s engine %.1f s%s",
@@ -205,6 +207,16 @@ def run_preread(
         "" if result["structured"] else " (text-only: the answer had no parsable JSON)",
     )
     return "done"
+
+
+def record_fhir(ledger: StudyLedger, study_uid: str, version: int) -> None:
+    """Write the study's FHIR resources (idempotent); a failure here never fails the study."""
+    from node.fhir.store import record_preread
+
+    try:
+        record_preread(ledger, study_uid, version)
+    except Exception:
+        log.exception("FHIR resources of study %s v%d not written", study_uid, version)
 
 
 def fail_study(settings: Settings, study_uid: str, version: int, reason: str) -> None:

@@ -1,0 +1,169 @@
+"""An AuditEvent for every access to the FHIR API, stored in the FHIR store.
+
+The request path records what happened (who, which interaction, which resources, the
+HTTP outcome) into an :class:`AuditTrail`, which writes AuditEvents in batches from a
+background thread, so an access costs the request no database write. Stopping the trail
+writes what is left; a crash can lose the last batch (at most ``flush_seconds`` of
+events). AuditEvents are readable only with the admin scope ``system/AuditEvent.read``.
+
+An AuditEvent may name the patient (the query of a search); logs never do.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from node.fhir import codes
+from node.fhir.resources import fast_id, now_instant
+from node.fhir.store import FhirStore
+
+log = logging.getLogger("medgemma.fhir.audit")
+
+_ACTIONS: Final = {
+    "read": "R",
+    "vread": "R",
+    "search-type": "E",
+    "create": "C",
+    "update": "U",
+    "delete": "D",
+    "operation": "E",
+    "capabilities": "R",
+}
+
+
+@dataclass
+class AccessRecord:
+    """What one request did, filled in while it is handled (request.state.access)."""
+
+    request_id: str
+    method: str
+    path: str
+    interaction: str = "operation"  # a restful-interaction code
+    resource_type: str = ""
+    entities: list[str] = field(default_factory=list)  # "Type/id" read or written
+    agent: str = ""  # principal name; "" = not authenticated
+    agent_kind: str = ""
+    client_address: str = ""
+    query: str = ""
+    status: int = 0
+
+
+def audit_event(rec: AccessRecord, recorded: str | None = None) -> dict[str, Any]:
+    """The AuditEvent (R4) of one access."""
+    outcome = "0" if rec.status < 400 else ("4" if rec.status < 500 else "8")
+    agent: dict[str, Any] = {
+        "requestor": True,
+        "who": (
+            {"identifier": {"value": rec.agent}, "display": f"{rec.agent_kind} {rec.agent}"}
+            if rec.agent
+            else {"display": "unauthenticated client"}
+        ),
+    }
+    if rec.client_address:
+        agent["network"] = {"address": rec.client_address, "type": "2"}
+    entities: list[dict[str, Any]] = [{"what": {"reference": ref}} for ref in rec.entities[:50]]
+    detail = [{"type": "request-id", "valueString": rec.request_id}]
+    if rec.query:
+        entities.append(
+            {
+                "type": {
+                    "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                    "code": "2",
+                    "display": "System Object",
+                },
+                "description": f"{rec.method} {rec.path}",
+                "query": base64.b64encode(rec.query.encode()).decode(),
+                "detail": detail,
+            }
+        )
+    else:
+        entities.append({"description": f"{rec.method} {rec.path}", "detail": detail})
+    return {
+        "resourceType": "AuditEvent",
+        "id": fast_id(),
+        "type": {"system": codes.AUDIT_EVENT_TYPE, "code": "rest", "display": "RESTful Operation"},
+        "subtype": [{"system": codes.RESTFUL_INTERACTION, "code": rec.interaction}],
+        "action": _ACTIONS.get(rec.interaction, "E"),
+        "recorded": recorded or now_instant(),
+        "outcome": outcome,
+        "outcomeDesc": f"HTTP {rec.status}",
+        "agent": [agent],
+        "source": {
+            "site": "medgemma-node",
+            "observer": {"display": "medgemma-node FHIR API"},
+            "type": [{"system": codes.SECURITY_SOURCE_TYPE, "code": "3", "display": "Web Server"}],
+        },
+        "entity": entities,
+    }
+
+
+class AuditTrail:
+    """Writes AuditEvents in batches from a background thread."""
+
+    def __init__(self, store: FhirStore, flush_seconds: float = 0.25, batch: int = 500) -> None:
+        self.store = store
+        self.flush_seconds = flush_seconds
+        self.batch = batch
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=100_000)
+        self._thread = threading.Thread(target=self._run, name="fhir-audit", daemon=True)
+        self._thread.start()
+        self.dropped = 0
+
+    def record(self, rec: AccessRecord) -> None:
+        try:
+            self._queue.put_nowait(audit_event(rec))
+        except queue.Full:  # the database is far behind; say so rather than block requests
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.error("audit queue full: %d AuditEvents dropped so far", self.dropped)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            taken = 0
+            events: list[dict[str, Any]] = []
+            try:
+                item = self._queue.get(timeout=self.flush_seconds)
+                taken += 1
+                if item is None:
+                    stop = True
+                else:
+                    events.append(item)
+                while not stop and len(events) < self.batch:
+                    item = self._queue.get_nowait()
+                    taken += 1
+                    if item is None:
+                        stop = True
+                    else:
+                        events.append(item)
+            except queue.Empty:
+                pass
+            if events:
+                self._write(events)
+            for _ in range(taken):
+                self._queue.task_done()
+
+    def _write(self, events: list[dict[str, Any]]) -> None:
+        try:
+            self.store.insert_new(events)
+        except Exception:
+            log.exception("could not write %d AuditEvents", len(events))
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything recorded so far is written; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)

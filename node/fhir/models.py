@@ -1,0 +1,114 @@
+"""Tables of the FHIR store, on the ledger's ``Base`` (same database as the ledger).
+
+``fhir_resources`` keeps the current version of every resource as the JSON that is
+served; ``fhir_search_index`` holds its search parameter values (rewritten with every
+version); ``fhir_followups`` is the durable state of each follow-up question;
+``fhir_subscription_deliveries`` the durable rest-hook notifications (retried with backoff).
+Timestamps are naive UTC like the ledger's.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from node.ledger import Base, utcnow
+
+
+class FhirResourceRow(Base):
+    __tablename__ = "fhir_resources"
+    __table_args__ = (UniqueConstraint("resource_type", "resource_id", name="uq_fhir_resource"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(40), index=True)
+    resource_id: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(Integer, default=1)
+    last_updated: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    body: Mapped[str] = mapped_column(Text)  # the resource's JSON, meta included
+
+
+class FhirIndexRow(Base):
+    __tablename__ = "fhir_search_index"
+    __table_args__ = (
+        Index("ix_fhir_search_value", "resource_type", "param", "value"),
+        Index("ix_fhir_search_date", "resource_type", "param", "date_start"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    row_id: Mapped[int] = mapped_column(
+        ForeignKey("fhir_resources.id", ondelete="CASCADE"), index=True
+    )
+    resource_type: Mapped[str] = mapped_column(String(40))
+    param: Mapped[str] = mapped_column(String(64))
+    system: Mapped[str] = mapped_column(String(256), default="")
+    value: Mapped[str] = mapped_column(String(512), default="")
+    date_start: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    date_end: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class FollowupState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    ANSWERED = "answered"
+    FAILED = "failed"
+
+
+class FollowupRow(Base):
+    """One follow-up question: the question Communication, its report and its answer."""
+
+    __tablename__ = "fhir_followups"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # = the question's id
+    report_id: Mapped[str] = mapped_column(String(64), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True, default=FollowupState.QUEUED)
+    language: Mapped[str] = mapped_column(String(16), default="")
+    anchor_ref: Mapped[str] = mapped_column(String(160), default="")
+    answer_id: Mapped[str] = mapped_column(String(64), default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # to the queue
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class SubscriptionDeliveryRow(Base):
+    """One notification of one Subscription about one resource version."""
+
+    __tablename__ = "fhir_subscription_deliveries"
+    __table_args__ = (
+        UniqueConstraint(
+            "subscription_id", "resource_type", "resource_id", "version_id", name="uq_fhir_notify"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subscription_id: Mapped[str] = mapped_column(String(64), index=True)
+    resource_type: Mapped[str] = mapped_column(String(40))
+    resource_id: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True, default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+#: The store's tables (created by FhirStore on the ledger's database).
+FHIR_TABLE_NAMES = (
+    FhirResourceRow.__tablename__,
+    FhirIndexRow.__tablename__,
+    FollowupRow.__tablename__,
+    SubscriptionDeliveryRow.__tablename__,
+)

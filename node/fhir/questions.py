@@ -1,0 +1,451 @@
+"""Follow-up questions, the API side: accept, queue, wait (or not), answer.
+
+A question arrives as ``POST /fhir/DiagnosticReport/{id}/$ask`` (Parameters: ``question``,
+optional ``anchor``, optional ``language``) or as ``POST /fhir/Communication`` (``about``
+the DiagnosticReport, ``payload.contentString`` the question). Either way it is stored as
+a question Communication together with a queued follow-up job (new questions are
+committed in groups: :class:`QuestionWriter`), then sent by name to the ``followup`` queue
+(task ``medgemma.followup``, or the in-process worker in ``serve``) by
+:class:`FollowupPublisher`, which retries through a broker outage: a stored question is
+never refused or lost because the queue is down, only answered later.
+
+Asynchronous by default, the FHIR way: 202 Accepted with ``Content-Location`` to poll
+(``GET /fhir/_async/{id}``: 202 while queued or running, then 200 with a collection
+Bundle). ``Prefer: respond-sync`` waits up to ``fhir.respond_sync_timeout_seconds`` (or a
+shorter ``wait=N``) and answers 200 with the Bundle, or 202 if the answer is not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Final
+
+from fastapi import Request, Response
+
+from node.dispatch import Dispatcher, DispatchError
+from node.fhir import codes
+from node.fhir.auth import Principal
+from node.fhir.deps import ApiContext, Call, base_url
+from node.fhir.errors import FhirError, bad_request, not_found, operation_outcome, unprocessable
+from node.fhir.resources import ResourceInvalid, now_instant, validate
+from node.fhir.routers.common import collection_text, json_response
+from node.fhir.search import normalise_reference
+from node.fhir.store import FhirStore, FollowupJob, NewQuestion, StoredResource, new_id
+
+log = logging.getLogger("medgemma.fhir.questions")
+
+MAX_QUESTION_CHARS: Final = 4000
+_LANGUAGE: Final = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
+_ANCHOR_ID: Final = re.compile(r"^A\d{1,4}$")
+READY_STATUSES: Final = ("preliminary", "amended", "final", "corrected", "appended")
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    anchor: str  # "" | "A1" | "Observation/<id>"
+    language: str  # "" | BCP-47 code
+
+
+def _check_language(value: str) -> str:
+    if value and not _LANGUAGE.match(value):
+        raise bad_request(f"language {value[:40]!r} is not a language code (e.g. en, zh, zh-CN)")
+    return value
+
+
+def _check_text(text: object) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise unprocessable("the question is empty")
+    if len(text) > MAX_QUESTION_CHARS:
+        raise unprocessable(f"the question is longer than {MAX_QUESTION_CHARS} characters")
+    return text.strip()
+
+
+def question_from_parameters(params: Mapping[str, Any]) -> Question:
+    """The question of a ``$ask`` Parameters resource (400/422 when it is not usable)."""
+    text: str | None = None
+    anchor = ""
+    language = ""
+    for p in params.get("parameter", []):
+        name = p.get("name")
+        if name == "question":
+            text = p.get("valueString")
+            if text is None:
+                raise bad_request("parameter 'question' must be a valueString")
+        elif name == "anchor":
+            ref = p.get("valueReference")
+            if isinstance(ref, dict) and ref.get("reference"):
+                anchor = normalise_reference(str(ref["reference"]))
+            elif p.get("valueString"):
+                anchor = str(p["valueString"]).strip()
+            else:
+                raise bad_request("parameter 'anchor' must be a valueReference or valueString")
+        elif name == "language":
+            language = _check_language(str(p.get("valueCode") or p.get("valueString") or ""))
+        else:
+            raise bad_request(
+                f"unknown parameter {name!r} for $ask; supported: question, anchor, language"
+            )
+    if text is None:
+        raise bad_request("$ask needs the parameter 'question' (valueString)")
+    return Question(_check_text(text), anchor, language)
+
+
+def question_from_communication(comm: Mapping[str, Any]) -> tuple[str, Question]:
+    """(report id, question) of a Communication a client posts."""
+    reports = []
+    anchor = ""
+    for ref in comm.get("about", []):
+        target = normalise_reference(str(ref.get("reference", "")))
+        kind, _, rid = target.partition("/")
+        if kind == "DiagnosticReport" and rid:
+            reports.append(rid)
+        elif kind == "Observation" and rid and not anchor:
+            anchor = target
+    if len(reports) != 1:
+        raise unprocessable(
+            "Communication.about must reference exactly one DiagnosticReport (the pre-read "
+            "the question is about)"
+        )
+    payloads = [p.get("contentString") for p in comm.get("payload", []) if "contentString" in p]
+    if not payloads:
+        raise unprocessable("Communication.payload.contentString must hold the question")
+    language = _check_language(str(comm.get("language") or ""))
+    return reports[0], Question(_check_text(payloads[0]), anchor, language)
+
+
+def _report(store: FhirStore, report_id: str) -> StoredResource:
+    if not re.match(r"^[A-Za-z0-9\-\.]{1,64}$", report_id):
+        raise bad_request(f"{report_id[:80]!r} is not a FHIR id")
+    report = store.get("DiagnosticReport", report_id)
+    if report is None:
+        raise not_found(f"DiagnosticReport/{report_id} is not known")
+    status = report.resource.get("status")
+    if status not in READY_STATUSES:
+        raise unprocessable(
+            f"DiagnosticReport/{report_id} is {status}: questions can be asked once the "
+            "pre-read is preliminary"
+        )
+    return report
+
+
+def _resolve_anchor(store: FhirStore, report: StoredResource, anchor: str) -> str:
+    """The anchor as "Observation/<id>" of the report; 422 when the report has no such one."""
+    if not anchor:
+        return ""
+    results = [normalise_reference(r["reference"]) for r in report.resource.get("result", [])]
+    if anchor.startswith("Observation/"):
+        if anchor not in results:
+            raise unprocessable(f"{anchor} is not a finding of DiagnosticReport/{report.id}")
+        return anchor
+    observations = store.get_many(tuple(r.split("/", 1)) for r in results)  # type: ignore[misc]
+    names = []
+    for obs in observations:
+        for ident in obs.resource.get("identifier", []):
+            value = str(ident.get("value", ""))
+            if _ANCHOR_ID.match(value):
+                names.append(value)
+            if value in (anchor, f"urn:oid:{anchor}") or value.upper() == anchor.upper():
+                return f"Observation/{obs.id}"
+    raise unprocessable(
+        f"DiagnosticReport/{report.id} has no anchor {anchor[:40]!r}"
+        + (f"; its anchors: {', '.join(sorted(names))}" if names else "")
+    )
+
+
+def build_question(
+    report: StoredResource,
+    q: Question,
+    anchor_ref: str,
+    principal: Principal,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The question Communication as stored (a client's own elements kept when given)."""
+    comm: dict[str, Any] = dict(extra or {})
+    comm.pop("meta", None)
+    comm.update(resourceType="Communication", id=new_id(), status="in-progress")
+    categories = [c for c in comm.get("category", []) if c != codes.COMMUNICATION_QUESTION]
+    comm["category"] = [codes.COMMUNICATION_QUESTION, *categories]
+    about = [{"reference": f"DiagnosticReport/{report.id}"}]
+    if anchor_ref:
+        about.append({"reference": anchor_ref})
+    comm["about"] = about
+    if report.resource.get("subject"):
+        comm["subject"] = report.resource["subject"]
+    comm.setdefault("sent", now_instant())
+    comm.setdefault("sender", {"display": principal.name})
+    comm["payload"] = [{"contentString": q.text}]
+    if q.language:
+        comm["language"] = q.language
+    try:
+        return validate(comm)
+    except ResourceInvalid as exc:
+        raise bad_request(str(exc)) from None
+
+
+class QuestionWriter:
+    """Group commit of new questions: one transaction (one fsync) for every question that
+    arrived while the previous batch was being written, so concurrent questions do not
+    queue one by one on the database's single writer."""
+
+    def __init__(self, store: FhirStore, max_batch: int = 64) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._queue: queue.Queue[tuple[NewQuestion, Future[FollowupJob]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="fhir-questions", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: NewQuestion) -> Future[FollowupJob]:
+        future: Future[FollowupJob] = Future()
+        self._queue.put((item, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[NewQuestion, Future[FollowupJob]]]) -> None:
+        try:
+            jobs = self.store.create_followups([item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            for one in batch:  # one bad question must not fail the others
+                self._write([one])
+            return
+        for (_, future), job in zip(batch, jobs, strict=True):
+            future.set_result(job)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
+class FollowupPublisher:
+    """Hands stored questions to the work queue from a background thread.
+
+    A question is accepted (202) once it is committed; sending it by name to the queue
+    happens here, so a broker outage delays answers instead of refusing questions: a
+    failed send is retried with backoff (1 s doubling to 30 s), and questions never sent
+    (an outage, a restart) are found in the store and sent again.
+    """
+
+    SWEEP_SECONDS: Final = 30.0
+
+    def __init__(
+        self,
+        store: FhirStore,
+        dispatcher: Dispatcher,
+        *,
+        retry_base: float = 1.0,
+        unsent_after: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.retry_base = retry_base
+        self.unsent_after = unsent_after  # seconds: younger ones are still being published
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fhir-followups", daemon=True)
+        self._thread.start()
+
+    def publish(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._pending:
+                return
+            self._pending.add(job_id)
+        self._queue.put(job_id)
+
+    def _run(self) -> None:
+        failures = 0
+        next_sweep = time.monotonic()
+        while not self._stop.is_set():
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.SWEEP_SECONDS
+                self._sweep()
+            try:
+                first = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < 100:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._stop.set()
+                    break
+                batch.append(nxt)
+            sent, unsent = self._send(batch)
+            if sent:
+                try:
+                    self.store.mark_sent(sent)
+                except Exception:
+                    log.exception("could not record %d sent follow-ups", len(sent))
+            with self._lock:
+                self._pending.difference_update(sent)
+            if unsent:
+                failures += 1
+                delay = min(30.0, self.retry_base * 2 ** (failures - 1))
+                for job_id in unsent:
+                    self._queue.put(job_id)
+                self._stop.wait(delay)
+            else:
+                failures = 0
+
+    def _send(self, batch: list[str]) -> tuple[list[str], list[str]]:
+        sent: list[str] = []
+        for i, job_id in enumerate(batch):
+            try:
+                self.dispatcher.send_followup(job_id)
+            except DispatchError as exc:
+                log.warning(
+                    "%d follow-up question(s) wait for the queue (%s); retrying",
+                    len(batch) - i,
+                    exc,
+                )
+                return sent, batch[i:]
+            sent.append(job_id)
+            log.info("follow-up %s queued", job_id)
+        return sent, []
+
+    def _sweep(self) -> None:
+        try:
+            unsent = self.store.unsent_followups(self.unsent_after)
+        except Exception:
+            log.exception("could not look for unsent follow-up questions")
+            return
+        for job_id in unsent:
+            self.publish(job_id)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
+def preference(request: Request, cap: float) -> float | None:
+    """Seconds to wait for the answer (Prefer: respond-sync[, wait=N]); None = async."""
+    prefer = request.headers.get("prefer", "").lower()
+    tokens = [t.strip() for t in prefer.replace(";", ",").split(",")]
+    if "respond-sync" not in tokens:
+        return None
+    for t in tokens:
+        if t.startswith("wait="):
+            try:
+                return max(0.0, min(cap, float(t[5:])))
+            except ValueError:
+                raise bad_request(f"Prefer wait={t[5:]!r} is not a number of seconds") from None
+    return cap
+
+
+async def wait_for(ctx: ApiContext, job_id: str, timeout: float) -> FollowupJob | None:
+    """Poll the job until it is finished or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        job = await ctx.db(ctx.store.followup, job_id)
+        remaining = deadline - time.monotonic()
+        if job is None or job.finished or remaining <= 0:
+            return job
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 1.5, 0.25)
+
+
+def result_resources(store: FhirStore, job: FollowupJob) -> list[StoredResource]:
+    """The answer Communication, then what it is about (the report, the anchors'
+    Observations: new or amended ones in their current versions)."""
+    answer = store.get("Communication", job.answer_id)
+    if answer is None:
+        return []
+    about = [normalise_reference(a["reference"]) for a in answer.resource.get("about", [])]
+    pairs: Sequence[tuple[str, str]] = [
+        (t, i) for t, _, i in (ref.partition("/") for ref in about) if i
+    ]
+    return [answer, *store.get_many(pairs)]
+
+
+def job_response(request: Request, call: Call, job: FollowupJob) -> Response:
+    """202 + Content-Location while the job runs; 200 + the result Bundle when it is done
+    (blocking: call it in a database thread)."""
+    base = base_url(request, call.settings)
+    location = f"{base}/_async/{job.id}"
+    if not job.finished:
+        outcome = operation_outcome(
+            f"the question (Communication/{job.id}) is {job.state.value}; poll Content-Location",
+            code="informational",
+            severity="information",
+        )
+        return json_response(
+            outcome,
+            status=202,
+            headers={
+                "Content-Location": location,
+                "X-Progress": job.state.value,
+                "Retry-After": "1",
+            },
+        )
+    resources = result_resources(call.store, job)
+    call.access.entities = [f"{r.resource_type}/{r.id}" for r in resources]
+    headers = {"Content-Location": location}
+    if job.answer_id:
+        headers["Location"] = f"{base}/Communication/{job.answer_id}"
+    return json_response(collection_text(base, resources), status=200, headers=headers)
+
+
+async def ask(
+    request: Request,
+    call: Call,
+    report_id: str,
+    q: Question,
+    extra: Mapping[str, Any] | None = None,
+) -> Response:
+    """Accept a question about a report: store + queue, then answer sync or async."""
+    ctx = call.ctx
+    assert call.principal is not None
+    wait = preference(request, call.settings.respond_sync_timeout_seconds)
+    if ctx.writer is None or ctx.publisher is None:
+        raise FhirError(
+            503, "this node has no work queue for follow-up questions", code="transient"
+        )
+    report = await ctx.read(_report, ctx.store, report_id)
+    anchor_ref = await ctx.read(_resolve_anchor, ctx.store, report, q.anchor)
+    question = build_question(report, q, anchor_ref, call.principal, extra)
+    item = NewQuestion(question, report.id, "", q.language, anchor_ref)
+    job = await asyncio.wrap_future(ctx.writer.submit(item))
+    ctx.publisher.publish(job.id)
+    call.access.entities = [f"DiagnosticReport/{job.report_id}", f"Communication/{job.id}"]
+    if wait is not None and wait > 0:
+        waited = await wait_for(ctx, job.id, wait)
+        if waited is not None:
+            job = waited
+    if not job.finished:  # no database work left: answer from here
+        return job_response(request, call, job)
+    return await ctx.db(job_response, request, call, job)

@@ -1,0 +1,220 @@
+"""A RIS-like client against running nodes: a study arrives by C-STORE, is pre-read (demo
+engine), its DiagnosticReport is found by accession, and questions are answered
+asynchronously (202 + poll) and synchronously (Prefer: respond-sync), through a real
+Celery worker on Redis (``scp`` + ``api`` + ``worker``) and in one process (``serve``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from node.fhir.resources import IdentifierSystems
+from node.fhir.store import record_preread
+from node.runtime import NodeRuntime
+from node.synthetic import SyntheticImage, make_chest_radiograph, write_study
+from tests.conftest import make_settings, wait_for_state
+from tests.peers import dcmtk, free_port
+from tests.test_fhir_api import Receiver, subscribe, wait_until
+from tests.test_queue import Worker, queues, worker_factory  # noqa: F401  (fixtures)
+
+TOKEN = "ris-token-for-tests"
+RIS_SCOPES = ["system/DiagnosticReport.read", "system/Observation.read",
+              "system/Communication.read", "system/Communication.write",
+              "system/Subscription.write", "system/Subscription.read"]  # fmt: skip
+TOKENS = [{"name": "ris", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+           "scopes": RIS_SCOPES}]  # fmt: skip
+FHIR = {"Content-Type": "application/fhir+json"}
+SMALL = {"rows": 512, "cols": 416}
+
+
+def send_study(port: int, tmp_path: Path, seed: int) -> SyntheticImage:
+    image = make_chest_radiograph(seed=seed, **SMALL)  # type: ignore[arg-type]
+    paths = write_study(tmp_path / f"in-{seed}", [image])
+    sent = subprocess.run(
+        [dcmtk("storescu"), "-aec", "MEDGEMMA", "127.0.0.1", str(port), *map(str, paths)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    return image
+
+
+def ask_and_poll(ris: httpx.Client, report_id: str, question: str) -> dict[str, Any]:
+    """$ask without Prefer: 202 + Content-Location, polled until the answer Bundle."""
+    body = {"resourceType": "Parameters", "parameter": [
+        {"name": "question", "valueString": question}]}  # fmt: skip
+    accepted = ris.post(f"/DiagnosticReport/{report_id}/$ask", json=body, headers=FHIR)
+    assert accepted.status_code == 202, accepted.text
+    location = accepted.headers["content-location"]
+    assert accepted.json()["issue"][0]["severity"] == "information"
+    deadline = time.monotonic() + 60
+    while True:
+        polled = ris.get(location)
+        if polled.status_code == 200:
+            bundle: dict[str, Any] = polled.json()
+            return bundle
+        assert polled.status_code == 202, polled.text
+        assert polled.headers["x-progress"] in ("queued", "running")
+        assert time.monotonic() < deadline, "no answer within 60 s"
+        time.sleep(0.1)
+
+
+def ask_sync(ris: httpx.Client, report_id: str, question: str) -> dict[str, Any]:
+    """A question as a Communication with Prefer: respond-sync: the answer Bundle at once."""
+    body = {"resourceType": "Communication", "status": "completed", "language": "zh",
+            "about": [{"reference": f"DiagnosticReport/{report_id}"}],
+            "payload": [{"contentString": question}]}  # fmt: skip
+    answered = ris.post("/Communication", json=body, headers={**FHIR, "Prefer": "respond-sync"})
+    assert answered.status_code == 200, answered.text
+    bundle: dict[str, Any] = answered.json()
+    return bundle
+
+
+def check_answer(bundle: dict[str, Any], report_id: str, words: str) -> dict[str, Any]:
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "collection"
+    answer: dict[str, Any] = bundle["entry"][0]["resource"]
+    assert answer["resourceType"] == "Communication" and answer["status"] == "completed"
+    assert answer["inResponseTo"][0]["reference"].startswith("Communication/")
+    assert answer["about"][0]["reference"] == f"DiagnosticReport/{report_id}"
+    assert words in answer["payload"][0]["contentString"]
+    assert "DEMO - not for clinical use" in answer["payload"][0]["contentString"]
+    return answer
+
+
+def find_report(ris: httpx.Client, accession: str) -> dict[str, Any]:
+    bundle = ris.get("/DiagnosticReport", params={
+        "identifier": accession, "_include": "DiagnosticReport:result"}).json()  # fmt: skip
+    reports = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "match"]
+    assert len(reports) == 1, bundle
+    report: dict[str, Any] = reports[0]
+    assert report["status"] == "preliminary"
+    assert "AI-generated, preliminary" in report["conclusion"]
+    observations = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "include"]
+    assert len(observations) == len(report["result"]) >= 1
+    return report
+
+
+class ApiProcess:
+    """``medgemma-node api`` as the hospital runs it."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        env = {**env, "MEDGEMMA_NODE_API__PORT": str(self.port),
+               "MEDGEMMA_NODE_AUTH__TOKENS": json.dumps(TOKENS),
+               "MEDGEMMA_NODE_FHIR__SUBSCRIPTION_POLL_SECONDS": "0.1"}  # fmt: skip
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "api"],
+            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.base = f"http://127.0.0.1:{self.port}/fhir"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.base}/metadata", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"medgemma-node api did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_ris_reads_the_preread_and_asks_through_a_celery_worker(
+    node_factory: Callable[..., NodeRuntime],
+    worker_factory: Callable[[], Worker],  # noqa: F811
+    redis_url: str,
+    queues: dict[str, str],  # noqa: F811
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    worker = worker_factory()
+    node = node_factory(embedded=False, queue={"broker_url": redis_url, **queues})
+    env = dict(os.environ)
+    env.update(
+        MEDGEMMA_NODE_QUEUE__BROKER_URL=redis_url,
+        MEDGEMMA_NODE_QUEUE__PREREAD_QUEUE=queues["preread_queue"],
+        MEDGEMMA_NODE_QUEUE__FOLLOWUP_QUEUE=queues["followup_queue"],
+        MEDGEMMA_NODE_STORAGE__DATA_DIR=str(tmp_path / "var"),
+        MEDGEMMA_NODE_ENGINE__NAME="demo",
+    )
+    api = ApiProcess(env, tmp_path / "api.log")
+    try:
+        with httpx.Client(base_url=api.base, headers={"Authorization": f"Bearer {TOKEN}"},
+                          timeout=60) as ris:  # fmt: skip
+            subscribe(ris, "Communication?category=answer", receiver.url, "application/fhir+json")
+            image = send_study(node.scp.port, tmp_path, seed=61)
+            uid = image.dataset.StudyInstanceUID
+            study = wait_for_state(node, uid, {"done", "failed"}, timeout=90)
+            assert study.state.value == "done", (study.reason, worker.output())
+            # what workers/preread.py will call after a successful pre-read
+            record_preread(node.ledger, uid, study.version, systems=IdentifierSystems())
+
+            report = find_report(ris, str(image.dataset.AccessionNumber))
+            bundle = ask_and_poll(ris, report["id"], "Is A1 larger than 5 mm?")
+            answer = check_answer(bundle, report["id"], "The question is about A1")
+            assert any(e["resource"]["resourceType"] == "Observation" for e in bundle["entry"])
+            sync = check_answer(ask_sync(ris, report["id"], "左下肺野的结节是什么？"),
+                                report["id"], "本节点暂不支持追问")  # fmt: skip
+            assert sync["language"] == "zh"
+            # the Celery worker answered both, by task name, from the follow-up queue
+            assert worker.output().count("medgemma.followup[") >= 2
+            # the RIS was told of both answers (rest-hook PUT of each Communication)
+            puts = wait_until(lambda: {p for m, p, _, _ in receiver.calls if m == "PUT"} >= {
+                f"/ris/hook/Communication/{answer['id']}",
+                f"/ris/hook/Communication/{sync['id']}",
+            })  # fmt: skip
+            assert puts
+    finally:
+        api.stop()
+    log = (tmp_path / "var" / "logs" / "node.log").read_text()
+    assert "GET /fhir/DiagnosticReport -> 200" in log
+    assert str(image.dataset.PatientID) not in log
+    assert str(image.dataset.AccessionNumber) not in log
+
+
+def test_serve_answers_questions_with_its_in_process_worker(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, api={"host": "127.0.0.1", "port": 0},
+                             auth={"tokens": TOKENS})  # fmt: skip
+    runtime = NodeRuntime(settings, embedded=True, api=True)  # what `serve` runs
+    runtime.start()
+    try:
+        runtime.start_api()
+        assert runtime.api is not None
+        image = send_study(runtime.scp.port, tmp_path, seed=62)
+        uid = image.dataset.StudyInstanceUID
+        study = wait_for_state(runtime, uid, {"done", "failed"}, timeout=60)
+        assert study.state.value == "done", study.reason
+        record_preread(runtime.ledger, uid, study.version, systems=IdentifierSystems())
+        with httpx.Client(base_url=runtime.api.base_url, timeout=30,
+                          headers={"Authorization": f"Bearer {TOKEN}"}) as ris:  # fmt: skip
+            report = find_report(ris, str(image.dataset.AccessionNumber))
+            check_answer(ask_and_poll(ris, report["id"], "What is A2?"), report["id"], "A2")
+            check_answer(ask_sync(ris, report["id"], "A1 的边缘如何？"), report["id"], "A1")
+    finally:
+        runtime.stop()
