@@ -52,12 +52,12 @@ def test_sr_and_seg_reach_the_pacs_valid_and_in_the_study(
     pa, lateral = make_two_view_study(seed=61, **SIZE)
     uid = str(pa.dataset.StudyInstanceUID)
     send(node, tmp_path / "v1", [pa])
-    study = wait_for_state(node, uid, {"done", "failed"}, 60)
+    study = wait_for_state(node, uid, {"done", "failed"}, 120)
     assert study.state.value == "done", study.reason
     assert study.result is not None
 
-    srs = wait_for(lambda: orthanc_objects(orthanc, uid, SR_CLASS), 30, 0.3, "SR in Orthanc")
-    segs = wait_for(lambda: orthanc_objects(orthanc, uid, SEG_CLASS), 30, 0.3, "SEG in Orthanc")
+    srs = wait_for(lambda: orthanc_objects(orthanc, uid, SR_CLASS), 90, 0.3, "SR in Orthanc")
+    segs = wait_for(lambda: orthanc_objects(orthanc, uid, SEG_CLASS), 90, 0.3, "SEG in Orthanc")
     (sr_path,), (seg_path,) = srs, segs
     assert dciodvfy_errors(sr_path) == []
     assert dciodvfy_errors(seg_path) == []
@@ -79,9 +79,9 @@ def test_sr_and_seg_reach_the_pacs_valid_and_in_the_study(
 
     # a late lateral makes version 2: an amended SR that names its predecessor
     send(node, tmp_path / "v2", [lateral])
-    v2 = wait_for_state(node, uid, {"done"}, 60)
+    v2 = wait_for_state(node, uid, {"done"}, 120)
     assert v2.version == 2
-    wait_for(lambda: len(orthanc_objects(orthanc, uid, SR_CLASS)) == 2, 30, 0.3, "2 SRs")
+    wait_for(lambda: len(orthanc_objects(orthanc, uid, SR_CLASS)) == 2, 90, 0.3, "2 SRs")
     amended = [
         pydicom.dcmread(p)
         for p in orthanc_objects(orthanc, uid, SR_CLASS)

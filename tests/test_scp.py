@@ -137,7 +137,9 @@ def test_unknown_calling_ae_is_rejected_and_nothing_stored(
     assert len(spool_files(runtime)) == 1
 
 
-def test_ten_concurrent_associations(node: NodeRuntime) -> None:
+def test_ten_concurrent_associations(node_factory: Callable[..., NodeRuntime]) -> None:
+    # a quiet period longer than any pause between the senders, even on a loaded machine
+    node = node_factory(completion={"quiet_seconds": 5.0})
     study_uid = generate_uid()
     images = [
         make_chest_radiograph(seed=200 + i, study_uid=study_uid, rows=128, cols=104)
