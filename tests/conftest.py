@@ -20,7 +20,7 @@ def make_settings(tmp_path: Path, **sections: object) -> Settings:
     base: dict[str, object] = {
         "dicom": {"bind_address": "127.0.0.1", "port": free_port()},
         "storage": {"data_dir": str(tmp_path / "var"), "min_free_mb": 0},
-        "completion": {"quiet_seconds": 0.5, "poll_seconds": 0.1},
+        "completion": {"quiet_seconds": 1.5, "poll_seconds": 0.1},
         "engine": {"name": "demo"},
     }
     for name, values in sections.items():
