@@ -252,10 +252,18 @@ class RecordOutcome:
     duplicate: bool  # same SOP instance, same bytes: nothing new was recorded
 
 
-def make_engine(url: str) -> Engine:
-    """A SQLAlchemy engine; SQLite gets WAL, full fsync and a busy timeout."""
+def make_engine(url: str, pool_size: int = 0) -> Engine:
+    """A SQLAlchemy engine; SQLite gets WAL, full fsync and a busy timeout.
+
+    pool_size > 0 keeps that many connections (and as many overflow) for threaded servers.
+    """
+    pool: dict[str, int] = (
+        {"pool_size": pool_size, "max_overflow": pool_size} if pool_size > 0 else {}
+    )
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -266,7 +274,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 class StudyLedger:

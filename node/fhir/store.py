@@ -25,9 +25,7 @@ from typing import Any, Final
 
 from sqlalchemy import (
     and_,
-    create_engine,
     delete,
-    event,
     false,
     func,
     insert,
@@ -173,7 +171,7 @@ class FhirStore:
         if isinstance(target, StudyLedger):
             self.engine = target.engine
         elif isinstance(target, str):
-            self.engine = make_engine(target) if pool_size <= 0 else _pooled(target, pool_size)
+            self.engine = make_engine(target, pool_size=max(pool_size, 0))
         else:
             self.engine = target
         Base.metadata.create_all(
@@ -684,31 +682,6 @@ def _parse_iso(resource: Mapping[str, Any]) -> datetime:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).replace(tzinfo=None)
     except ValueError:
         return utcnow()
-
-
-def _pooled(url: str, pool_size: int) -> Engine:
-    """An engine like node.ledger.make_engine's whose pool holds ``pool_size`` connections
-    (the API's database threads): a smaller pool would open and close a SQLite connection,
-    and run its pragmas, for every request above the pool's size."""
-    if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
-    engine = create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": 30},
-        pool_size=pool_size,
-        max_overflow=pool_size,
-    )
-
-    @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-        # the same pragmas as node.ledger.make_engine: WAL, full fsync, foreign keys
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
-
-    return engine
 
 
 def _delivery(r: SubscriptionDeliveryRow) -> Delivery:
