@@ -272,8 +272,12 @@ def test_transform_validates() -> None:
 def test_bright_square_lands_in_predicted_box(
     rows: int, cols: int, box: tuple[int, int, int, int], photometric: str
 ) -> None:
-    ds = make_dataset(bright_square_pixels(rows, cols, box, photometric),
-                      photometric=photometric, WindowCenter=2048, WindowWidth=4096)
+    ds = make_dataset(
+        bright_square_pixels(rows, cols, box, photometric),
+        photometric=photometric,
+        WindowCenter=2048,
+        WindowWidth=4096,
+    )
     img = load_display_image(ds)
     assert img.pixels[box[0], box[1]] == 1.0 and img.pixels[0, 0] == 0.0
     model, tr = to_model_image(img)
@@ -284,12 +288,16 @@ def test_bright_square_lands_in_predicted_box(
     y0, x0, y1, x1 = tr.box_to_model(box)
     k = MODEL_IMAGE_SIZE / 1000.0
     # Model pixels wholly inside the box (one-pixel guard for the bicubic kernel) are white.
-    inner = gray[int(np.ceil(y0 * k)) + 1:int(y1 * k) - 1, int(np.ceil(x0 * k)) + 1:int(x1 * k) - 1]
+    inner = gray[
+        int(np.ceil(y0 * k)) + 1 : int(y1 * k) - 1, int(np.ceil(x0 * k)) + 1 : int(x1 * k) - 1
+    ]
     assert inner.size > 0 and inner.min() >= 250
     # Outside the box grown by two model pixels everything is black.
     outside = np.ones_like(gray, dtype=bool)
-    outside[max(0, int(y0 * k) - 2):int(np.ceil(y1 * k)) + 2,
-            max(0, int(x0 * k) - 2):int(np.ceil(x1 * k)) + 2] = False
+    outside[
+        max(0, int(y0 * k) - 2) : int(np.ceil(y1 * k)) + 2,
+        max(0, int(x0 * k) - 2) : int(np.ceil(x1 * k)) + 2,
+    ] = False
     assert gray[outside].max() <= 3
     # The bright mass sits where the exact (float) transform predicts it.
     centroid = weighted_centroid(gray.astype(float) / 255.0)
@@ -298,8 +306,9 @@ def test_bright_square_lands_in_predicted_box(
 
 
 def test_padding_is_black_and_image_fills_its_band() -> None:
-    ds = make_dataset(np.full((200, 100), 4095, dtype=np.uint16), WindowCenter=2048,
-                      WindowWidth=4096)
+    ds = make_dataset(
+        np.full((200, 100), 4095, dtype=np.uint16), WindowCenter=2048, WindowWidth=4096
+    )
     model, tr = to_model_image(load_display_image(ds), size=200)
     assert (tr.side, tr.pad_top, tr.pad_left) == (200, 0, 50)
     gray = model[..., 0]
@@ -328,18 +337,27 @@ def test_monochrome1_twin_gives_the_same_display_image() -> None:
     assert m1.voi_source == m2.voi_source == "percentile"
     np.testing.assert_allclose(m1.pixels, m2.pixels, atol=1e-5)
     # With a window: the twin's window centre mirrors; LINEAR_EXACT is exactly symmetric.
-    w2 = load_display_image(make_dataset(stored, WindowCenter=1900, WindowWidth=3000,
-                                         VOILUTFunction="LINEAR_EXACT"))
-    w1 = load_display_image(make_dataset(4095 - stored, photometric="MONOCHROME1",
-                                         WindowCenter=4095 - 1900, WindowWidth=3000,
-                                         VOILUTFunction="LINEAR_EXACT"))
+    w2 = load_display_image(
+        make_dataset(stored, WindowCenter=1900, WindowWidth=3000, VOILUTFunction="LINEAR_EXACT")
+    )
+    w1 = load_display_image(
+        make_dataset(
+            4095 - stored,
+            photometric="MONOCHROME1",
+            WindowCenter=4095 - 1900,
+            WindowWidth=3000,
+            VOILUTFunction="LINEAR_EXACT",
+        )
+    )
     np.testing.assert_allclose(w1.pixels, w2.pixels, atol=1e-5)
 
 
 def test_monochrome1_twin_from_the_synthetic_phantom() -> None:
     synthetic = pytest.importorskip("node.synthetic")
-    images = [synthetic.make_chest_radiograph(rows=160, cols=128, photometric=p, seed=5)
-              for p in ("MONOCHROME2", "MONOCHROME1")]
+    images = [
+        synthetic.make_chest_radiograph(rows=160, cols=128, photometric=p, seed=5)
+        for p in ("MONOCHROME2", "MONOCHROME1")
+    ]
     m2, m1 = (load_display_image(im.dataset) for im in images)
     # Rounded window values and the LINEAR window's half-pixel offset leave < 1/1000.
     np.testing.assert_allclose(m1.pixels, m2.pixels, atol=2e-3)
@@ -347,8 +365,13 @@ def test_monochrome1_twin_from_the_synthetic_phantom() -> None:
 
 def test_modality_lut_then_first_window() -> None:
     stored = np.arange(0, 4096, 4, dtype=np.uint16).reshape(32, 32)
-    ds = make_dataset(stored, RescaleSlope=2, RescaleIntercept=-1000,
-                      WindowCenter=[1000, 50], WindowWidth=[2001, 10])
+    ds = make_dataset(
+        stored,
+        RescaleSlope=2,
+        RescaleIntercept=-1000,
+        WindowCenter=[1000, 50],
+        WindowWidth=[2001, 10],
+    )
     img = load_display_image(ds)
     assert img.voi_source == "window" and img.pixels.dtype == np.float32
     m = stored.astype(np.float64) * 2 - 1000
@@ -361,8 +384,9 @@ def test_modality_lut_then_first_window() -> None:
 
 def test_sigmoid_window() -> None:
     stored = np.array([[1000, 2000, 3000]], dtype=np.uint16)
-    img = load_display_image(make_dataset(stored, WindowCenter=2000, WindowWidth=1000,
-                                          VOILUTFunction="SIGMOID"))
+    img = load_display_image(
+        make_dataset(stored, WindowCenter=2000, WindowWidth=1000, VOILUTFunction="SIGMOID")
+    )
     expected = 1.0 / (1.0 + np.exp(-4.0 * (stored.astype(float) - 2000) / 1000))
     np.testing.assert_allclose(img.pixels, expected, atol=1e-6)
 
@@ -373,8 +397,14 @@ def test_modality_lut_sequence() -> None:
     item.LUTDescriptor = [256, 0, 16]
     item.ModalityLUTType = "US"
     item.LUTData = [4 * v for v in range(256)]
-    ds = make_dataset(stored, bits_stored=8 + 8, ModalityLUTSequence=DicomSequence([item]),
-                      WindowCenter=512, WindowWidth=1025, VOILUTFunction="LINEAR_EXACT")
+    ds = make_dataset(
+        stored,
+        bits_stored=8 + 8,
+        ModalityLUTSequence=DicomSequence([item]),
+        WindowCenter=512,
+        WindowWidth=1025,
+        VOILUTFunction="LINEAR_EXACT",
+    )
     expected = np.clip((4.0 * stored - 512) / 1025 + 0.5, 0, 1)
     np.testing.assert_allclose(load_display_image(ds).pixels, expected, atol=1e-5)
 
@@ -385,16 +415,18 @@ def test_voi_lut_sequence_is_applied_before_the_window() -> None:
     item = Dataset()
     item.LUTDescriptor = [4096, 0, 16]  # declared 16 bits, entries reach 4095 only
     item.LUTData = lut.tolist()
-    ds = make_dataset(stored, VOILUTSequence=DicomSequence([item]),
-                      WindowCenter=100, WindowWidth=10)
+    ds = make_dataset(
+        stored, VOILUTSequence=DicomSequence([item]), WindowCenter=100, WindowWidth=10
+    )
     img = load_display_image(ds)
     assert img.voi_source == "VOILUTSequence"
     np.testing.assert_allclose(img.pixels, lut[stored] / 4095.0, atol=1e-6)
     # The first mapped value offsets the input; values below it take the first entry.
     item.LUTDescriptor = [4096, 1000, 12]
     shifted = load_display_image(ds).pixels
-    np.testing.assert_allclose(shifted, lut[np.clip(stored.astype(int) - 1000, 0, 4095)] / 4095,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        shifted, lut[np.clip(stored.astype(int) - 1000, 0, 4095)] / 4095, atol=1e-6
+    )
 
 
 def test_percentile_window_without_voi() -> None:
@@ -403,8 +435,7 @@ def test_percentile_window_without_voi() -> None:
     img = load_display_image(make_dataset(stored))
     assert img.voi_source == "percentile"
     low, high = np.percentile(stored.astype(np.float32), [1.0, 99.0])
-    np.testing.assert_allclose(img.pixels, np.clip((stored - low) / (high - low), 0, 1),
-                               atol=1e-5)
+    np.testing.assert_allclose(img.pixels, np.clip((stored - low) / (high - low), 0, 1), atol=1e-5)
     assert (img.pixels == 0.0).mean() == pytest.approx(0.01, abs=0.003)
     assert (img.pixels == 1.0).mean() == pytest.approx(0.01, abs=0.003)
 
@@ -416,17 +447,18 @@ def test_pixel_padding_is_excluded_and_black(photometric: str) -> None:
     stored = np.full((140, 120), 4095, dtype=np.uint16)  # padding: white if displayed
     stored[20:120, 20:100] = interior
     alone = load_display_image(make_dataset(interior, photometric=photometric)).pixels
-    img = load_display_image(make_dataset(stored, photometric=photometric,
-                                          PixelPaddingValue=4095))
+    img = load_display_image(make_dataset(stored, photometric=photometric, PixelPaddingValue=4095))
     border = np.ones(stored.shape, dtype=bool)
     border[20:120, 20:100] = False
     assert (img.pixels[border] == 0.0).all()
     np.testing.assert_allclose(img.pixels[20:120, 20:100], alone, atol=1e-5)
     # A padding range (Pixel Padding Range Limit) works the same way.
     stored[:5] = 4000
-    ranged = load_display_image(make_dataset(stored, photometric=photometric,
-                                              PixelPaddingValue=4095,
-                                              PixelPaddingRangeLimit=3990))
+    ranged = load_display_image(
+        make_dataset(
+            stored, photometric=photometric, PixelPaddingValue=4095, PixelPaddingRangeLimit=3990
+        )
+    )
     assert (ranged.pixels[border] == 0.0).all()
     np.testing.assert_allclose(ranged.pixels[20:120, 20:100], alone, atol=1e-5)
 
@@ -441,8 +473,15 @@ def test_unused_high_bits_are_ignored() -> None:
 def test_signed_pixels_with_rescale_and_padding(tmp_path: Path) -> None:
     stored = (smooth_pixels(60, 50, seed=9).astype(np.int16) // 2 - 1000).astype(np.int16)
     stored[:4] = -2048  # the most negative 12-bit value
-    ds = make_dataset(stored, RescaleSlope=1, RescaleIntercept=100, PixelPaddingValue=-2048,
-                      WindowCenter=100, WindowWidth=4096, VOILUTFunction="LINEAR_EXACT")
+    ds = make_dataset(
+        stored,
+        RescaleSlope=1,
+        RescaleIntercept=100,
+        PixelPaddingValue=-2048,
+        WindowCenter=100,
+        WindowWidth=4096,
+        VOILUTFunction="LINEAR_EXACT",
+    )
     img = load_display_image(roundtrip(ds, tmp_path))
     assert (img.pixels[:4] == 0.0).all()
     expected = np.clip((stored[4:].astype(float) + 100 - 100) / 4096 + 0.5, 0, 1)
@@ -451,8 +490,9 @@ def test_signed_pixels_with_rescale_and_padding(tmp_path: Path) -> None:
 
 def test_pixel_spacing_preference() -> None:
     pixels = np.zeros((8, 8), dtype=np.uint16)
-    both = load_display_image(make_dataset(pixels, ImagerPixelSpacing=[0.15, 0.15],
-                                           PixelSpacing=[0.139, 0.138]))
+    both = load_display_image(
+        make_dataset(pixels, ImagerPixelSpacing=[0.15, 0.15], PixelSpacing=[0.139, 0.138])
+    )
     assert (both.pixel_spacing_mm, both.spacing_source) == ((0.139, 0.138), "PixelSpacing")
     imager = load_display_image(make_dataset(pixels, ImagerPixelSpacing=[0.2, 0.1]))
     assert (imager.pixel_spacing_mm, imager.spacing_source) == ((0.2, 0.1), "ImagerPixelSpacing")
@@ -472,12 +512,19 @@ def reference() -> tuple[npt.NDArray[np.uint16], npt.NDArray[np.float32]]:
 
 @pytest.mark.parametrize(
     "syntax",
-    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-     RLELossless, JPEGLSLossless, JPEG2000Lossless],
+    [
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        DeflatedExplicitVRLittleEndian,
+        RLELossless,
+        JPEGLSLossless,
+        JPEG2000Lossless,
+    ],
     ids=lambda uid: UID(uid).keyword,
 )
 def test_lossless_syntaxes_decode_exactly(
-    syntax: str, reference: tuple[npt.NDArray[np.uint16], npt.NDArray[np.float32]],
+    syntax: str,
+    reference: tuple[npt.NDArray[np.uint16], npt.NDArray[np.float32]],
     tmp_path: Path,
 ) -> None:
     stored, expected = reference
@@ -495,7 +542,8 @@ def test_lossless_syntaxes_decode_exactly(
 
 @pytest.mark.parametrize("syntax", [JPEGLosslessSV1, JPEGLossless], ids=["SV1", "process14"])
 def test_jpeg_lossless_decodes_exactly(
-    syntax: str, reference: tuple[npt.NDArray[np.uint16], npt.NDArray[np.float32]],
+    syntax: str,
+    reference: tuple[npt.NDArray[np.uint16], npt.NDArray[np.float32]],
     tmp_path: Path,
 ) -> None:
     stored, expected = reference
@@ -507,22 +555,27 @@ def test_jpeg_baseline_8bit(tmp_path: Path) -> None:
     stored = (smooth_pixels(96, 130, seed=12) >> 4).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(stored, mode="L").save(buffer, format="JPEG", quality=95)
-    ds = encapsulated(make_dataset(stored, bits_stored=8, WindowCenter=128, WindowWidth=256,
-                                   VOILUTFunction="LINEAR_EXACT"),
-                      buffer.getvalue(), JPEGBaseline8Bit)
+    ds = encapsulated(
+        make_dataset(
+            stored, bits_stored=8, WindowCenter=128, WindowWidth=256, VOILUTFunction="LINEAR_EXACT"
+        ),
+        buffer.getvalue(),
+        JPEGBaseline8Bit,
+    )
     img = load_display_image(roundtrip(ds, tmp_path))
     assert np.abs(img.pixels - stored / 256.0).mean() < 0.01
 
 
-@pytest.mark.parametrize(("syntax", "options"),
-                         [(JPEGLSNearLossless, {"jls_error": 3}), (JPEG2000, {"j2k_cr": [10]})],
-                         ids=["jpegls-near", "j2k-lossy"])
+@pytest.mark.parametrize(
+    ("syntax", "options"),
+    [(JPEGLSNearLossless, {"jls_error": 3}), (JPEG2000, {"j2k_cr": [10]})],
+    ids=["jpegls-near", "j2k-lossy"],
+)
 def test_lossy_syntaxes_decode_close(
     syntax: str, options: dict[str, object], tmp_path: Path
 ) -> None:
     stored = smooth_pixels(96, 130, seed=13)
-    ds = make_dataset(stored, WindowCenter=2048, WindowWidth=4096,
-                      VOILUTFunction="LINEAR_EXACT")
+    ds = make_dataset(stored, WindowCenter=2048, WindowWidth=4096, VOILUTFunction="LINEAR_EXACT")
     ds.compress(syntax, stored, generate_instance_uid=False, **options)  # type: ignore[arg-type]
     img = load_display_image(roundtrip(ds, tmp_path))
     assert np.abs(img.pixels - stored / 4096.0).mean() < 0.01
@@ -535,8 +588,7 @@ def test_jpeg_extended_12bit_and_big_endian_files() -> None:
         pytest.skip("pydicom's bundled test files are not installed")
     img = load_display_image(extended)
     assert (img.rows, img.cols) == (1024, 256) and float(img.pixels.std()) > 0.05
-    np.testing.assert_array_equal(load_display_image(big).pixels,
-                                  load_display_image(small).pixels)
+    np.testing.assert_array_equal(load_display_image(big).pixels, load_display_image(small).pixels)
 
 
 # --------------------------------------------------------------------------------------
@@ -603,16 +655,21 @@ def test_pa_and_lateral_study(tmp_path: Path) -> None:
     frontal, lateral = choose_views(paths)
     assert frontal is not None and lateral is not None
     assert (frontal.view, frontal.sop_instance_uid, frontal.reason) == (
-        "frontal", pa.SOPInstanceUID, "ViewPosition PA")
+        "frontal",
+        pa.SOPInstanceUID,
+        "ViewPosition PA",
+    )
     assert (lateral.view, lateral.sop_instance_uid, lateral.reason) == (
-        "lateral", ll.SOPInstanceUID, "ViewPosition LL")
+        "lateral",
+        ll.SOPInstanceUID,
+        "ViewPosition LL",
+    )
     assert frontal.path == paths[1] and frontal.source == paths[1]
     # Same answer from in-memory datasets, in any order.
     for order in ([pa, ll], [ll, pa]):
         f, lat = choose_views(order)
         assert f is not None and lat is not None
-        assert (f.sop_instance_uid, lat.sop_instance_uid) == (pa.SOPInstanceUID,
-                                                              ll.SOPInstanceUID)
+        assert (f.sop_instance_uid, lat.sop_instance_uid) == (pa.SOPInstanceUID, ll.SOPInstanceUID)
         assert f.source is pa
 
 
@@ -652,22 +709,31 @@ def test_unknown_view_takes_the_first_image() -> None:
 
 def test_view_code_sequence_only() -> None:
     dx = DigitalXRayImageStorageForPresentation
-    pa = header(sop_class=dx, ViewCodeSequence=DicomSequence(
-        [code_item("272479007", "SCT", "postero-anterior")]))
-    ll = header(sop_class=dx, series_number=2, ViewCodeSequence=DicomSequence(
-        [code_item("R-10236", "SRT", "left lateral")]))
+    pa = header(
+        sop_class=dx,
+        ViewCodeSequence=DicomSequence([code_item("272479007", "SCT", "postero-anterior")]),
+    )
+    ll = header(
+        sop_class=dx,
+        series_number=2,
+        ViewCodeSequence=DicomSequence([code_item("R-10236", "SRT", "left lateral")]),
+    )
     frontal, lateral = choose_views([ll, pa])
     assert frontal is not None and lateral is not None
     assert frontal.sop_instance_uid == pa.SOPInstanceUID
     assert frontal.reason == "ViewCodeSequence SCT 272479007 (postero-anterior)"
     assert lateral.sop_instance_uid == ll.SOPInstanceUID
     # A local code is recognised by its meaning; AP (SCT 399348003) ranks after PA.
-    ap = header(sop_class=dx, ViewCodeSequence=DicomSequence(
-        [code_item("XR-AP", "99LOCAL", "Antero-Posterior")]))
+    ap = header(
+        sop_class=dx,
+        ViewCodeSequence=DicomSequence([code_item("XR-AP", "99LOCAL", "Antero-Posterior")]),
+    )
     frontal, _ = choose_views([ap])
     assert frontal is not None and "Antero-Posterior" in frontal.reason
-    ap_sct = header(sop_class=dx, ViewCodeSequence=DicomSequence(
-        [code_item("399348003", "SCT", "antero-posterior")]))
+    ap_sct = header(
+        sop_class=dx,
+        ViewCodeSequence=DicomSequence([code_item("399348003", "SCT", "antero-posterior")]),
+    )
     frontal, _ = choose_views([ap_sct, pa])
     assert frontal is not None and frontal.sop_instance_uid == pa.SOPInstanceUID
 
@@ -688,8 +754,7 @@ def test_non_image_sop_classes_and_unreadable_files_are_ignored(tmp_path: Path) 
 
 def test_for_presentation_preferred_over_for_processing() -> None:
     processing = header("PA", sop_class=DigitalXRayImageStorageForProcessing, instance_number=1)
-    presentation = header("PA", sop_class=DigitalXRayImageStorageForPresentation,
-                          instance_number=2)
+    presentation = header("PA", sop_class=DigitalXRayImageStorageForPresentation, instance_number=2)
     frontal, _ = choose_views([processing, presentation])
     assert frontal is not None and frontal.sop_instance_uid == presentation.SOPInstanceUID
 
@@ -713,9 +778,10 @@ def test_crop_is_full_resolution_and_maps_back_exactly() -> None:
     crop, tr = crop_source(img, region, out_size=tr.side)
     assert tr.side == 224  # 60 px * 1.3 = 78 < the 224 px minimum context
     top, left = -tr.pad_top, -tr.pad_left
-    source = img.pixels[top:top + 224, left:left + 224]
-    np.testing.assert_array_equal(crop[..., 0],
-                                  (source * np.float32(255) + np.float32(0.5)).astype(np.uint8))
+    source = img.pixels[top : top + 224, left : left + 224]
+    np.testing.assert_array_equal(
+        crop[..., 0], (source * np.float32(255) + np.float32(0.5)).astype(np.uint8)
+    )
     # The region is centred in the crop, and the transform maps it both ways exactly.
     y0, x0, y1, x1 = tr.box_to_model(region)
     assert (y0 + y1) / 2 == pytest.approx(500, abs=3) and (x0 + x1) / 2 == pytest.approx(500, abs=3)
@@ -738,7 +804,7 @@ def test_crop_resized_for_the_model_keeps_the_geometry() -> None:
     assert centroid == pytest.approx(tr.to_model_pixel(1230, 320), abs=0.1)
     y0, x0, y1, x1 = tr.box_to_model(box)
     k = 896 / 1000
-    assert gray[int(y0 * k) + 3:int(y1 * k) - 3, int(x0 * k) + 3:int(x1 * k) - 3].min() > 0.98
+    assert gray[int(y0 * k) + 3 : int(y1 * k) - 3, int(x0 * k) + 3 : int(x1 * k) - 3].min() > 0.98
 
 
 def test_crop_at_the_image_edge_is_padded_black() -> None:
@@ -746,7 +812,7 @@ def test_crop_at_the_image_edge_is_padded_black() -> None:
     crop, tr = crop_source(img, (0.0, 0.0, 10.0, 10.0), out_size=224)
     assert tr.side == 224 and tr.pad_top > 0 and tr.pad_left > 0
     gray = crop[..., 0]
-    assert (gray[:tr.pad_top] == 0).all() and (gray[:, :tr.pad_left] == 0).all()
+    assert (gray[: tr.pad_top] == 0).all() and (gray[:, : tr.pad_left] == 0).all()
     r0, c0, r1, c1 = tr.box_to_source([0, 0, 1000, 1000])
     assert (r0, c0) == (0.0, 0.0) and r1 == 224 - tr.pad_top and c1 == 224 - tr.pad_left
     with pytest.raises(ValueError, match="outside"):

@@ -76,10 +76,15 @@ def disk_and_ring_means(image: npt.NDArray[np.float64], nodule: Nodule) -> tuple
     return float(image[d <= 0.8 * r].mean()), float(image[(d >= 1.5 * r) & (d <= 2.5 * r)].mean())
 
 
-def box_inside(inner: tuple[float, float, float, float],
-               outer: tuple[float, float, float, float]) -> bool:
-    return (inner[0] >= outer[0] and inner[1] >= outer[1]
-            and inner[2] <= outer[2] and inner[3] <= outer[3])
+def box_inside(
+    inner: tuple[float, float, float, float], outer: tuple[float, float, float, float]
+) -> bool:
+    return (
+        inner[0] >= outer[0]
+        and inner[1] >= outer[1]
+        and inner[2] <= outer[2]
+        and inner[3] <= outer[3]
+    )
 
 
 def run_dciodvfy(path: Path) -> list[str]:
@@ -99,8 +104,9 @@ def run_dciodvfy(path: Path) -> list[str]:
 def test_every_syntax_round_trips_losslessly(syntax_name: str, bits_stored: int) -> None:
     syntax = SYNTAX_BY_NAME[syntax_name]
     reference = make_chest_radiograph(rows=ROWS, cols=COLS, bits_stored=bits_stored, seed=3)
-    image = make_chest_radiograph(rows=ROWS, cols=COLS, bits_stored=bits_stored, seed=3,
-                                  transfer_syntax=syntax)
+    image = make_chest_radiograph(
+        rows=ROWS, cols=COLS, bits_stored=bits_stored, seed=3, transfer_syntax=syntax
+    )
 
     back = round_trip(image.dataset)
 
@@ -126,11 +132,13 @@ def test_compressed_syntaxes_are_encapsulated_and_smaller() -> None:
 
 
 def test_deflated_file_is_actually_deflated(tmp_path: Path) -> None:
-    image = make_chest_radiograph(rows=ROWS, cols=COLS,
-                                  transfer_syntax=DeflatedExplicitVRLittleEndian)
+    image = make_chest_radiograph(
+        rows=ROWS, cols=COLS, transfer_syntax=DeflatedExplicitVRLittleEndian
+    )
     plain = make_chest_radiograph(rows=ROWS, cols=COLS)
-    deflated_path, plain_path = (write_study(tmp_path / name, [im])[0]
-                                 for name, im in (("d", image), ("p", plain)))
+    deflated_path, plain_path = (
+        write_study(tmp_path / name, [im])[0] for name, im in (("d", image), ("p", plain))
+    )
     assert deflated_path.stat().st_size < plain_path.stat().st_size
     back = pydicom.dcmread(deflated_path)
     assert back.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
@@ -148,8 +156,7 @@ def test_unsupported_transfer_syntax_is_refused() -> None:
 @pytest.mark.parametrize("modality", ["CR", "DX"])
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
 def test_nodules_are_brighter_than_their_surroundings(modality: str, photometric: str) -> None:
-    image = make_chest_radiograph(rows=800, cols=656, modality=modality,
-                                  photometric=photometric)
+    image = make_chest_radiograph(rows=800, cols=656, modality=modality, photometric=photometric)
     shown = displayed(round_trip(image.dataset))
     assert len(image.nodules) == 2
     for nodule in image.nodules:
@@ -158,8 +165,7 @@ def test_nodules_are_brighter_than_their_surroundings(modality: str, photometric
 
 
 def test_explicit_nodules_appear_where_given() -> None:
-    nodule = Nodule(center_row=150.0, center_col=240.0, radius_px=9.0, label="mass",
-                    contrast=0.25)
+    nodule = Nodule(center_row=150.0, center_col=240.0, radius_px=9.0, label="mass", contrast=0.25)
     image = make_chest_radiograph(rows=ROWS, cols=COLS, nodules=[nodule])
     assert image.nodules == (nodule,)
     shown = displayed(image.dataset)
@@ -210,9 +216,11 @@ def test_lungs_are_darker_than_mediastinum_and_soft_tissue() -> None:
     image = make_chest_radiograph(rows=ROWS, cols=COLS, nodules=())
     shown = displayed(image.dataset)
     (r0, c0, r1, c1), _ = image.lung_fields
-    lung = shown[int(r0 + 0.3 * (r1 - r0)): int(r0 + 0.5 * (r1 - r0)),
-                 int(c0 + 0.3 * (c1 - c0)): int(c0 + 0.7 * (c1 - c0))].mean()
-    mediastinum = shown[int(0.3 * ROWS): int(0.5 * ROWS), int(0.48 * COLS): int(0.52 * COLS)]
+    lung = shown[
+        int(r0 + 0.3 * (r1 - r0)) : int(r0 + 0.5 * (r1 - r0)),
+        int(c0 + 0.3 * (c1 - c0)) : int(c0 + 0.7 * (c1 - c0)),
+    ].mean()
+    mediastinum = shown[int(0.3 * ROWS) : int(0.5 * ROWS), int(0.48 * COLS) : int(0.52 * COLS)]
     air = shown[: int(0.05 * ROWS), : int(0.05 * COLS)]
     assert mediastinum.mean() - lung > 0.2
     assert lung - air.mean() > 0.1
@@ -229,8 +237,9 @@ def test_nodule_bbox_and_validation() -> None:
     with pytest.raises(TypeError, match="center_row"):
         Nodule(center_row="1", center_col=1.0, radius_px=5.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="outside"):
-        make_chest_radiograph(rows=ROWS, cols=COLS,
-                              nodules=[Nodule(center_row=ROWS + 5, center_col=10, radius_px=4)])
+        make_chest_radiograph(
+            rows=ROWS, cols=COLS, nodules=[Nodule(center_row=ROWS + 5, center_col=10, radius_px=4)]
+        )
     with pytest.raises(TypeError, match="nodules"):
         make_chest_radiograph(rows=ROWS, cols=COLS, nodules=[(1, 2, 3)])  # type: ignore[list-item]
 
@@ -270,8 +279,10 @@ def test_cr_attributes() -> None:
     assert "SYNTHETIC" in ds.ImageComments
     assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, 12, 11)
     assert ds.WindowWidth > 0
-    assert "ImagerPixelSpacing" not in make_chest_radiograph(
-        rows=ROWS, cols=COLS, pixel_spacing_mm=None).dataset
+    assert (
+        "ImagerPixelSpacing"
+        not in make_chest_radiograph(rows=ROWS, cols=COLS, pixel_spacing_mm=None).dataset
+    )
 
 
 def test_dx_attributes() -> None:
@@ -286,13 +297,15 @@ def test_dx_attributes() -> None:
     assert ds.DetectorType
     assert ds.ViewCodeSequence[0].CodeMeaning == "postero-anterior"
 
-    mono1 = make_chest_radiograph(rows=ROWS, cols=COLS, modality="DX",
-                                  photometric="MONOCHROME1").dataset
+    mono1 = make_chest_radiograph(
+        rows=ROWS, cols=COLS, modality="DX", photometric="MONOCHROME1"
+    ).dataset
     assert mono1.PixelIntensityRelationshipSign == 1
     assert mono1.PresentationLUTShape == "INVERSE"
 
-    processing = make_chest_radiograph(rows=ROWS, cols=COLS, modality="DX",
-                                       for_processing=True).dataset
+    processing = make_chest_radiograph(
+        rows=ROWS, cols=COLS, modality="DX", for_processing=True
+    ).dataset
     assert processing.SOPClassUID == DX_FOR_PROCESSING_STORAGE
     assert processing.PresentationIntentType == "FOR PROCESSING"
     assert processing.SOPInstanceUID != ds.SOPInstanceUID
@@ -312,7 +325,10 @@ def test_generation_is_deterministic_and_uids_differ_by_seed_and_instance() -> N
     second = make_chest_radiograph(rows=ROWS, cols=COLS, seed=5, instance_number=2).dataset
 
     assert (a.StudyInstanceUID, a.SeriesInstanceUID, a.SOPInstanceUID) == (
-        again.StudyInstanceUID, again.SeriesInstanceUID, again.SOPInstanceUID)
+        again.StudyInstanceUID,
+        again.SeriesInstanceUID,
+        again.SOPInstanceUID,
+    )
     assert a.PixelData == again.PixelData
     assert a.StudyInstanceUID != other_seed.StudyInstanceUID
     assert a.SOPInstanceUID != other_seed.SOPInstanceUID
@@ -327,10 +343,14 @@ def test_generation_is_deterministic_and_uids_differ_by_seed_and_instance() -> N
 
 
 def test_given_uids_are_used() -> None:
-    ds = make_chest_radiograph(rows=ROWS, cols=COLS, study_uid="1.2.3", series_uid="1.2.3.4",
-                               sop_instance_uid="1.2.3.4.5").dataset
+    ds = make_chest_radiograph(
+        rows=ROWS, cols=COLS, study_uid="1.2.3", series_uid="1.2.3.4", sop_instance_uid="1.2.3.4.5"
+    ).dataset
     assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) == (
-        "1.2.3", "1.2.3.4", "1.2.3.4.5")
+        "1.2.3",
+        "1.2.3.4",
+        "1.2.3.4.5",
+    )
     assert ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4.5"
 
 
@@ -377,8 +397,10 @@ def test_secondary_capture_joins_the_study() -> None:
     assert sc.SOPClassUID == SECONDARY_CAPTURE_STORAGE
     assert sc.StudyInstanceUID == chest.dataset.StudyInstanceUID
     assert sc.SeriesInstanceUID != chest.dataset.SeriesInstanceUID
-    assert (sc.PatientID, sc.AccessionNumber) == (chest.dataset.PatientID,
-                                                  chest.dataset.AccessionNumber)
+    assert (sc.PatientID, sc.AccessionNumber) == (
+        chest.dataset.PatientID,
+        chest.dataset.AccessionNumber,
+    )
     assert sc.Modality == "OT" and sc.BitsAllocated == 8
     assert round_trip(sc).pixel_array.dtype == np.uint8
 
@@ -415,15 +437,30 @@ def test_full_size_radiograph(tmp_path: Path) -> None:
         assert disk - ring > 0.08
 
     jls = make_chest_radiograph(seed=1, transfer_syntax=JPEGLSLossless, photometric="MONOCHROME1")
-    np.testing.assert_array_equal(round_trip(jls.dataset).pixel_array,
-                                  4095 - ds.pixel_array)
+    np.testing.assert_array_equal(round_trip(jls.dataset).pixel_array, 4095 - ds.pixel_array)
 
 
-def test_cli_writes_n_distinct_instances(tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_n_distinct_instances(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
-    status = main([str(out), "--count", "5", "--rows", "256", "--cols", "208", "--per-study",
-                   "2", "--syntax", "rle", "--modality", "DX"])
+    status = main(
+        [
+            str(out),
+            "--count",
+            "5",
+            "--rows",
+            "256",
+            "--cols",
+            "208",
+            "--per-study",
+            "2",
+            "--syntax",
+            "rle",
+            "--modality",
+            "DX",
+        ]
+    )
     assert status == 0
     printed = capsys.readouterr()
     paths = [Path(line) for line in printed.out.splitlines()]
@@ -437,8 +474,9 @@ def test_cli_writes_n_distinct_instances(tmp_path: Path,
 
 
 def test_cli_two_view_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(tmp_path), "--two-view", "--count", "3", "--rows", "200",
-                 "--cols", "164"]) == 0
+    assert (
+        main([str(tmp_path), "--two-view", "--count", "3", "--rows", "200", "--cols", "164"]) == 0
+    )
     datasets = [pydicom.dcmread(p) for p in tmp_path.iterdir()]
     assert sorted(ds.ViewPosition for ds in datasets) == ["LL", "PA", "PA"]
     assert len({ds.StudyInstanceUID for ds in datasets}) == 2
@@ -449,9 +487,26 @@ def test_cli_two_view_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_cli_runs_as_a_module(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "node.synthetic", str(tmp_path), "--count", "2", "--rows", "128",
-         "--cols", "104", "--syntax", "implicit", "--seed", "11"],
-        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        [
+            sys.executable,
+            "-m",
+            "node.synthetic",
+            str(tmp_path),
+            "--count",
+            "2",
+            "--rows",
+            "128",
+            "--cols",
+            "104",
+            "--syntax",
+            "implicit",
+            "--seed",
+            "11",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2
@@ -465,8 +520,13 @@ def test_dciodvfy_finds_no_errors(tmp_path: Path) -> None:
     study = make_two_view_study(rows=256, cols=208, modality="DX", photometric="MONOCHROME1")
     images: list[SyntheticImage | Dataset] = [
         make_chest_radiograph(rows=256, cols=208),
-        make_chest_radiograph(rows=256, cols=208, photometric="MONOCHROME1", bits_stored=16,
-                              transfer_syntax=JPEGLSLossless),
+        make_chest_radiograph(
+            rows=256,
+            cols=208,
+            photometric="MONOCHROME1",
+            bits_stored=16,
+            transfer_syntax=JPEGLSLossless,
+        ),
         make_chest_radiograph(rows=256, cols=208, modality="DX"),
         make_chest_radiograph(rows=256, cols=208, modality="DX", for_processing=True),
         *study,

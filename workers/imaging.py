@@ -310,8 +310,11 @@ def choose_views(
             try:
                 ds = dcmread(path, stop_before_pixels=True)
             except Exception as exc:  # any unreadable file: skip it, say so
-                log.warning("choose_views: skipping %s, not readable DICOM (%s)", path.name,
-                            type(exc).__name__)
+                log.warning(
+                    "choose_views: skipping %s, not readable DICOM (%s)",
+                    path.name,
+                    type(exc).__name__,
+                )
                 continue
         if _sop_class(ds) not in CANDIDATE_SOP_CLASSES or "Rows" not in ds:
             continue
@@ -323,8 +326,12 @@ def choose_views(
         processing = int(_sop_class(ds) == DigitalXRayImageStorageForProcessing)
         order = _order_key(ds)
         if kind == "lateral":
-            key: tuple[object, ...] = (0 if reason.startswith("View") else 1,
-                                       _LATERAL_RANK[view], processing, order)
+            key: tuple[object, ...] = (
+                0 if reason.startswith("View") else 1,
+                _LATERAL_RANK[view],
+                processing,
+                order,
+            )
             lateral.append((key, ViewChoice(path, "lateral", sop_uid, reason, keep)))
             continue
         if kind == "frontal":
@@ -370,17 +377,23 @@ class DisplayImage:
         if not isinstance(self.pixels, np.ndarray) or self.pixels.ndim != 2:
             raise TypeError("DisplayImage.pixels must be a 2-D numpy array")
         if self.pixels.dtype not in (np.float32, np.uint8):
-            raise TypeError(f"DisplayImage.pixels must be float32 or uint8, "
-                            f"got {self.pixels.dtype}")
+            raise TypeError(
+                f"DisplayImage.pixels must be float32 or uint8, got {self.pixels.dtype}"
+            )
         if self.pixels.shape != (self.rows, self.cols):
-            raise ValueError(f"DisplayImage.pixels has shape {self.pixels.shape}, "
-                             f"expected (rows, cols) = ({self.rows}, {self.cols})")
+            raise ValueError(
+                f"DisplayImage.pixels has shape {self.pixels.shape}, "
+                f"expected (rows, cols) = ({self.rows}, {self.cols})"
+            )
         if self.spacing_source not in ("PixelSpacing", "ImagerPixelSpacing", "none"):
-            raise ValueError(f"DisplayImage.spacing_source must be PixelSpacing, "
-                             f"ImagerPixelSpacing or none, got {self.spacing_source!r}")
+            raise ValueError(
+                f"DisplayImage.spacing_source must be PixelSpacing, "
+                f"ImagerPixelSpacing or none, got {self.spacing_source!r}"
+            )
         if (self.pixel_spacing_mm is None) != (self.spacing_source == "none"):
-            raise ValueError("DisplayImage.pixel_spacing_mm must be None exactly when "
-                             "spacing_source is 'none'")
+            raise ValueError(
+                "DisplayImage.pixel_spacing_mm must be None exactly when spacing_source is 'none'"
+            )
 
     def as_float(self) -> FloatImage:
         """The pixels as float32 in 0..1 (a view when they already are)."""
@@ -436,31 +449,37 @@ def _decode(ds: Dataset) -> StoredArray:
     sop = _text(ds, "SOPInstanceUID") or "(no SOP Instance UID)"
     ts, ts_name = _syntax_name(ds)
     if ts is None:
-        raise ImagingError(f"SOP instance {sop}: no Transfer Syntax UID in the file meta, "
-                           f"cannot decode its pixels")
+        raise ImagingError(
+            f"SOP instance {sop}: no Transfer Syntax UID in the file meta, cannot decode its pixels"
+        )
     if "PixelData" not in ds:
         raise ImagingError(f"SOP instance {sop} ({ts_name}) has no Pixel Data")
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as exc:
-        raise ImagingError(f"SOP instance {sop}: transfer syntax {ts_name} is not supported "
-                           f"for decoding") from exc
+        raise ImagingError(
+            f"SOP instance {sop}: transfer syntax {ts_name} is not supported for decoding"
+        ) from exc
     if not decoder.is_available:
-        raise ImagingError(f"SOP instance {sop}: no decoder installed for {ts_name}; install "
-                           f"pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, "
-                           f"pylibjpeg-rle and pyjpegls")
+        raise ImagingError(
+            f"SOP instance {sop}: no decoder installed for {ts_name}; install "
+            f"pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, "
+            f"pylibjpeg-rle and pyjpegls"
+        )
     try:
         arr = _decode_with(decoder, ds, _PREFERRED_PLUGINS.get(ts, ""))
     except Exception as exc:  # decoders raise many types; the message says what failed
         # pydicom lists each plugin's failure on its own line: keep them, on one line.
         detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         detail = detail[:400] or type(exc).__name__
-        raise ImagingError(f"SOP instance {sop}: cannot decode pixel data ({ts_name}): "
-                           f"{detail}") from exc
+        raise ImagingError(
+            f"SOP instance {sop}: cannot decode pixel data ({ts_name}): {detail}"
+        ) from exc
     rows, cols = int(ds.Rows), int(ds.Columns)
     if arr.shape[:2] != (rows, cols):
-        raise ImagingError(f"SOP instance {sop} ({ts_name}): decoded {arr.shape}, "
-                           f"expected {rows} x {cols}")
+        raise ImagingError(
+            f"SOP instance {sop} ({ts_name}): decoded {arr.shape}, expected {rows} x {cols}"
+        )
     return arr
 
 
@@ -543,10 +562,10 @@ def _first_window(ds: Dataset) -> tuple[float, float] | None:
     if center is None or width is None or center == "" or width == "":
         return None
     try:
-        c = float(center[0] if isinstance(center, Sequence) and not isinstance(center, str)
-                  else center)
-        w = float(width[0] if isinstance(width, Sequence) and not isinstance(width, str)
-                  else width)
+        c = float(
+            center[0] if isinstance(center, Sequence) and not isinstance(center, str) else center
+        )
+        w = float(width[0] if isinstance(width, Sequence) and not isinstance(width, str) else width)
     except (TypeError, ValueError, IndexError):
         return None
     if not (math.isfinite(c) and math.isfinite(w)) or w <= 0.0:
@@ -599,8 +618,9 @@ def _read(source: Dataset | str | os.PathLike[str]) -> Dataset:
     try:
         return dcmread(path)
     except Exception as exc:  # not DICOM, truncated header, unreadable file
-        raise ImagingError(f"cannot read {path.name} as DICOM: {type(exc).__name__}: "
-                           f"{str(exc)[:200]}") from exc
+        raise ImagingError(
+            f"cannot read {path.name} as DICOM: {type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc
 
 
 def load_display_image(source: Dataset | str | os.PathLike[str]) -> DisplayImage:
@@ -634,8 +654,17 @@ def load_display_image(source: Dataset | str | os.PathLike[str]) -> DisplayImage
         luma *= np.float32(1.0 / ((1 << bits) - 1))
         np.clip(luma, 0.0, 1.0, out=luma)
         luma.setflags(write=False)
-        return DisplayImage(luma, spacing, spacing_source, sop, luma.shape[0], luma.shape[1],
-                            str(ts or ""), photometric, "none")
+        return DisplayImage(
+            luma,
+            spacing,
+            spacing_source,
+            sop,
+            luma.shape[0],
+            luma.shape[1],
+            str(ts or ""),
+            photometric,
+            "none",
+        )
 
     padding = _padding_mask(stored, ds)
     values = _modality(stored, ds)
@@ -651,8 +680,7 @@ def load_display_image(source: Dataset | str | os.PathLike[str]) -> DisplayImage
             values *= np.float32(1.0 / (high - low) if high > low else 0.0)
             voi_source = "VOILUTSequence"
     except (AttributeError, ValueError, TypeError, KeyError) as exc:
-        log.warning("SOP instance %s: unusable VOI LUT Sequence (%s); using the window",
-                    sop, exc)
+        log.warning("SOP instance %s: unusable VOI LUT Sequence (%s); using the window", sop, exc)
     if voi_source == "percentile":
         window = _first_window(ds)
         function = _text(ds, "VOILUTFunction").upper() or "LINEAR"
@@ -661,8 +689,13 @@ def load_display_image(source: Dataset | str | os.PathLike[str]) -> DisplayImage
             voi_source = "window"
         else:
             if window is not None or "WindowCenter" in ds:
-                log.warning("SOP instance %s: unusable window (VOI LUT Function %r); using "
-                            "the %g-%g percentile window", sop, function, *_PERCENTILE_WINDOW)
+                log.warning(
+                    "SOP instance %s: unusable window (VOI LUT Function %r); using "
+                    "the %g-%g percentile window",
+                    sop,
+                    function,
+                    *_PERCENTILE_WINDOW,
+                )
             values = _percentile_window(values, padding)
 
     if photometric == "MONOCHROME1":
@@ -671,8 +704,17 @@ def load_display_image(source: Dataset | str | os.PathLike[str]) -> DisplayImage
         values[padding] = 0.0
     values = np.ascontiguousarray(values, dtype=np.float32)
     values.setflags(write=False)
-    return DisplayImage(values, spacing, spacing_source, sop, values.shape[0], values.shape[1],
-                        str(ts or ""), photometric, voi_source)
+    return DisplayImage(
+        values,
+        spacing,
+        spacing_source,
+        sop,
+        values.shape[0],
+        values.shape[1],
+        str(ts or ""),
+        photometric,
+        voi_source,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -709,8 +751,9 @@ class SquareTransform:
         for name in ("src_rows", "src_cols", "side", "pad_top", "pad_left", "model_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise TypeError(f"SquareTransform.{name} must be an int, "
-                                f"got {type(value).__name__}")
+                raise TypeError(
+                    f"SquareTransform.{name} must be an int, got {type(value).__name__}"
+                )
         for name in ("src_rows", "src_cols", "side", "model_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SquareTransform.{name} must be >= 1, got {getattr(self, name)}")
@@ -795,8 +838,10 @@ def _render_square(pixels: FloatImage, transform: SquareTransform) -> RGBImage:
     r1 = min(transform.src_rows, side - transform.pad_top)
     c1 = min(transform.src_cols, side - transform.pad_left)
     if r1 > r0 and c1 > c0:
-        square[r0 + transform.pad_top:r1 + transform.pad_top,
-               c0 + transform.pad_left:c1 + transform.pad_left] = pixels[r0:r1, c0:c1]
+        square[
+            r0 + transform.pad_top : r1 + transform.pad_top,
+            c0 + transform.pad_left : c1 + transform.pad_left,
+        ] = pixels[r0:r1, c0:c1]
     size = transform.model_size
     if side != size:
         # PIL maps pixel areas edge to edge (output pixel i covers [i, i+1) * side/size),
@@ -807,8 +852,9 @@ def _render_square(pixels: FloatImage, transform: SquareTransform) -> RGBImage:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-def to_model_image(img: DisplayImage, size: int = MODEL_IMAGE_SIZE) -> tuple[RGBImage,
-                                                                             SquareTransform]:
+def to_model_image(
+    img: DisplayImage, size: int = MODEL_IMAGE_SIZE
+) -> tuple[RGBImage, SquareTransform]:
     """The model input: ``img`` centred on a black square, resized to ``size`` x ``size``.
 
     Returns a ``(size, size, 3)`` RGB uint8 array (the three channels equal) and the
@@ -847,8 +893,7 @@ def crop_source(
     if not all(math.isfinite(v) for v in (r0, c0, r1, c1)):
         raise ValueError(f"box_rc must be finite, got {tuple(box_rc)!r}")
     if r1 <= 0 or c1 <= 0 or r0 >= img.rows or c0 >= img.cols:
-        raise ValueError(f"box_rc {tuple(box_rc)!r} lies outside the {img.rows} x {img.cols} "
-                         f"image")
+        raise ValueError(f"box_rc {tuple(box_rc)!r} lies outside the {img.rows} x {img.cols} image")
     if not 0.0 <= margin_fraction <= 10.0:
         raise ValueError(f"margin_fraction must be in [0, 10], got {margin_fraction!r}")
     if isinstance(out_size, bool) or not isinstance(out_size, int) or out_size < 1:
