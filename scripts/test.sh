@@ -84,7 +84,7 @@ failed=()
 
 section "ruff"
 t0=$SECONDS
-if "$VENV/bin/ruff" check node workers sr_templates tests bench; then :; else failed+=(ruff); fi
+if "$VENV/bin/ruff" check node workers sr_templates tests bench && "$VENV/bin/ruff" format --check node workers sr_templates tests bench; then :; else failed+=(ruff); fi
 elapsed "$t0"
 
 section "mypy"
