@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ class NodeStatus:
     data_dir: str
     free_mb: int
     watermark_mb: int
+    gpus: list[str] = field(default_factory=list)
     outbox: dict[str, int] = field(default_factory=dict)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     log_tail: list[str] = field(default_factory=list)
@@ -141,6 +143,7 @@ def collect_status(
         data_dir=str(data_dir),
         free_mb=usage.free // 2**20,
         watermark_mb=settings.storage.min_free_mb,
+        gpus=gpu_memory(),
         outbox=outbox,
         dead_letters=dead,
         log_tail=_log_tail(data_dir / "logs" / "node.log", 10),
@@ -221,6 +224,21 @@ def _read_notifications(url: str) -> tuple[dict[str, int], list[dict[str, Any]]]
         ledger.close()
 
 
+def gpu_memory() -> list[str]:
+    """One line per GPU from nvidia-smi (the node never imports torch); [] without GPUs."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=index,name,memory.used,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ["nvidia-smi failed"]
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
 def _log_tail(path: Path, lines: int) -> list[str]:
     if not path.is_file():
         return []
@@ -241,6 +259,8 @@ def render_status(status: NodeStatus) -> str:
         f"Disk:     {status.free_mb} MiB free in {status.data_dir} "
         f"(watermark {status.watermark_mb} MiB){low}"
     )
+    for gpu in status.gpus:
+        out.append(f"GPU:      {gpu}")
     if status.ledger_detail != "ok":
         out.append(f"Ledger:   {status.ledger_detail}")
     out.append("Studies:  " + "  ".join(f"{k}={v}" for k, v in status.counts.items()))
