@@ -44,50 +44,22 @@ import pydicom  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid  # noqa: E402
 
-from node import __version__ as node_version  # noqa: E402
 from node.synthetic import make_chest_radiograph, write_study  # noqa: E402
 from sr_templates.report import build_measurement_report  # noqa: E402
 from sr_templates.segmentation import build_segmentation  # noqa: E402
 from sr_templates.series import derived_uid, series_number  # noqa: E402
-from workers.anchors import build_anchors  # noqa: E402
-from workers.engines.base import EngineRequest  # noqa: E402
 from workers.engines.demo import DemoEngine  # noqa: E402
-from workers.imaging import load_display_image, to_model_image  # noqa: E402
-from workers.parsing import parse_preread  # noqa: E402
-from workers.prompts import PROMPT_VERSION, build_preread_prompt  # noqa: E402
+from workers.imaging import choose_views  # noqa: E402
+from workers.preread import analyse_views  # noqa: E402
 
 SYNTAXES = {"explicit": ExplicitVRLittleEndian, "j2k": JPEG2000Lossless}
 
 
 def preread_result(path: Path) -> dict[str, Any]:
-    """The pre-read result of one frontal image, as workers.preread.analyse_study builds it."""
-    ds = pydicom.dcmread(path)
-    image = load_display_image(ds)
-    model_image, transform = to_model_image(image)
-    engine = DemoEngine()
-    system, prompt = build_preread_prompt(has_lateral=False)
-    (text,) = engine.generate([EngineRequest(images=(model_image,), prompt=prompt, system=system)])
-    parsed = parse_preread(text)
-    anchors = build_anchors(
-        parsed,
-        transform,
-        source_sop_instance_uid=str(ds.SOPInstanceUID),
-        spacing_mm=image.pixel_spacing_mm,
-        spacing_source=image.spacing_source,
-    )
-    info = engine.info
-    return {
-        "notice": "DEMO - not for clinical use. AI-generated, preliminary, not a diagnosis",
-        "is_demo": info.is_demo,
-        "model_id": info.model_id,
-        "model_revision": info.revision,
-        "prompt_version": PROMPT_VERSION,
-        "node_version": node_version,
-        "findings_text": parsed.findings_text,
-        "impression": parsed.impression,
-        "frontal": {"sop_instance_uid": str(ds.SOPInstanceUID), "reason": "PA"},
-        "anchors": [a.to_json() for a in anchors],
-    }
+    """The pre-read result of one frontal image, made by workers.preread.analyse_views."""
+    frontal, _ = choose_views([path])
+    assert frontal is not None, f"{path} is not a CR/DX image"
+    return analyse_views(DemoEngine(), frontal)
 
 
 def with_findings(result: dict[str, Any], count: int, rows: int, cols: int) -> dict[str, Any]:

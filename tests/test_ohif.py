@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-from node import __version__ as node_version
 from node.synthetic import make_chest_radiograph, write_study
 from sr_templates import codes as c
 from sr_templates.records import PrereadRecord, ReportedFinding
@@ -35,12 +34,9 @@ from sr_templates.segmentation import build_segmentation
 from sr_templates.series import series_number
 from tests import ohif
 from tests.peers import OrthancPeer
-from workers.anchors import build_anchors
-from workers.engines.base import EngineRequest
 from workers.engines.demo import DemoEngine
-from workers.imaging import load_display_image, to_model_image
-from workers.parsing import parse_preread
-from workers.prompts import PROMPT_VERSION, build_preread_prompt
+from workers.imaging import choose_views
+from workers.preread import analyse_views
 
 ohif_viewer = ohif.ohif_viewer  # the fixture (origin of the viewer reading `orthanc`)
 
@@ -50,34 +46,10 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 
 def preread(image: Dataset) -> dict[str, Any]:
-    """The result record ``workers.preread.analyse_study`` makes of a one-image study, from
-    the same pieces (the ledger and spool it reads them from are left out)."""
-    display = load_display_image(image)
-    model_image, transform = to_model_image(display)
-    system, prompt = build_preread_prompt(has_lateral=False)
-    engine = DemoEngine()
-    (text,) = engine.generate([EngineRequest(images=(model_image,), prompt=prompt, system=system)])
-    parsed = parse_preread(text)
-    anchors = build_anchors(
-        parsed,
-        transform,
-        source_sop_instance_uid=str(image.SOPInstanceUID),
-        spacing_mm=display.pixel_spacing_mm,
-        spacing_source=display.spacing_source,
-    )
-    return {
-        "is_demo": engine.info.is_demo,
-        "engine": engine.info.name,
-        "model_id": engine.info.model_id,
-        "model_revision": engine.info.revision,
-        "prompt_version": PROMPT_VERSION,
-        "node_version": node_version,
-        "findings_text": parsed.findings_text,
-        "impression": parsed.impression,
-        "frontal": {"sop_instance_uid": str(image.SOPInstanceUID), "reason": "only image"},
-        "lateral": None,
-        "anchors": [a.to_json() for a in anchors],
-    }
+    """The result record workers.preread.analyse_views makes of a one-image study."""
+    frontal, _ = choose_views([image])
+    assert frontal is not None
+    return analyse_views(DemoEngine(), frontal)
 
 
 def text_box_lines(finding: ReportedFinding) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,13 @@ from node.ledger import LedgerError, StudyLedger
 from node.settings import EngineSettings, Settings
 from workers.anchors import Anchor, build_anchors
 from workers.engines.base import Engine, EngineError, EngineRequest, TransientEngineError
-from workers.imaging import ImagingError, choose_views, load_display_image, to_model_image
+from workers.imaging import (
+    ImagingError,
+    ViewChoice,
+    choose_views,
+    load_display_image,
+    to_model_image,
+)
 from workers.parsing import parse_preread
 from workers.prompts import PROMPT_VERSION, build_preread_prompt
 
@@ -79,12 +85,34 @@ def analyse_study(
     study_uid: str,
     version: int,
 ) -> dict[str, Any]:
-    """Read one study version and return its result record (anchors, narrative, provenance)."""
+    """Read one study version and return its result record (anchors, narrative, provenance).
+
+    Anchors that match those of the previous version keep their ids and tracking UIDs.
+    """
     instances = ledger.instances_of(study_uid, up_to_version=version)
-    paths = [spool_root / i.path for i in instances]
-    frontal, lateral = choose_views(paths)
+    frontal, lateral = choose_views([spool_root / i.path for i in instances])
     if frontal is None:
         raise PrereadFailure("no CR/DX image in the study to read")
+    prior: list[Anchor] = []
+    if version > 1:
+        previous = ledger.get_study(study_uid, version - 1)
+        if previous is not None and previous.result:
+            prior = [Anchor.from_json(a) for a in previous.result.get("anchors", [])]
+    return analyse_views(engine, frontal, lateral, prior=prior)
+
+
+def analyse_views(
+    engine: Engine,
+    frontal: ViewChoice,
+    lateral: ViewChoice | None = None,
+    *,
+    prior: Sequence[Anchor] = (),
+) -> dict[str, Any]:
+    """The result record of reading a frontal image (and a lateral as second image).
+
+    decode + LUTs -> square model images -> engine -> tolerant parse -> anchors on the
+    frontal image in source pixels, with sizes from its pixel spacing.
+    """
     try:
         image = load_display_image(frontal.source)
         model_image, transform = to_model_image(image)
@@ -107,12 +135,6 @@ def analyse_study(
         raise PrereadFailure(f"engine error: {exc}") from exc
     engine_seconds = time.monotonic() - started
     parsed = parse_preread(text)
-
-    prior: list[Anchor] = []
-    if version > 1:
-        previous = ledger.get_study(study_uid, version - 1)
-        if previous is not None and previous.result:
-            prior = [Anchor.from_json(a) for a in previous.result.get("anchors", [])]
     anchors = build_anchors(
         parsed,
         transform,
