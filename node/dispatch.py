@@ -71,34 +71,28 @@ class CeleryDispatcher:
 
     def send_preread(self, study_uid: str, version: int) -> str:
         task_id = preread_task_id(study_uid, version)
-        try:
-            self.app.send_task(
-                PREREAD_TASK,
-                args=[study_uid, version],
-                task_id=task_id,
-                queue=self.preread_queue,
-                retry=True,
-                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-            )
-        except Exception as exc:
-            raise DispatchError(f"broker {self._safe_url()} unavailable: {exc}") from exc
+        self._send(PREREAD_TASK, [study_uid, version], task_id, self.preread_queue)
         return task_id
 
     def send_followup(self, question_id: str) -> str:
         """Queue a follow-up question (its id) on the follow-up queue."""
         task_id = followup_task_id(question_id)
+        self._send(FOLLOWUP_TASK, [question_id], task_id, self.followup_queue)
+        return task_id
+
+    def _send(self, task: str, args: list[object], task_id: str, queue: str) -> None:
+        """Hand one task to the broker by name, with a short bounded retry."""
         try:
             self.app.send_task(
-                FOLLOWUP_TASK,
-                args=[question_id],
+                task,
+                args=args,
                 task_id=task_id,
-                queue=self.followup_queue,
+                queue=queue,
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
             )
         except Exception as exc:
             raise DispatchError(f"broker {self._safe_url()} unavailable: {exc}") from exc
-        return task_id
 
     def queue_depth(self) -> int | None:
         try:
