@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,8 +12,9 @@ import pytest
 from node.ledger import StudySummary
 from node.runtime import NodeRuntime
 from node.settings import Settings, load_settings
+from node.synthetic import SyntheticImage, write_study
 from tests.peers import *  # noqa: F403
-from tests.peers import free_port
+from tests.peers import dcmtk, free_port
 
 
 def make_settings(tmp_path: Path, **sections: object) -> Settings:
@@ -68,3 +70,24 @@ def wait_for_state(
         f"study {study_uid} not in {sorted(states)} after {timeout}s "
         f"(last: {last.state.value if last else 'absent'}, {last.reason if last else ''})"
     )
+
+
+def storescu(
+    port: int, *files: Path, calling: str = "STORESCU", extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """dcmtk storescu of files to the node at 127.0.0.1:port, over one association."""
+    return subprocess.run(
+        [dcmtk("storescu"), "-aet", calling, "-aec", "MEDGEMMA", *extra, "127.0.0.1", str(port)]
+        + [str(f) for f in files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def send_study(
+    runtime: NodeRuntime, directory: Path, images: list[SyntheticImage], *flags: str
+) -> None:
+    """Write images to directory and storescu them to the node; the send must succeed."""
+    result = storescu(runtime.scp.port, *write_study(directory, images), extra=flags)
+    assert result.returncode == 0, result.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,24 +10,13 @@ from pydicom.uid import JPEG2000Lossless
 
 from node.runtime import NodeRuntime
 from node.settings import load_settings
-from node.synthetic import SyntheticImage, make_chest_radiograph, make_two_view_study, write_study
-from tests.conftest import wait_for_state
-from tests.peers import dcmtk
+from node.synthetic import SyntheticImage, make_chest_radiograph, make_two_view_study
+from tests.conftest import send_study, wait_for_state
 from workers.engines.base import EngineError, EngineInfo, EngineRequest, TransientEngineError
 from workers.geometry import iou
 from workers.preread import TransientPrereadError, run_preread
 
 SIZE = {"rows": 1250, "cols": 1024}
-
-
-def send(node: NodeRuntime, tmp_path: Path, images: list[SyntheticImage], *flags: str) -> None:
-    paths = write_study(tmp_path / "in", images)
-    result = subprocess.run(
-        [dcmtk("storescu"), *flags, "-aec", "MEDGEMMA", "127.0.0.1", str(node.scp.port)]
-        + [str(p) for p in paths],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
 
 
 def finding_anchors(result: dict[str, object]) -> list[dict[str, object]]:
@@ -68,7 +56,7 @@ def test_preread_anchors_match_the_phantom_nodules(
     node: NodeRuntime, tmp_path: Path, options: dict[str, object], flags: tuple[str, ...]
 ) -> None:
     image = make_chest_radiograph(seed=51, **SIZE, **options)  # type: ignore[arg-type]
-    send(node, tmp_path, [image], *flags)
+    send_study(node, tmp_path / "in", [image], *flags)
     study = wait_for_state(node, image.dataset.StudyInstanceUID, {"done", "failed"}, 60)
     assert study.state.value == "done", study.reason
     result = study.result
@@ -88,7 +76,7 @@ def test_preread_anchors_match_the_phantom_nodules(
 
 def test_two_view_study_reads_pa_with_lateral(node: NodeRuntime, tmp_path: Path) -> None:
     pa, lateral = make_two_view_study(seed=52, **SIZE)
-    send(node, tmp_path, [lateral, pa])
+    send_study(node, tmp_path / "in", [lateral, pa])
     study = wait_for_state(node, pa.dataset.StudyInstanceUID, {"done"}, 60)
     assert study.result is not None
     assert study.result["frontal"]["sop_instance_uid"] == pa.dataset.SOPInstanceUID
@@ -102,7 +90,7 @@ def test_two_view_study_reads_pa_with_lateral(node: NodeRuntime, tmp_path: Path)
 
 def test_no_pixel_spacing_gives_pixels_and_says_so(node: NodeRuntime, tmp_path: Path) -> None:
     image = make_chest_radiograph(seed=53, pixel_spacing_mm=None, **SIZE)
-    send(node, tmp_path, [image])
+    send_study(node, tmp_path / "in", [image])
     study = wait_for_state(node, image.dataset.StudyInstanceUID, {"done"}, 60)
     assert study.result is not None
     for anchor in finding_anchors(study.result):
@@ -112,9 +100,9 @@ def test_no_pixel_spacing_gives_pixels_and_says_so(node: NodeRuntime, tmp_path: 
 
 def test_new_study_version_keeps_tracking_uids(node: NodeRuntime, tmp_path: Path) -> None:
     pa, lateral = make_two_view_study(seed=54, **SIZE)
-    send(node, tmp_path / "1", [pa])
+    send_study(node, tmp_path / "1" / "in", [pa])
     v1 = wait_for_state(node, pa.dataset.StudyInstanceUID, {"done"}, 60)
-    send(node, tmp_path / "2", [lateral])
+    send_study(node, tmp_path / "2" / "in", [lateral])
     v2 = wait_for_state(node, pa.dataset.StudyInstanceUID, {"done"}, 60)
     assert v2.version == 2
     assert v1.result is not None and v2.result is not None
@@ -148,7 +136,7 @@ def queued_study(
     # a node whose in-process worker never runs: a broker URL nobody listens on
     node = node_factory(embedded=False, queue={"broker_url": "redis://127.0.0.1:9/0"})
     image = make_chest_radiograph(seed=55, rows=512, cols=416)
-    send(node, tmp_path, [image])
+    send_study(node, tmp_path / "in", [image])
     uid = image.dataset.StudyInstanceUID
     wait_for_state(node, uid, {"queued"})
     return node, uid

@@ -18,8 +18,8 @@ from node.completion import StudyCoordinator
 from node.dispatch import CeleryDispatcher, preread_task_id
 from node.runtime import NodeRuntime
 from node.synthetic import make_chest_radiograph, write_study
-from tests.conftest import wait_for_state
-from tests.peers import dcmtk, free_port
+from tests.conftest import storescu, wait_for_state
+from tests.peers import free_port
 from tests.test_preread import assert_matches_phantom
 
 SMALL = {"rows": 256, "cols": 208}
@@ -93,10 +93,7 @@ def test_study_goes_through_redis_to_a_celery_worker(
     node = node_factory(embedded=False, queue={"broker_url": redis_url, **queues})
     image = make_chest_radiograph(seed=21, rows=1250, cols=1024)
     (path,) = write_study(tmp_path / "in", [image])
-    sent = subprocess.run(
-        [dcmtk("storescu"), "-aec", "MEDGEMMA", "127.0.0.1", str(node.scp.port), str(path)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    sent = storescu(node.scp.port, path)
     assert sent.returncode == 0, sent.stderr
     study = wait_for_state(node, image.dataset.StudyInstanceUID, {"done", "failed"}, timeout=90)
     assert study.state.value == "done", (study.reason, worker.output())
@@ -119,10 +116,7 @@ def test_redelivered_task_does_no_double_work(
     node = node_factory(embedded=False, queue={"broker_url": redis_url, **queues})
     image = make_chest_radiograph(seed=22, **SMALL)
     (path,) = write_study(tmp_path / "in", [image])
-    assert subprocess.run(
-        [dcmtk("storescu"), "-aec", "MEDGEMMA", "127.0.0.1", str(node.scp.port), str(path)],
-        capture_output=True, timeout=60,
-    ).returncode == 0  # fmt: skip
+    assert storescu(node.scp.port, path).returncode == 0
     uid = image.dataset.StudyInstanceUID
     wait_for_state(node, uid, {"queued"})
     # the same task sent a second time (a broker redelivery) before any worker runs
@@ -148,11 +142,8 @@ def test_broker_down_then_reconciler_requeues(
     node = node_factory(embedded=False, queue={"broker_url": dead_broker, **queues})
     image = make_chest_radiograph(seed=23, **SMALL)
     (path,) = write_study(tmp_path / "in", [image])
-    sent = subprocess.run(
-        [dcmtk("storescu"), "-aec", "MEDGEMMA", "127.0.0.1", str(node.scp.port), str(path)],
-        capture_output=True, timeout=60,
-    )  # fmt: skip
-    assert sent.returncode == 0  # storing never depends on the broker
+    sent = storescu(node.scp.port, path)
+    assert sent.returncode == 0, sent.stderr  # storing never depends on the broker
     uid = image.dataset.StudyInstanceUID
     stuck = wait_for_state(node, uid, {"queued"})
     time.sleep(1.5)  # the broker send was attempted and failed; still queued
@@ -178,10 +169,8 @@ def test_reconciler_gives_up_after_max_attempts(
     )
     image = make_chest_radiograph(seed=24, **SMALL)
     (path,) = write_study(tmp_path / "in", [image])
-    subprocess.run(
-        [dcmtk("storescu"), "-aec", "MEDGEMMA", "127.0.0.1", str(node.scp.port), str(path)],
-        capture_output=True, timeout=60, check=True,
-    )  # fmt: skip
+    sent = storescu(node.scp.port, path)
+    assert sent.returncode == 0, sent.stderr
     uid = image.dataset.StudyInstanceUID
     wait_for_state(node, uid, {"queued"})
     node.coordinator.reconcile(older_than_seconds=0)  # attempt 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,23 +9,13 @@ import highdicom as hd
 import pydicom
 
 from node.runtime import NodeRuntime
-from node.synthetic import SyntheticImage, make_two_view_study, write_study
-from tests.conftest import wait_for_state
-from tests.peers import OrthancPeer, dciodvfy_errors, dcmtk, dsrdump_ok, wait_for
+from node.synthetic import make_two_view_study
+from tests.conftest import send_study, wait_for_state
+from tests.peers import OrthancPeer, dciodvfy_errors, dsrdump_ok, wait_for
 
 SIZE = {"rows": 1250, "cols": 1024}
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-
-
-def send(node: NodeRuntime, directory: Path, images: list[SyntheticImage]) -> None:
-    paths = write_study(directory, images)
-    result = subprocess.run(
-        [dcmtk("storescu"), "-aec", "MEDGEMMA", "127.0.0.1", str(node.scp.port)]
-        + [str(p) for p in paths],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
 
 
 def orthanc_objects(orthanc: OrthancPeer, study_uid: str, sop_class: str) -> list[Path]:
@@ -51,7 +40,7 @@ def test_sr_and_seg_reach_the_pacs_valid_and_in_the_study(
     )
     pa, lateral = make_two_view_study(seed=61, **SIZE)
     uid = str(pa.dataset.StudyInstanceUID)
-    send(node, tmp_path / "v1", [pa])
+    send_study(node, tmp_path / "v1", [pa])
     study = wait_for_state(node, uid, {"done", "failed"}, 120)
     assert study.state.value == "done", study.reason
     assert study.result is not None
@@ -78,7 +67,7 @@ def test_sr_and_seg_reach_the_pacs_valid_and_in_the_study(
     assert "DEMO - not for clinical use" in str(text.to_json_dict())
 
     # a late lateral makes version 2: an amended SR that names its predecessor
-    send(node, tmp_path / "v2", [lateral])
+    send_study(node, tmp_path / "v2", [lateral])
     v2 = wait_for_state(node, uid, {"done"}, 120)
     assert v2.version == 2
     wait_for(lambda: len(orthanc_objects(orthanc, uid, SR_CLASS)) == 2, 90, 0.3, "2 SRs")

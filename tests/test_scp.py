@@ -29,22 +29,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from node.runtime import NodeRuntime
 from node.scp import StoreStatus
 from node.synthetic import make_chest_radiograph, make_two_view_study, write_study
-from tests.conftest import wait_for_state
+from tests.conftest import storescu, wait_for_state
 from tests.peers import dcmtk
 
 SMALL = {"rows": 256, "cols": 208}
-
-
-def storescu(
-    port: int, *files: Path, calling: str = "STORESCU", extra: tuple[str, ...] = ()
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [dcmtk("storescu"), "-aet", calling, "-aec", "MEDGEMMA", *extra, "127.0.0.1", str(port)]
-        + [str(f) for f in files],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def spool_files(runtime: NodeRuntime) -> list[Path]:
