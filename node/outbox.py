@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint, select
 from sqlalchemy.orm import Mapped, mapped_column
@@ -86,6 +87,34 @@ class Delivery:
             r.attempts,
             r.last_error,
         )
+
+
+def backoff_seconds(attempts: int, base: float, cap: float) -> float:
+    """Exponential backoff after ``attempts`` failed tries: base, 2 base, 4 base ... <= cap."""
+    return float(min(cap, base * 2 ** (attempts - 1)))
+
+
+class RetriedDelivery(Protocol):
+    """A durable delivery row: the outbox's and the FHIR rest-hook's share these columns."""
+
+    state: str
+    attempts: int
+    last_error: str
+    next_attempt_at: datetime
+
+
+def record_failed_attempt(
+    row: RetriedDelivery, error: str, *, max_attempts: int, base: float, cap: float
+) -> DeliveryState:
+    """Count a failed attempt on ``row``: retry later with backoff, or dead-letter it."""
+    row.attempts += 1
+    row.last_error = error[:1000]
+    if row.attempts >= max_attempts:
+        row.state = DeliveryState.DEAD.value
+    else:
+        delay = backoff_seconds(row.attempts, base, cap)
+        row.next_attempt_at = utcnow() + timedelta(seconds=delay)
+    return DeliveryState(row.state)
 
 
 class DeliveryError(Exception):
@@ -167,17 +196,13 @@ class Outbox:
             row = s.get(OutboxRow, delivery_id)
             if row is None:
                 return DeliveryState.DEAD
-            row.attempts += 1
-            row.last_error = error[:1000]
-            if row.attempts >= self.settings.max_attempts:
-                row.state = DeliveryState.DEAD.value
-            else:
-                delay = min(
-                    self.settings.backoff_max_seconds,
-                    self.settings.backoff_base_seconds * 2 ** (row.attempts - 1),
-                )
-                row.next_attempt_at = utcnow() + timedelta(seconds=delay)
-            return DeliveryState(row.state)
+            return record_failed_attempt(
+                row,
+                error,
+                max_attempts=self.settings.max_attempts,
+                base=self.settings.backoff_base_seconds,
+                cap=self.settings.backoff_max_seconds,
+            )
 
     def retry_dead(self) -> int:
         """Give dead deliveries another round (an operator's action after fixing the PACS)."""

@@ -16,6 +16,7 @@ from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, Uniqu
 from sqlalchemy.orm import Mapped, mapped_column
 
 from node.ledger import Base, utcnow
+from node.outbox import DeliveryState as DeliveryState  # shared with the outbox
 
 
 class FhirResourceRow(Base):
@@ -74,12 +75,6 @@ class FollowupRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # to the queue
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
-
-
-class DeliveryState(enum.StrEnum):
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    DEAD = "dead"
 
 
 class SubscriptionDeliveryRow(Base):

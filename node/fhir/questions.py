@@ -39,6 +39,7 @@ from node.fhir.resources import ResourceInvalid, now_instant, validate
 from node.fhir.routers.common import collection_text, json_response
 from node.fhir.search import normalise_reference
 from node.fhir.store import FhirStore, FollowupJob, NewQuestion, StoredResource, new_id
+from node.outbox import backoff_seconds
 
 log = logging.getLogger("medgemma.fhir.questions")
 
@@ -313,7 +314,7 @@ class FollowupPublisher:
                 self._pending.difference_update(sent)
             if unsent:
                 failures += 1
-                delay = min(30.0, self.retry_base * 2 ** (failures - 1))
+                delay = backoff_seconds(failures, self.retry_base, 30.0)
                 for job_id in unsent:
                     self._queue.put(job_id)
                 self._stop.wait(delay)

@@ -51,6 +51,7 @@ from node.fhir.models import (
 )
 from node.fhir.search import Condition, IndexValue, index_values, parse_query
 from node.ledger import Base, Study, StudyLedger, make_engine, utcnow
+from node.outbox import record_failed_attempt
 
 log = logging.getLogger("medgemma.fhir")
 
@@ -476,14 +477,7 @@ class FhirStore:
             row = s.get(SubscriptionDeliveryRow, delivery_id)
             if row is None:
                 return DeliveryState.DEAD
-            row.attempts += 1
-            row.last_error = error[:1000]
-            if row.attempts >= max_attempts:
-                row.state = DeliveryState.DEAD.value
-            else:
-                delay = min(cap, base * 2 ** (row.attempts - 1))
-                row.next_attempt_at = utcnow() + timedelta(seconds=delay)
-            return DeliveryState(row.state)
+            return record_failed_attempt(row, error, max_attempts=max_attempts, base=base, cap=cap)
 
     def deliveries(self, state: DeliveryState | None = None, limit: int = 100) -> list[Delivery]:
         with self._tx() as s:
