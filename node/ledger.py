@@ -232,6 +232,7 @@ class SeriesSummary:
 
 @dataclass(frozen=True)
 class InstanceSummary:
+    study_id: int  # the ledger row of the study version it arrived in
     sop_instance_uid: str
     revision: int
     sop_class_uid: str
@@ -314,6 +315,21 @@ class StudyLedger:
                 return None
             inst, series_uid = row
             return _instance_summary(inst, series_uid)
+
+    def lookup_instance(
+        self, sop_instance_uid: str, sha256: str
+    ) -> tuple[InstanceSummary | None, int]:
+        """(the revision holding exactly these bytes or None, the latest revision number or 0)."""
+        with self._tx() as s:
+            rows = s.execute(
+                select(Instance, Series.series_uid)
+                .join(Series, Series.id == Instance.series_id)
+                .where(Instance.sop_instance_uid == sop_instance_uid)
+            ).all()
+            identical = next(
+                (_instance_summary(i, uid) for i, uid in rows if i.sha256 == sha256), None
+            )
+            return identical, max((i.revision for i, _ in rows), default=0)
 
     def record_instance(
         self,
@@ -663,6 +679,7 @@ class StudyLedger:
 
 def _instance_summary(inst: Instance, series_uid: str) -> InstanceSummary:
     return InstanceSummary(
+        study_id=inst.study_id,
         sop_instance_uid=inst.sop_instance_uid,
         revision=inst.revision,
         sop_class_uid=inst.sop_class_uid,

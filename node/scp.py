@@ -323,8 +323,8 @@ class StorageSCP:
             )
 
         sha256, size = sha256_of(path)
-        existing = self.ledger.find_instance(header.sop_instance_uid)
-        if existing is not None and existing.sha256 == sha256:
+        identical, latest_revision = self.ledger.lookup_instance(header.sop_instance_uid, sha256)
+        if identical is not None:
             self.counters.duplicates += 1
             log.info(
                 "duplicate of %s (study %s) from %s: identical, already stored",
@@ -332,16 +332,8 @@ class StorageSCP:
                 header.study_uid,
                 calling_ae,
             )
-            found = self.ledger.record_instance(
-                header,
-                path=existing.path,
-                sha256=sha256,
-                size_bytes=size,
-                revision=existing.revision,
-                calling_ae=calling_ae,
-            )
-            return found.study_id
-        revision = 1 if existing is None else existing.revision + 1
+            return identical.study_id
+        revision = latest_revision + 1
         try:
             relative = self.spool.relative_path(
                 header.study_uid, header.series_uid, header.sop_instance_uid, revision

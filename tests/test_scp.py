@@ -358,3 +358,17 @@ def test_other_objects_of_a_chest_study_are_kept_and_the_study_is_read(
     assert study.instance_count == 2
     classes = {i.sop_class_uid for i in node.ledger.instances_of(uid)}
     assert str(sc.SOPClassUID) in classes  # kept, though not pre-read
+
+
+def test_resending_an_earlier_revision_keeps_no_extra_file(
+    node: NodeRuntime, tmp_path: Path
+) -> None:
+    image = make_chest_radiograph(seed=13, **SMALL)
+    ds = image.dataset
+    (first,) = write_study(tmp_path / "a", [image])
+    ds.SeriesDescription = "CHEST PA corrected"
+    (second,) = write_study(tmp_path / "b", [ds])
+    for path in (first, second, first):  # the original comes again after the correction
+        assert storescu(node.scp.port, path).returncode == 0
+    assert len(spool_files(node)) == 2  # revisions 1 and 2, no orphan third file
+    assert node.ledger.instance_count() == 2
