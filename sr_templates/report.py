@@ -70,7 +70,8 @@ from pydicom.uid import (
 from pydicom.valuerep import PersonName
 
 from sr_templates import codes as c
-from sr_templates.records import PrereadRecord, ReportedFinding
+from sr_templates.model import PrereadResult
+from sr_templates.records import ReportedFinding, reported_findings
 from sr_templates.series import DEFAULT_NODE, device_uid, series_uid
 
 __all__ = [
@@ -170,7 +171,7 @@ def _image_library(datasets: Sequence[Dataset]) -> ContainerContentItem:
     return library
 
 
-def _algorithm(record: PrereadRecord) -> AlgorithmIdentification:
+def _algorithm(record: PrereadResult) -> AlgorithmIdentification:
     """TID 4019: name = model id, version = model revision, parameters = the prompt and
     node versions (as "key=value")."""
     return AlgorithmIdentification(
@@ -229,7 +230,7 @@ def _group(
     )
 
 
-def _statement(record: PrereadRecord) -> str:
+def _statement(record: PrereadResult) -> str:
     parts = []
     if record.is_demo:
         parts.append(f"{c.DEMO_STATEMENT}.")
@@ -238,7 +239,7 @@ def _statement(record: PrereadRecord) -> str:
         f"Model {record.model_id} (revision {record.model_revision}), prompt "
         f"{record.prompt_version}, medgemma-node {record.node_version}."
     )
-    units = {f.measurements.units for f in record.findings if f.measurements is not None}
+    units = {f.measurements.units for f in reported_findings(record) if f.measurements is not None}
     if "px" in units:
         parts.append("The image has no pixel spacing: sizes are in pixels.")
     if "mm" in units:
@@ -250,7 +251,7 @@ def _statement(record: PrereadRecord) -> str:
     return " ".join(parts)
 
 
-def _narrative(record: PrereadRecord) -> ContainerContentItem:
+def _narrative(record: PrereadResult) -> ContainerContentItem:
     container = ContainerContentItem(
         name=c.QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
     )
@@ -266,7 +267,7 @@ def _narrative(record: PrereadRecord) -> ContainerContentItem:
 
 
 def _root(
-    record: PrereadRecord,
+    record: PrereadResult,
     sources: dict[str, Dataset],
     source_datasets: Sequence[Dataset],
     *,
@@ -298,13 +299,13 @@ def _root(
         )
     )
     content.append(_image_library(source_datasets))
-    if record.findings:
+    if reported_findings(record):
         algorithm = _algorithm(record)
         measurements = ContainerContentItem(
             name=c.IMAGING_MEASUREMENTS, relationship_type=RelationshipTypeValues.CONTAINS
         )
         groups = ContentSequence()
-        for finding in record.findings:
+        for finding in reported_findings(record):
             source = sources.get(finding.source_sop_instance_uid)
             if source is None:
                 raise ValueError(
@@ -384,7 +385,7 @@ def _uses_private_scheme(value: Any) -> bool:
 
 
 def build_measurement_report(
-    result: dict[str, Any],
+    result: PrereadResult,
     source_datasets: list[Dataset],
     *,
     series_number: int,
@@ -398,7 +399,7 @@ def build_measurement_report(
 ) -> Dataset:
     """The TID 1500 Measurement Report (Comprehensive 3D SR) of a pre-read result.
 
-    result: a ``workers.preread.analyse_study`` result (anchors as ``Anchor.to_json()``).
+    result: a pre-read result (``sr_templates.model.PrereadResult``).
     source_datasets: the study's images (at least every image an anchor refers to; the
         frontal image). They go into the image library and the evidence; pixel data are
         not needed.
@@ -418,7 +419,9 @@ def build_measurement_report(
     A result without findings gives a report with the narrative only. Every report says
     it is AI-generated and preliminary, and DEMO when the engine was the demo engine.
     """
-    record = PrereadRecord.from_result(result)
+    if not isinstance(result, PrereadResult):
+        raise TypeError(f"result must be a PrereadResult, got {type(result).__name__}")
+    record = result
     sources = _source_by_uid(source_datasets)
     for name, value in (("series_number", series_number), ("instance_number", instance_number)):
         if isinstance(value, bool) or not isinstance(value, int):

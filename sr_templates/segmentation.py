@@ -16,7 +16,7 @@ image; highdicom leaves it out. Each segment has a display colour (OHIF warns wi
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
 import highdicom as hd
 import numpy as np
@@ -24,7 +24,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from sr_templates import codes as c
-from sr_templates.records import PrereadRecord, ReportedFinding
+from sr_templates.model import PrereadResult
+from sr_templates.records import ReportedFinding, reported_findings
 from sr_templates.report import (
     DEFAULT_MANUFACTURER,
     coding_scheme_identification,
@@ -92,7 +93,7 @@ def _add_laterality(segment: Dataset, finding: ReportedFinding) -> None:
     segment.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [modifier]
 
 
-def _content_description(record: PrereadRecord) -> str:
+def _content_description(record: PrereadResult) -> str:
     """Content Description (LO, 64 characters): the AI statement, DEMO first when a demo."""
     if record.is_demo:
         return f"{c.DEMO_STATEMENT}; AI-generated, preliminary"
@@ -118,7 +119,7 @@ def _make_ohif_compatible(seg: Dataset, source: Dataset) -> None:
 
 
 def build_segmentation(
-    result: dict[str, Any],
+    result: PrereadResult,
     source_dataset: Dataset,
     *,
     series_number: int,
@@ -142,7 +143,9 @@ def build_segmentation(
     finding site with its laterality. Returns None when the result has no finding anchors:
     a SEG must hold at least one segment, and an empty one would tell the reader nothing.
     """
-    record = PrereadRecord.from_result(result)
+    if not isinstance(result, PrereadResult):
+        raise TypeError(f"result must be a PrereadResult, got {type(result).__name__}")
+    record = result
     if not isinstance(source_dataset, Dataset):
         raise TypeError("source_dataset must be a pydicom Dataset (the frontal image)")
     for name, value in (("series_number", series_number), ("instance_number", instance_number)):
@@ -150,17 +153,17 @@ def build_segmentation(
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if not record.findings:
+    if not reported_findings(record):
         return None
     source_uid = str(source_dataset.SOPInstanceUID)
-    for finding in record.findings:
+    for finding in reported_findings(record):
         if finding.source_sop_instance_uid != source_uid:
             raise ValueError(
                 f"anchor {finding.anchor_id} is on image {finding.source_sop_instance_uid}, "
                 f"not on source_dataset {source_uid}"
             )
     rows, cols = int(source_dataset.Rows), int(source_dataset.Columns)
-    masks = np.stack([f.region.mask(rows, cols) for f in record.findings], axis=-1)
+    masks = np.stack([f.region.mask(rows, cols) for f in reported_findings(record)], axis=-1)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=record.model_id,
         family=c.ALGORITHM_FAMILY_AI,
@@ -168,7 +171,8 @@ def build_segmentation(
         parameters=record.algorithm_parameters,
     )
     descriptions = [
-        _description(i, finding, algorithm) for i, finding in enumerate(record.findings, 1)
+        _description(i, finding, algorithm)
+        for i, finding in enumerate(reported_findings(record), 1)
     ]
     study_uid = str(source_dataset.StudyInstanceUID)
     seg = hd.seg.Segmentation(
@@ -190,7 +194,7 @@ def build_segmentation(
     )
     detach_from_sources(seg, [source_dataset])
     use_utf8(seg)
-    for segment, finding in zip(seg.SegmentSequence, record.findings, strict=True):
+    for segment, finding in zip(seg.SegmentSequence, reported_findings(record), strict=True):
         _add_laterality(segment, finding)
     _make_ohif_compatible(seg, source_dataset)
     description = SEG_SERIES_DESCRIPTION
@@ -199,6 +203,6 @@ def build_segmentation(
     seg.SeriesDescription = description
     if any(f.finding.code.scheme_designator == c.PRIVATE_SCHEME or (
         f.site is not None and f.site.code.scheme_designator == c.PRIVATE_SCHEME
-    ) for f in record.findings):  # fmt: skip
+    ) for f in reported_findings(record)):  # fmt: skip
         coding_scheme_identification(seg)
     return seg

@@ -28,7 +28,8 @@ from pydicom.dataset import Dataset
 
 from node.synthetic import make_chest_radiograph, write_study
 from sr_templates import codes as c
-from sr_templates.records import PrereadRecord, ReportedFinding
+from sr_templates.model import PrereadResult
+from sr_templates.records import ReportedFinding, reported_findings
 from sr_templates.report import build_measurement_report
 from sr_templates.segmentation import build_segmentation
 from sr_templates.series import series_number
@@ -45,7 +46,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / ".ci" / "artifacts" / "ohif"
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 
-def preread(image: Dataset) -> dict[str, Any]:
+def preread(image: Dataset) -> PrereadResult:
     """The result record workers.preread.analyse_views makes of a one-image study."""
     frontal, _ = choose_views([image])
     assert frontal is not None
@@ -88,8 +89,8 @@ def test_sr_overlays_and_seg_open_in_ohif(
     source = image.dataset
     assert "ImagerPixelSpacing" in source
     result = preread(source)
-    findings = PrereadRecord.from_result(result).findings
-    assert len(findings) == len(image.nodules), result["anchors"]
+    findings = reported_findings(result)
+    assert len(findings) == len(image.nodules), result.anchors
     sr = build_measurement_report(
         result, [source], series_number=series_number("sr"), instance_number=1
     )

@@ -26,13 +26,13 @@ from pydicom.uid import JPEG2000Lossless
 
 from node.synthetic import SyntheticImage, make_chest_radiograph, make_two_view_study, write_study
 from sr_templates import codes, ontology
+from sr_templates.model import PrereadResult, Region
 from sr_templates.report import build_measurement_report
 from sr_templates.segmentation import build_segmentation
 from sr_templates.series import derived_uid, series_number, series_uid
 from tests.peers import dciodvfy_errors, dcmtk, dsrdump_ok
 from workers import prompts
 from workers.engines.demo import DemoEngine
-from workers.geometry import Region, ellipse_points, rectangle_points
 from workers.preread import AI_NOTICE, DEMO_NOTICE, analyse_study
 
 SIZE = {"rows": 1250, "cols": 1024}
@@ -72,7 +72,9 @@ def preread(tmp_path: Path) -> Preread:
         for path in write_study(tmp_path / f"v{version}", images):
             ledger.paths.append((version, path))
         study_uid = str(images[0].dataset.StudyInstanceUID)
-        result = analyse_study(ledger, tmp_path, engine, study_uid, version)  # type: ignore[arg-type]
+        typed = analyse_study(ledger, tmp_path, engine, study_uid, version)  # type: ignore[arg-type]
+        result = typed.to_json()
+        assert PrereadResult.from_json(result) == typed  # the ledger's JSON loses nothing
         ledger.results[version] = result
         return result
 
@@ -121,8 +123,24 @@ def findings_of(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def region_of(anchor: dict[str, Any]) -> Region:
-    r = anchor["region"]
-    return Region(r["row0"], r["col0"], r["row1"], r["col1"], r["shape"])
+    return Region.from_json(anchor["region"])
+
+
+def typed(result: dict[str, Any]) -> PrereadResult:
+    """A result dict (as the tests edit it) as the builders take it."""
+    return PrereadResult.from_json(result)
+
+
+def expected_scoord(region: Region) -> list[tuple[float, float]]:
+    """SCOORD points computed by hand, (col, row): an ellipse's major axis ends then minor
+    axis ends; a box as a closed polyline."""
+    r0, c0, r1, c1 = region.box
+    cr, cc = (r0 + r1) / 2, (c0 + c1) / 2
+    if region.shape == "ellipse":
+        horizontal = [(c0, cr), (c1, cr)]
+        vertical = [(cc, r0), (cc, r1)]
+        return horizontal + vertical if c1 - c0 >= r1 - r0 else vertical + horizontal
+    return [(c0, r0), (c1, r0), (c1, r1), (c0, r1), (c0, r0)]
 
 
 def coded_pairs(value: object) -> Iterator[tuple[str, str, str]]:
@@ -260,7 +278,7 @@ def test_report_round_trips_anchors_through_highdicom(
     sources = [pa.dataset, lateral.dataset]
     study_uid = str(pa.dataset.StudyInstanceUID)
     sr = build_measurement_report(
-        result,
+        typed(result),
         sources,
         series_number=series_number("sr"),
         instance_number=1,
@@ -287,7 +305,7 @@ def test_report_round_trips_anchors_through_highdicom(
         assert site.laterality == concept.laterality_code
         # the SCOORD: workers.geometry's points, on the PA image
         region = region_of(anchor)
-        expected = ellipse_points(region) if region.shape == "ellipse" else rectangle_points(region)
+        expected = expected_scoord(region)
         roi = group.roi
         assert roi is not None
         assert roi.graphic_type.value == ("ELLIPSE" if region.shape == "ellipse" else "POLYLINE")
@@ -330,7 +348,9 @@ def test_report_round_trips_anchors_through_highdicom(
 def test_report_says_ai_generated_preliminary_and_demo(preread: Preread, tmp_path: Path) -> None:
     image = make_chest_radiograph(seed=62, **SIZE)  # type: ignore[arg-type]
     result = preread([image])
-    sr = build_measurement_report(result, [image.dataset], series_number=9001, instance_number=1)
+    sr = build_measurement_report(
+        typed(result), [image.dataset], series_number=9001, instance_number=1
+    )
     path = assert_valid(sr, tmp_path, "sr")
     assert (sr.CompletionFlag, sr.VerificationFlag) == ("PARTIAL", "UNVERIFIED")
     assert sr.SeriesDescription == "DEMO MedGemma pre-read (AI, preliminary)"
@@ -372,8 +392,8 @@ def test_monochrome1_dx_jpeg2000_study_gives_valid_sr_and_seg_from_headers(
     # the builders need the image's header only (workers.results reads no pixel data)
     header = pydicom.dcmread(io.BytesIO(to_bytes(image.dataset)), stop_before_pixels=True)
     assert "PixelData" not in header
-    sr = build_measurement_report(result, [header], series_number=9001, instance_number=1)
-    seg = build_segmentation(result, header, series_number=9002, instance_number=1)
+    sr = build_measurement_report(typed(result), [header], series_number=9001, instance_number=1)
+    seg = build_segmentation(typed(result), header, series_number=9002, instance_number=1)
     assert seg is not None
     assert_valid(sr, tmp_path, "sr")
     assert_valid(seg, tmp_path, "seg")
@@ -389,8 +409,13 @@ def test_result_without_findings_gives_narrative_sr_and_no_seg(
     image = make_chest_radiograph(seed=64, nodules=(), **SIZE)  # type: ignore[arg-type]
     result = preread([image])
     assert findings_of(result) == []
-    assert build_segmentation(result, image.dataset, series_number=9002, instance_number=1) is None
-    sr = build_measurement_report(result, [image.dataset], series_number=9001, instance_number=1)
+    assert (
+        build_segmentation(typed(result), image.dataset, series_number=9002, instance_number=1)
+        is None
+    )
+    sr = build_measurement_report(
+        typed(result), [image.dataset], series_number=9001, instance_number=1
+    )
     assert_valid(sr, tmp_path, "sr")
     back = hd.sr.srread(io.BytesIO(to_bytes(sr)))
     names = [item.name.value for item in back.content[0].ContentSequence]
@@ -405,7 +430,9 @@ def test_no_pixel_spacing_gives_measurements_in_pixels(preread: Preread, tmp_pat
     result = preread([image])
     findings = findings_of(result)
     assert findings and all(a["measurements"]["units"] == "px" for a in findings)
-    sr = build_measurement_report(result, [image.dataset], series_number=9001, instance_number=1)
+    sr = build_measurement_report(
+        typed(result), [image.dataset], series_number=9001, instance_number=1
+    )
     assert_valid(sr, tmp_path, "sr")
     group = hd.sr.srread(io.BytesIO(to_bytes(sr))).content.get_planar_roi_measurement_groups()[0]
     values = {(m.name.meaning, m.unit.value): m.value for m in group.get_measurements()}
@@ -419,7 +446,7 @@ def test_no_pixel_spacing_gives_measurements_in_pixels(preread: Preread, tmp_pat
     )
     comment = sr.ContentSequence[-1].ContentSequence[-1].TextValue
     assert "no pixel spacing: sizes are in pixels" in comment
-    seg = build_segmentation(result, image.dataset, series_number=9002, instance_number=1)
+    seg = build_segmentation(typed(result), image.dataset, series_number=9002, instance_number=1)
     assert seg is not None
     assert_valid(seg, tmp_path, "seg")
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
@@ -434,8 +461,10 @@ def test_chinese_labels_and_latin1_patient_names_survive_in_utf8(
     result = preread([image])
     findings_of(result)[0]["label"] = "右上肺野结节"
     result["impression"] = "右上肺野见一结节 (≥ 5 mm)。"
-    sr = build_measurement_report(result, [image.dataset], series_number=9001, instance_number=1)
-    seg = build_segmentation(result, image.dataset, series_number=9002, instance_number=1)
+    sr = build_measurement_report(
+        typed(result), [image.dataset], series_number=9001, instance_number=1
+    )
+    seg = build_segmentation(typed(result), image.dataset, series_number=9002, instance_number=1)
     assert seg is not None
     for ds, name in ((sr, "sr"), (seg, "seg")):
         path = tmp_path / f"{name}.dcm"
@@ -469,7 +498,7 @@ def test_segmentation_pixels_match_anchor_regions(
     findings[1]["region"]["shape"] = "rectangle"
     study_uid = str(image.dataset.StudyInstanceUID)
     seg = build_segmentation(
-        result,
+        typed(result),
         image.dataset,
         series_number=series_number("seg"),
         instance_number=1,
@@ -529,8 +558,10 @@ def test_point_and_zero_width_regions_become_points_and_one_pixel_segments(
     first, second = findings_of(result)[:2]
     first["region"]["shape"] = "point"
     second["region"]["col1"] = second["region"]["col0"]  # a box without width
-    sr = build_measurement_report(result, [image.dataset], series_number=9001, instance_number=1)
-    seg = build_segmentation(result, image.dataset, series_number=9002, instance_number=1)
+    sr = build_measurement_report(
+        typed(result), [image.dataset], series_number=9001, instance_number=1
+    )
+    seg = build_segmentation(typed(result), image.dataset, series_number=9002, instance_number=1)
     assert seg is not None
     assert_valid(sr, tmp_path, "sr")
     assert_valid(seg, tmp_path, "seg")
@@ -564,11 +595,11 @@ def test_amended_report_references_predecessor_and_keeps_tracking_uids(
     def build(result: dict[str, Any], version: int, sources: list[Dataset],
               predecessor: Dataset | None = None) -> tuple[Dataset, Dataset | None]:  # fmt: skip
         sr = build_measurement_report(
-            result, sources, series_number=series_number("sr"), instance_number=version,
+            typed(result), sources, series_number=series_number("sr"), instance_number=version,
             sop_instance_uid=derived_uid("sr", study_uid, version), predecessor=predecessor,
         )  # fmt: skip
         seg = build_segmentation(
-            result, pa.dataset, series_number=series_number("seg"), instance_number=version,
+            typed(result), pa.dataset, series_number=series_number("seg"), instance_number=version,
             sop_instance_uid=derived_uid("seg", study_uid, version),
         )  # fmt: skip
         return sr, seg
@@ -626,20 +657,24 @@ def test_invalid_inputs_are_refused_with_the_argument_named(preread: Preread) ->
     pa, lateral = make_two_view_study(seed=68, **SIZE)  # type: ignore[arg-type]
     result = preread([pa])
     with pytest.raises(ValueError, match="source_datasets"):
-        build_measurement_report(result, [lateral.dataset], series_number=9001, instance_number=1)
+        build_measurement_report(
+            typed(result), [lateral.dataset], series_number=9001, instance_number=1
+        )
     with pytest.raises(ValueError, match="source_datasets"):
-        build_measurement_report(result, [], series_number=9001, instance_number=1)
+        build_measurement_report(typed(result), [], series_number=9001, instance_number=1)
     with pytest.raises(ValueError, match="series_number"):
-        build_measurement_report(result, [pa.dataset], series_number=0, instance_number=1)
+        build_measurement_report(typed(result), [pa.dataset], series_number=0, instance_number=1)
     with pytest.raises(ValueError, match="source_dataset"):
-        build_segmentation(result, lateral.dataset, series_number=9002, instance_number=1)
+        build_segmentation(typed(result), lateral.dataset, series_number=9002, instance_number=1)
     bad = dict(result, anchors=[dict(findings_of(result)[0], finding="tumour")])
     with pytest.raises(ValueError, match="finding 'tumour'"):
-        build_measurement_report(bad, [pa.dataset], series_number=9001, instance_number=1)
-    sr = build_measurement_report(result, [pa.dataset], series_number=9001, instance_number=1)
+        build_measurement_report(typed(bad), [pa.dataset], series_number=9001, instance_number=1)
+    sr = build_measurement_report(
+        typed(result), [pa.dataset], series_number=9001, instance_number=1
+    )
     sr.StudyInstanceUID = "1.2.3.4"
     assert pa.dataset.StudyInstanceUID != "1.2.3.4"  # the SR shares no element with the image
     with pytest.raises(ValueError, match="predecessor"):
         build_measurement_report(
-            result, [pa.dataset], series_number=9001, instance_number=2, predecessor=sr
+            typed(result), [pa.dataset], series_number=9001, instance_number=2, predecessor=sr
         )

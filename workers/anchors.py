@@ -9,101 +9,30 @@ and the pixel spacing (workers.geometry), never from model text.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
 
 from pydicom.uid import generate_uid
 
-from workers.geometry import ROUND_FINDINGS, Measurements, Region, Shape, iou, measure
+from sr_templates.model import Anchor, AnchorKind, Laterality, Region, RegionShape
+from workers.geometry import ROUND_FINDINGS, iou, measure
 from workers.imaging import SquareTransform
 from workers.parsing import ParsedPreread
 
-AnchorKind = Literal["finding", "landmark", "region"]
+__all__ = ["SAME_ANCHOR_IOU", "Anchor", "build_anchors"]
 
 # A finding of a new study version that overlaps a prior anchor of the same finding type
 # this much keeps the prior anchor's id and tracking UID.
 SAME_ANCHOR_IOU = 0.5
 
 
-@dataclass(frozen=True)
-class Anchor:
-    anchor_id: str  # "A1", "A2", ... unique within a study
-    tracking_uid: str
-    label: str
-    kind: AnchorKind
-    finding: str | None  # a workers.prompts FINDING_TYPES term (findings), else None
-    site: str | None  # a SITES term or landmark name
-    laterality: str  # right | left | bilateral | none
-    region: Region  # source pixels
-    source_sop_instance_uid: str
-    measurements: Measurements | None
-    attributes: dict[str, str] = field(default_factory=dict)
-    confidence: float | None = None  # MedGemma gives none; kept for engines that do
-    version: int = 1
-    created_turn: int = 0  # 0 = the pre-read; follow-up turns count from 1
-    refined_turn: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.anchor_id.startswith("A") or not self.anchor_id[1:].isdigit():
-            raise ValueError(f"anchor_id {self.anchor_id!r} must be 'A' followed by a number")
-        if self.kind not in ("finding", "landmark", "region"):
-            raise ValueError(f"anchor kind {self.kind!r} is not finding, landmark or region")
-
-    @property
-    def tracking_identifier(self) -> str:
-        """The human-readable SR Tracking Identifier, e.g. 'A1 right lower zone nodule'."""
-        return f"{self.anchor_id} {self.label}"
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["region"] = {
-            "row0": round(self.region.row0, 2),
-            "col0": round(self.region.col0, 2),
-            "row1": round(self.region.row1, 2),
-            "col1": round(self.region.col1, 2),
-            "shape": self.region.shape,
-        }
-        data["measurements"] = self.measurements.as_dict() if self.measurements else None
-        data["size_text"] = self.measurements.text() if self.measurements else ""
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Anchor:
-        r = data["region"]
-        m = data.get("measurements")
-        return cls(
-            anchor_id=data["anchor_id"],
-            tracking_uid=data["tracking_uid"],
-            label=data["label"],
-            kind=data["kind"],
-            finding=data.get("finding"),
-            site=data.get("site"),
-            laterality=data.get("laterality", "none"),
-            region=Region(r["row0"], r["col0"], r["row1"], r["col1"], r["shape"]),
-            source_sop_instance_uid=data["source_sop_instance_uid"],
-            measurements=(
-                Measurements(
-                    m["long_axis"], m["short_axis"], m["area"], m["units"], m["spacing_source"]
-                )
-                if m
-                else None
-            ),
-            attributes=dict(data.get("attributes") or {}),
-            confidence=data.get("confidence"),
-            version=int(data.get("version", 1)),
-            created_turn=int(data.get("created_turn", 0)),
-            refined_turn=data.get("refined_turn"),
-        )
-
-
 def _landmark_label(name: str) -> str:
     return name.replace("_", " ")
 
 
-def _landmark_laterality(name: str) -> str:
-    for side in ("right", "left"):
-        if name.startswith(side + "_"):
-            return side
+def _landmark_laterality(name: str) -> Laterality:
+    if name.startswith("right_"):
+        return "right"
+    if name.startswith("left_"):
+        return "left"
     return "none"
 
 
@@ -134,7 +63,7 @@ def build_anchors(
             if p.tracking_uid in used_prior or p.kind != kind:
                 continue
             p_key = p.finding if kind == "finding" else p.site
-            overlap = iou(p.region.box, box)  # type: ignore[arg-type]
+            overlap = iou(p.region.box, box)
             if p_key == key and overlap >= best_iou:
                 best, best_iou = p, overlap
         if best is not None:
@@ -148,7 +77,7 @@ def build_anchors(
         box = transform.box_to_source(f.box_2d)
         if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
             continue  # wholly in the padding: nothing of the image is marked
-        shape: Shape = "ellipse" if f.finding in ROUND_FINDINGS else "rectangle"
+        shape: RegionShape = "ellipse" if f.finding in ROUND_FINDINGS else "rectangle"
         region = Region(*box, shape=shape)
         anchor_id, uid, version = identity("finding", f.finding, box)
         anchors.append(
@@ -189,8 +118,3 @@ def build_anchors(
             )
         )
     return sorted(anchors, key=lambda a: int(a.anchor_id[1:]))
-
-
-def refine(anchor: Anchor, *, turn: int, **changes: Any) -> Anchor:
-    """A new version of an anchor (same id and tracking UID) refined by a follow-up turn."""
-    return replace(anchor, version=anchor.version + 1, refined_turn=turn, **changes)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from node import __version__ as node_version
 from node.ledger import LedgerError, StudyLedger
 from node.settings import EngineSettings, Settings
-from workers.anchors import Anchor, build_anchors
+from sr_templates.model import Anchor, PrereadResult, ViewRef
+from workers.anchors import build_anchors
 from workers.engines.base import Engine, EngineError, EngineRequest, TransientEngineError
 from workers.imaging import (
     ImagingError,
@@ -84,8 +85,8 @@ def analyse_study(
     engine: Engine,
     study_uid: str,
     version: int,
-) -> dict[str, Any]:
-    """Read one study version and return its result record (anchors, narrative, provenance).
+) -> PrereadResult:
+    """Read one study version and return its result (anchors, narrative, provenance).
 
     Anchors that match those of the previous version keep their ids and tracking UIDs.
     """
@@ -93,11 +94,11 @@ def analyse_study(
     frontal, lateral = choose_views([spool_root / i.path for i in instances])
     if frontal is None:
         raise PrereadFailure("no CR/DX image in the study to read")
-    prior: list[Anchor] = []
+    prior: Sequence[Anchor] = ()
     if version > 1:
         previous = ledger.get_study(study_uid, version - 1)
         if previous is not None and previous.result:
-            prior = [Anchor.from_json(a) for a in previous.result.get("anchors", [])]
+            prior = PrereadResult.from_json(previous.result).anchors
     return analyse_views(engine, frontal, lateral, prior=prior)
 
 
@@ -107,8 +108,8 @@ def analyse_views(
     lateral: ViewChoice | None = None,
     *,
     prior: Sequence[Anchor] = (),
-) -> dict[str, Any]:
-    """The result record of reading a frontal image (and a lateral as second image).
+) -> PrereadResult:
+    """The result of reading a frontal image (and a lateral as second image).
 
     decode + LUTs -> square model images -> engine -> tolerant parse -> anchors on the
     frontal image in source pixels, with sizes from its pixel spacing.
@@ -145,33 +146,31 @@ def analyse_views(
     )
     info = engine.info
     notice = f"{DEMO_NOTICE}. {AI_NOTICE}" if info.is_demo else AI_NOTICE
-    if any("truncated" in w for w in parsed.warnings):
+    result = PrereadResult(
+        notice=notice,
+        is_demo=info.is_demo,
+        engine=info.name,
+        model_id=info.model_id,
+        model_revision=info.revision,
+        prompt_version=PROMPT_VERSION,
+        node_version=node_version,
+        frontal=ViewRef(frontal.sop_instance_uid, frontal.reason),
+        lateral=ViewRef(lateral.sop_instance_uid, lateral.reason) if lateral else None,
+        anchors=tuple(anchors),
+        structured=parsed.structured,
+        parse_warnings=tuple(parsed.warnings),
+        findings_text=parsed.findings_text,
+        impression=parsed.impression,
+        model_text=text,
+        pixel_spacing_mm=image.pixel_spacing_mm,
+        spacing_source=image.spacing_source,
+        engine_seconds=round(engine_seconds, 3),
+    )
+    if result.truncated:
         # a cut-off answer must not read as a normal study
         notice += ". The model's answer was cut off: findings may be incomplete"
-    return {
-        "notice": notice,
-        "is_demo": info.is_demo,
-        "engine": info.name,
-        "model_id": info.model_id,
-        "model_revision": info.revision,
-        "prompt_version": PROMPT_VERSION,
-        "node_version": node_version,
-        "structured": parsed.structured,
-        "parse_warnings": list(parsed.warnings),
-        "findings_text": parsed.findings_text,
-        "impression": parsed.impression,
-        "model_text": text,
-        "frontal": {"sop_instance_uid": frontal.sop_instance_uid, "reason": frontal.reason},
-        "lateral": (
-            {"sop_instance_uid": lateral.sop_instance_uid, "reason": lateral.reason}
-            if lateral
-            else None
-        ),
-        "pixel_spacing_mm": list(image.pixel_spacing_mm) if image.pixel_spacing_mm else None,
-        "spacing_source": image.spacing_source,
-        "engine_seconds": round(engine_seconds, 3),
-        "anchors": [a.to_json() for a in anchors],
-    }
+        result = replace(result, notice=notice)
+    return result
 
 
 def run_preread(
@@ -205,28 +204,32 @@ def run_preread(
     except Exception as exc:
         ledger.finish(study_uid, version, ok=False, reason=f"internal error: {exc!r}"[:500])
         log.exception("pre-read of study %s v%d failed unexpectedly", study_uid, version)
+        record_fhir(ledger, study_uid, version)  # cancelled with the reason, not registered
         return "failed"
     try:
         from workers.results import publish_results
 
-        result["outputs"] = publish_results(settings, ledger, study_uid, version, result)
+        result = replace(
+            result, outputs=publish_results(settings, ledger, study_uid, version, result)
+        )
     except Exception as exc:
         ledger.finish(study_uid, version, ok=False, reason=f"cannot build SR/SEG: {exc}"[:500])
         log.exception("SR/SEG of study %s v%d could not be built", study_uid, version)
+        record_fhir(ledger, study_uid, version)
         return "failed"
-    ledger.save_anchors(study_uid, version, result["anchors"])  # before done: readers see both
-    ledger.finish(study_uid, version, ok=True, reason="", result=result)
+    # anchors before done: readers see both
+    ledger.save_anchors(study_uid, version, [a.to_json() for a in result.anchors])
+    ledger.finish(study_uid, version, ok=True, reason="", result=result.to_json())
     record_fhir(ledger, study_uid, version)
-    findings = sum(1 for a in result["anchors"] if a["kind"] == "finding")
     log.info(
         "pre-read of study %s v%d done: %d findings, %d anchors, %s engine %.1f s%s",
         study_uid,
         version,
-        findings,
-        len(result["anchors"]),
-        result["engine"],
-        result["engine_seconds"],
-        "" if result["structured"] else " (text-only: the answer had no parsable JSON)",
+        len(result.findings),
+        len(result.anchors),
+        result.engine,
+        result.engine_seconds,
+        "" if result.structured else " (text-only: the answer had no parsable JSON)",
     )
     return "done"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -19,6 +18,7 @@ from node.ledger import StudyLedger
 from node.outbox import Outbox
 from node.settings import Settings
 from node.spool import write_file_atomically
+from sr_templates.model import OutputRef, PrereadResult, ResultOutputs
 from sr_templates.report import build_measurement_report
 from sr_templates.segmentation import build_segmentation
 from sr_templates.series import derived_uid, series_number, series_uid
@@ -56,18 +56,15 @@ def _predecessor(directory: Path, version: int) -> Dataset | None:
 
 
 def publish_results(
-    settings: Settings, ledger: StudyLedger, study_uid: str, version: int, result: dict[str, Any]
-) -> dict[str, Any]:
+    settings: Settings, ledger: StudyLedger, study_uid: str, version: int, result: PrereadResult
+) -> ResultOutputs:
     """Build, store and queue the SR (always) and SEG (when there are findings).
 
-    Returns {"sr": {...}, "seg": {...} | None} with each file's path and UIDs, for the
-    study's result record.
+    Returns each file's path and UIDs, for the study's result record.
     """
     node = settings.dicom.ae_title
-    frontal = result["frontal"]["sop_instance_uid"]
-    wanted = {frontal} | (
-        {result["lateral"]["sop_instance_uid"]} if result.get("lateral") else set()
-    )
+    frontal = result.frontal.sop_instance_uid
+    wanted = {frontal} | ({result.lateral.sop_instance_uid} if result.lateral else set())
     sources = _source_headers(settings, ledger, study_uid, version, wanted)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     ordered = [by_uid[frontal]] + [ds for uid, ds in by_uid.items() if uid != frontal]
@@ -93,7 +90,7 @@ def publish_results(
         node=node,
     )
     outbox = Outbox(ledger, settings.outbox)
-    outputs: dict[str, Any] = {"sr": None, "seg": None}
+    written: dict[str, OutputRef] = {}
     for kind, ds in (("sr", sr), ("seg", seg)):
         if ds is None:
             continue
@@ -108,19 +105,14 @@ def publish_results(
             path=path,
             destinations=list(settings.destinations),
         )
-        outputs[kind] = {
-            "path": str(path),
-            "sop_instance_uid": str(ds.SOPInstanceUID),
-            "series_instance_uid": str(ds.SeriesInstanceUID),
-        }
+        written[kind] = OutputRef(str(path), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
+    outputs = ResultOutputs(sr=written.get("sr"), seg=written.get("seg"))
     log.info(
         "study %s v%d: SR %s%s written, %d destination(s)",
         study_uid,
         version,
-        outputs["sr"]["sop_instance_uid"],
-        f", SEG {outputs['seg']['sop_instance_uid']}"
-        if outputs["seg"]
-        else " (no findings: no SEG)",
+        outputs.sr.sop_instance_uid if outputs.sr else "-",
+        f", SEG {outputs.seg.sop_instance_uid}" if outputs.seg else " (no findings: no SEG)",
         len(settings.destinations),
     )
     return outputs
