@@ -7,16 +7,30 @@ transaction helper. Nothing here knows about studies, deliveries or FHIR.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import socket
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy import Column, Table, create_engine, event, inspect, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-__all__ = ["Base", "Database", "make_engine", "utcnow"]
+__all__ = [
+    "Base",
+    "Database",
+    "ensure_columns",
+    "insert_new",
+    "make_engine",
+    "process_owner",
+    "table_of",
+    "utcnow",
+]
 
 
 def utcnow() -> datetime:
@@ -53,12 +67,89 @@ def make_engine(url: str, pool_size: int = 0) -> Engine:
     return create_engine(url, pool_pre_ping=True, **pool)
 
 
+def process_owner() -> str:
+    """``hostname:pid``: who holds a lease taken by this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def ensure_columns(engine: Engine, table: Table) -> list[str]:
+    """Add the model's columns that an existing table lacks (a database made by an older version).
+
+    Idempotent and safe when several processes start at once. Columns are added nullable
+    (existing rows have no value), so a column added to a model must accept NULL. Returns the
+    added names.
+    """
+    present = {c["name"] for c in inspect(engine).get_columns(table.name)}
+    added: list[str] = []
+    for column in table.columns:
+        if column.name in present:
+            continue
+        with engine.begin() as conn:
+            ddl = _add_column_ddl(engine, table, column)
+            try:
+                conn.execute(text(ddl))
+            except (OperationalError, ProgrammingError) as exc:  # another process was first
+                if "duplicate column" not in str(exc).lower():
+                    raise
+                continue
+        added.append(column.name)
+    return added
+
+
+def _add_column_ddl(engine: Engine, table: Table, column: Column[Any]) -> str:
+    preparer = engine.dialect.identifier_preparer
+    kind = column.type.compile(dialect=engine.dialect)
+    exists = " IF NOT EXISTS" if engine.dialect.name == "postgresql" else ""
+    return (
+        f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN{exists} "
+        f"{preparer.format_column(column)} {kind}"
+    )
+
+
+def table_of(model: type[Base]) -> Table:
+    """The table of a mapped class."""
+    return cast(Table, model.__table__)
+
+
+def insert_new(
+    session: Session, model: type[Base], rows: Sequence[Mapping[str, Any]], keys: Sequence[str]
+) -> int:
+    """Insert rows, skipping any whose ``keys`` (a unique constraint) already exist.
+
+    ``INSERT ... ON CONFLICT DO NOTHING``: no check-then-insert race between processes.
+    Returns how many rows were inserted.
+    """
+    dialect = session.get_bind().dialect.name
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    if dialect not in ("postgresql", "sqlite"):
+        raise ValueError(f"insert_new supports SQLite and PostgreSQL, not {dialect}")
+    added = 0
+    for row in rows:
+        stmt = module.insert(model).values(**row).on_conflict_do_nothing(index_elements=keys)
+        result = cast(CursorResult[Any], session.execute(stmt))
+        added += result.rowcount
+    return added
+
+
 class Database:
     """An engine and its session factory; ``transaction()`` is one committed unit of work."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._ready: set[str] = set()
+        self._ready_lock = threading.Lock()
+
+    def create_tables(self, models: Sequence[type[Base]]) -> None:
+        """Create the models' missing tables and add missing columns (once per table here)."""
+        with self._ready_lock:
+            todo = [table_of(m) for m in models if table_of(m).name not in self._ready]
+            if not todo:
+                return
+            Base.metadata.create_all(self.engine, tables=todo)
+            for table in todo:
+                ensure_columns(self.engine, table)
+                self._ready.add(table.name)
 
     @property
     def dialect(self) -> str:

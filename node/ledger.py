@@ -14,34 +14,36 @@ whose latest version is no longer open starts a new version, which is pre-read a
 from __future__ import annotations
 
 import enum
+import logging
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    ColumnElement,
     DateTime,
     ForeignKey,
     Integer,
     String,
     Text,
     UniqueConstraint,
-    create_engine,
-    event,
+    and_,
     func,
+    not_,
+    or_,
     select,
+    update,
 )
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from node.db import Base, Database, insert_new, make_engine, process_owner, utcnow
+from node.settings import QueueSettings
 
-def utcnow() -> datetime:
-    """Naive UTC (SQLite keeps no time zone; every timestamp in the ledger is UTC)."""
-    return datetime.now(UTC).replace(tzinfo=None)
+log = logging.getLogger("medgemma.ledger")
 
 
 class StudyState(enum.StrEnum):
@@ -59,10 +61,10 @@ ALLOWED_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
     StudyState.COMPLETE: frozenset({StudyState.QUEUED, StudyState.SKIPPED, StudyState.FAILED}),
     # queued -> queued is the reconciler re-sending a lost task
     StudyState.QUEUED: frozenset({StudyState.QUEUED, StudyState.RUNNING, StudyState.FAILED}),
-    # running -> queued: the reconciler re-queues work whose worker was lost
-    StudyState.RUNNING: frozenset(
-        {StudyState.DONE, StudyState.FAILED, StudyState.QUEUED, StudyState.RUNNING}
-    ),
+    # running -> queued: the reconciler re-queues work whose worker was lost (lease expired).
+    # A run taken over after an expired lease stays running: that is start_run's, not a
+    # transition.
+    StudyState.RUNNING: frozenset({StudyState.DONE, StudyState.FAILED, StudyState.QUEUED}),
     StudyState.DONE: frozenset(),
     StudyState.FAILED: frozenset({StudyState.QUEUED}),  # an operator's retry
     StudyState.SKIPPED: frozenset(),
@@ -71,10 +73,6 @@ ALLOWED_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
 
 class LedgerError(Exception):
     """A request the ledger refuses (unknown study, forbidden state transition)."""
-
-
-class Base(DeclarativeBase):
-    pass
 
 
 class Study(Base):
@@ -104,6 +102,9 @@ class Study(Base):
     queued_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # the worker running this version and until when (naive UTC); None when no run holds it
+    run_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    run_lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Series(Base):
@@ -158,6 +159,10 @@ class AnchorRow(Base):
     label: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+#: The tables StudyLedger creates (and upgrades) when it opens a database.
+LEDGER_TABLES: tuple[type[Base], ...] = (Study, Series, Instance, AnchorRow)
 
 
 @dataclass(frozen=True)
@@ -253,57 +258,32 @@ class RecordOutcome:
     duplicate: bool  # same SOP instance, same bytes: nothing new was recorded
 
 
-def make_engine(url: str, pool_size: int = 0) -> Engine:
-    """A SQLAlchemy engine; SQLite gets WAL, full fsync and a busy timeout.
-
-    pool_size > 0 keeps that many connections (and as many overflow) for threaded servers.
-    """
-    pool: dict[str, int] = (
-        {"pool_size": pool_size, "max_overflow": pool_size} if pool_size > 0 else {}
-    )
-    if url.startswith("sqlite"):
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
-        )
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        return engine
-    return create_engine(url, pool_pre_ping=True, **pool)
-
-
 class StudyLedger:
     """All reads and writes of study state. Each method is one transaction."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, run_lease_seconds: float | None = None) -> None:
+        """Open (creating or upgrading) the ledger tables at ``url``.
+
+        ``run_lease_seconds``: how long a started run holds its study version (default:
+        ``queue.task_time_limit_seconds``, after which Celery has killed the task).
+        """
         self.url = url
         self.engine = make_engine(url)
-        import node.outbox  # noqa: F401  (registers the outbox table on Base)
-
-        Base.metadata.create_all(self.engine)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.db = Database(self.engine)
+        self.db.create_tables(LEDGER_TABLES)
+        default_lease = QueueSettings.model_fields["task_time_limit_seconds"].default
+        self.run_lease_seconds = float(run_lease_seconds or default_lease)
         # serialises version creation inside one process; the unique constraint covers others
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self.engine.dispose()
 
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        with self._sessions.begin() as session:
-            yield session
-
     # --- instances ---------------------------------------------------------------------
 
     def find_instance(self, sop_instance_uid: str) -> InstanceSummary | None:
         """The latest revision of a SOP instance, or None."""
-        with self._tx() as s:
+        with self.db.transaction() as s:
             row = s.execute(
                 select(Instance, Series.series_uid)
                 .join(Series, Series.id == Instance.series_id)
@@ -320,7 +300,7 @@ class StudyLedger:
         self, sop_instance_uid: str, sha256: str
     ) -> tuple[InstanceSummary | None, int]:
         """(the revision holding exactly these bytes or None, the latest revision number or 0)."""
-        with self._tx() as s:
+        with self.db.transaction() as s:
             rows = s.execute(
                 select(Instance, Series.series_uid)
                 .join(Series, Series.id == Instance.series_id)
@@ -344,7 +324,7 @@ class StudyLedger:
         """Record a stored instance in the open version of its study (creating one if needed)."""
         for attempt in range(3):
             try:
-                with self._lock, self._tx() as s:
+                with self._lock, self.db.transaction() as s:
                     return self._record(s, header, path, sha256, size_bytes, revision, calling_ae)
             except IntegrityError:
                 if attempt == 2:
@@ -469,7 +449,7 @@ class StudyLedger:
     def complete_quiet_studies(self, quiet_seconds: float) -> list[StudySummary]:
         """Close every open study version that received nothing for ``quiet_seconds``."""
         cutoff = utcnow() - timedelta(seconds=quiet_seconds)
-        with self._lock, self._tx() as s:
+        with self._lock, self.db.transaction() as s:
             rows = (
                 s.execute(
                     select(Study).where(
@@ -485,7 +465,7 @@ class StudyLedger:
 
     def complete_studies(self, study_ids: Sequence[int]) -> list[StudySummary]:
         """Close the given open study versions now (``complete on association release``)."""
-        with self._lock, self._tx() as s:
+        with self._lock, self.db.transaction() as s:
             rows = (
                 s.execute(
                     select(Study).where(
@@ -502,35 +482,102 @@ class StudyLedger:
     def set_state(
         self, study_uid: str, version: int, new: StudyState, reason: str | None = None
     ) -> StudySummary:
-        with self._tx() as s:
+        with self.db.transaction() as s:
             study = self._get(s, study_uid, version)
             self._transition(s, study, new, reason)
             return StudySummary.of(study)
 
     def mark_queued(self, study_uid: str, version: int, task_id: str) -> StudySummary:
-        with self._tx() as s:
+        """Queue a study version (again); refused while a worker's run lease on it is live."""
+        with self.db.transaction() as s:
             study = self._get(s, study_uid, version)
+            if study.state == StudyState.RUNNING.value and _lease_live(study, utcnow()):
+                raise LedgerError(
+                    f"study {study_uid} v{version} is running under a live lease "
+                    f"(until {study.run_lease_until:%Y-%m-%d %H:%M:%S} UTC); not re-queued"
+                )
             self._transition(s, study, StudyState.QUEUED, "")
             study.task_id = task_id
             study.attempts += 1
+            study.run_owner = None
+            study.run_lease_until = None
             return StudySummary.of(study)
 
-    def start_run(self, study_uid: str, version: int) -> StudySummary | None:
-        """Move a queued study to running; None when it needs no work (done, skipped, failed).
+    def start_run(
+        self,
+        study_uid: str,
+        version: int,
+        owner: str | None = None,
+        lease_seconds: float | None = None,
+    ) -> StudySummary | None:
+        """Claim a queued study version for one run: running, leased to ``owner``.
 
-        This is what makes a redelivered task idempotent: a finished study is not redone.
+        ``owner`` defaults to this process (``hostname:pid``); ``lease_seconds`` to the
+        ledger's ``run_lease_seconds``. Returns None when there is nothing to run: the version
+        is finished (done, skipped, failed) or another owner's lease on it is still live (a
+        re-sent task while the first still runs). After the lease runs out (the worker died)
+        the version can be claimed again; the holder itself may claim it again at any time.
+        Raises LedgerError for a version not yet queued.
         """
-        with self._tx() as s:
+        owner = owner or process_owner()
+        now = utcnow()
+        until = now + timedelta(seconds=lease_seconds or self.run_lease_seconds)
+        startable = (StudyState.QUEUED.value, StudyState.RUNNING.value)
+        with self.db.transaction() as s:
+            # one conditional UPDATE: two workers can never both see the version as free
+            claimed: Any = s.execute(
+                update(Study)
+                .where(
+                    Study.study_uid == study_uid,
+                    Study.version == version,
+                    Study.state.in_(startable),
+                    or_(_lease_free(now), Study.run_owner == owner),
+                )
+                .values(
+                    state=StudyState.RUNNING.value,
+                    reason="",
+                    run_owner=owner,
+                    run_lease_until=until,
+                    started_at=now,
+                    updated_at=now,
+                )
+            )
             study = self._get(s, study_uid, version)
+            if claimed.rowcount:
+                return StudySummary.of(study)
             state = StudyState(study.state)
             if state in (StudyState.DONE, StudyState.SKIPPED, StudyState.FAILED):
                 return None
-            if state not in (StudyState.QUEUED, StudyState.RUNNING):
-                raise LedgerError(
-                    f"study {study_uid} v{version} is {state.value}, not queued; refusing to run"
+            if state is StudyState.RUNNING:
+                log.info(
+                    "study %s v%d already runs under another lease (until %s UTC); not started",
+                    study_uid,
+                    version,
+                    study.run_lease_until,
                 )
-            self._transition(s, study, StudyState.RUNNING, "")
-            return StudySummary.of(study)
+                return None
+            raise LedgerError(
+                f"study {study_uid} v{version} is {state.value}, not queued; refusing to run"
+            )
+
+    def release_run(self, study_uid: str, version: int, owner: str | None = None) -> bool:
+        """End ``owner``'s lease on a running version early, so a retry anywhere may claim it.
+
+        For a run that stops without an outcome (a transient error the task retries). The
+        version stays running. False when ``owner`` (default: this process) held no lease.
+        """
+        owner = owner or process_owner()
+        with self.db.transaction() as s:
+            result: Any = s.execute(
+                update(Study)
+                .where(
+                    Study.study_uid == study_uid,
+                    Study.version == version,
+                    Study.run_owner == owner,
+                )
+                .values(run_owner=None, run_lease_until=None)
+            )
+            return bool(result.rowcount)
 
     def finish(
         self,
@@ -541,46 +588,50 @@ class StudyLedger:
         reason: str = "",
         result: dict[str, Any] | None = None,
     ) -> StudySummary:
-        with self._tx() as s:
+        """Record the outcome of a version: done (``ok``) or failed, and end its run lease.
+
+        Finishing a version already finished with the same outcome changes nothing (a second
+        run, or the reconciler, got there too); a different outcome is a LedgerError.
+        """
+        outcome = StudyState.DONE if ok else StudyState.FAILED
+        with self.db.transaction() as s:
             study = self._get(s, study_uid, version)
-            self._transition(s, study, StudyState.DONE if ok else StudyState.FAILED, reason)
+            if study.state == outcome.value:
+                return StudySummary.of(study)
+            self._transition(s, study, outcome, reason)
             if result is not None:
                 study.result = result
+            study.run_owner = None
+            study.run_lease_until = None
             return StudySummary.of(study)
 
     def save_anchors(
         self, study_uid: str, study_version: int, anchors: Sequence[dict[str, Any]]
     ) -> int:
-        """Record anchor versions; a (tracking UID, version) already kept is skipped."""
-        added = 0
-        with self._tx() as s:
-            for a in anchors:
-                exists = s.execute(
-                    select(AnchorRow.id).where(
-                        AnchorRow.tracking_uid == a["tracking_uid"],
-                        AnchorRow.version == int(a["version"]),
-                    )
-                ).first()
-                if exists:
-                    continue
-                s.add(
-                    AnchorRow(
-                        study_uid=study_uid,
-                        study_version=study_version,
-                        anchor_id=a["anchor_id"],
-                        tracking_uid=a["tracking_uid"],
-                        version=int(a["version"]),
-                        kind=a["kind"],
-                        label=a["label"],
-                        data=dict(a),
-                    )
-                )
-                added += 1
-        return added
+        """Record anchor versions; a (tracking UID, version) already kept is skipped.
+
+        Returns how many were added.
+        """
+        rows = [
+            {
+                "study_uid": study_uid,
+                "study_version": study_version,
+                "anchor_id": a["anchor_id"],
+                "tracking_uid": a["tracking_uid"],
+                "version": int(a["version"]),
+                "kind": a["kind"],
+                "label": a["label"],
+                "data": dict(a),
+                "created_at": utcnow(),
+            }
+            for a in anchors
+        ]
+        with self.db.transaction() as s:
+            return insert_new(s, AnchorRow, rows, keys=("tracking_uid", "version"))
 
     def anchors_of(self, study_uid: str, *, all_versions: bool = False) -> list[dict[str, Any]]:
         """The anchors of a study: the latest version of each, or every version."""
-        with self._tx() as s:
+        with self.db.transaction() as s:
             rows = s.execute(
                 select(AnchorRow).where(AnchorRow.study_uid == study_uid).order_by(AnchorRow.id)
             ).scalars()
@@ -595,7 +646,7 @@ class StudyLedger:
     # --- reads -------------------------------------------------------------------------
 
     def get_study(self, study_uid: str, version: int | None = None) -> StudySummary | None:
-        with self._tx() as s:
+        with self.db.transaction() as s:
             q = select(Study).where(Study.study_uid == study_uid)
             if version is not None:
                 q = q.where(Study.version == version)
@@ -603,7 +654,7 @@ class StudyLedger:
             return StudySummary.of(row) if row else None
 
     def study_versions(self, study_uid: str) -> list[StudySummary]:
-        with self._tx() as s:
+        with self.db.transaction() as s:
             rows = s.execute(
                 select(Study).where(Study.study_uid == study_uid).order_by(Study.version)
             ).scalars()
@@ -611,7 +662,7 @@ class StudyLedger:
 
     def series_of(self, study_uid: str, version: int) -> list[SeriesSummary]:
         """Series of one study version (the header facts the pre-read rules look at)."""
-        with self._tx() as s:
+        with self.db.transaction() as s:
             study = self._get(s, study_uid, version)
             rows = s.execute(select(Series).where(Series.study_id == study.id)).scalars()
             return [
@@ -631,7 +682,7 @@ class StudyLedger:
         self, study_uid: str, up_to_version: int | None = None
     ) -> list[InstanceSummary]:
         """Every stored instance of a study (latest revision of each SOP instance)."""
-        with self._tx() as s:
+        with self.db.transaction() as s:
             q = (
                 select(Instance, Series.series_uid)
                 .join(Series, Series.id == Instance.series_id)
@@ -646,35 +697,51 @@ class StudyLedger:
             return list(latest.values())
 
     def stuck_studies(self, older_than_seconds: float) -> list[StudySummary]:
-        """Studies in complete, queued or running whose last change is older than the bound."""
-        cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+        """Studies in complete, queued or running whose last change is older than the bound.
+
+        A running version whose run lease is still live is not stuck: its worker is at it.
+        """
+        now = utcnow()
+        cutoff = now - timedelta(seconds=older_than_seconds)
         states = [StudyState.COMPLETE.value, StudyState.QUEUED.value, StudyState.RUNNING.value]
-        with self._tx() as s:
+        leased = and_(Study.state == StudyState.RUNNING.value, not_(_lease_free(now)))
+        with self.db.transaction() as s:
             rows = s.execute(
-                select(Study).where(Study.state.in_(states), Study.updated_at <= cutoff)
+                select(Study).where(
+                    Study.state.in_(states), Study.updated_at <= cutoff, not_(leased)
+                )
             ).scalars()
             return [StudySummary.of(r) for r in rows]
 
     def studies_in_state(self, state: StudyState) -> list[StudySummary]:
-        with self._tx() as s:
+        with self.db.transaction() as s:
             rows = s.execute(select(Study).where(Study.state == state.value)).scalars()
             return [StudySummary.of(r) for r in rows]
 
     def counts_by_state(self) -> dict[str, int]:
-        with self._tx() as s:
+        with self.db.transaction() as s:
             rows = s.execute(select(Study.state, func.count()).group_by(Study.state)).all()
             return {state: int(n) for state, n in rows}
 
     def latest_studies(self, limit: int = 10) -> list[StudySummary]:
-        with self._tx() as s:
+        with self.db.transaction() as s:
             rows = s.execute(
                 select(Study).order_by(Study.updated_at.desc(), Study.id.desc()).limit(limit)
             ).scalars()
             return [StudySummary.of(r) for r in rows]
 
     def instance_count(self) -> int:
-        with self._tx() as s:
+        with self.db.transaction() as s:
             return int(s.execute(select(func.count()).select_from(Instance)).scalar_one())
+
+
+def _lease_free(now: datetime) -> ColumnElement[bool]:
+    """No run holds the version at ``now`` (never leased, released, or the lease ran out)."""
+    return or_(Study.run_lease_until.is_(None), Study.run_lease_until < now)
+
+
+def _lease_live(study: Study, now: datetime) -> bool:
+    return study.run_lease_until is not None and study.run_lease_until >= now
 
 
 def _instance_summary(inst: Instance, series_uid: str) -> InstanceSummary:

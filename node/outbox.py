@@ -12,50 +12,47 @@ file keeps its SOP Instance UID, so the PACS sees one instance, never a duplicat
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Protocol
 
-from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint, select
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+from sqlalchemy import String, Text, UniqueConstraint, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from node.ledger import Base, StudyLedger, utcnow
+from node import delivery
+from node.db import Base, insert_new, process_owner, utcnow
+from node.delivery import DeliveryColumns, DeliveryState
+
+# node/fhir still imports these two from here; drop them once it imports node.delivery.
+from node.delivery import backoff_seconds as backoff_seconds
+from node.delivery import record_failed_attempt as record_failed_attempt
+from node.ledger import StudyLedger
 from node.settings import Destination, OutboxSettings
 
 log = logging.getLogger("medgemma.outbox")
 
-
-class DeliveryState(enum.StrEnum):
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    DEAD = "dead"
+#: Seconds one C-STORE or STOW-RS attempt may take (connect, send, answer).
+SEND_TIMEOUT_SECONDS = 30.0
 
 
-class OutboxRow(Base):
+class OutboxRow(DeliveryColumns, Base):
+    """One result file to deliver to one destination; (SOP instance, destination) is unique."""
+
     __tablename__ = "outbox"
     __table_args__ = (UniqueConstraint("sop_instance_uid", "destination", name="uq_outbox_dest"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
-    study_version: Mapped[int] = mapped_column(Integer)
+    study_version: Mapped[int] = mapped_column()
     kind: Mapped[str] = mapped_column(String(16))  # sr | seg
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     destination: Mapped[str] = mapped_column(String(256))
-    state: Mapped[str] = mapped_column(String(16), index=True, default=DeliveryState.PENDING)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    last_error: Mapped[str] = mapped_column(Text, default="")
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 @dataclass(frozen=True)
@@ -89,44 +86,25 @@ class Delivery:
         )
 
 
-def backoff_seconds(attempts: int, base: float, cap: float) -> float:
-    """Exponential backoff after ``attempts`` failed tries: base, 2 base, 4 base ... <= cap."""
-    return float(min(cap, base * 2 ** (attempts - 1)))
-
-
-class RetriedDelivery(Protocol):
-    """A durable delivery row: the outbox's and the FHIR rest-hook's share these columns."""
-
-    state: str
-    attempts: int
-    last_error: str
-    next_attempt_at: datetime
-
-
-def record_failed_attempt(
-    row: RetriedDelivery, error: str, *, max_attempts: int, base: float, cap: float
-) -> DeliveryState:
-    """Count a failed attempt on ``row``: retry later with backoff, or dead-letter it."""
-    row.attempts += 1
-    row.last_error = error[:1000]
-    if row.attempts >= max_attempts:
-        row.state = DeliveryState.DEAD.value
-    else:
-        delay = backoff_seconds(row.attempts, base, cap)
-        row.next_attempt_at = utcnow() + timedelta(seconds=delay)
-    return DeliveryState(row.state)
-
-
 class DeliveryError(Exception):
     """One delivery attempt failed; the message says how (refused, status, unreachable)."""
 
 
 class Outbox:
-    """Outbox rows in the ledger's database."""
+    """Outbox rows in the ledger's database.
 
-    def __init__(self, ledger: StudyLedger, settings: OutboxSettings) -> None:
+    ``due`` leases rows to this outbox's ``owner``; ``mark_delivered``/``mark_failed`` only
+    change rows it holds, so two senders (threads or processes) never send one row twice.
+    """
+
+    def __init__(
+        self, ledger: StudyLedger, settings: OutboxSettings, *, owner: str | None = None
+    ) -> None:
         self.ledger = ledger
+        self.db = ledger.db
         self.settings = settings
+        self.owner = owner or f"{process_owner()}/{uuid.uuid4().hex[:8]}"
+        self.db.create_tables([OutboxRow])
 
     def enqueue(
         self,
@@ -139,89 +117,91 @@ class Outbox:
         path: Path,
         destinations: list[Destination],
     ) -> int:
-        """One pending row per destination; an already queued (SOP, destination) is kept as is."""
-        added = 0
-        with self.ledger._tx() as s:
-            for dest in destinations:
-                key = dest.key
-                exists = s.execute(
-                    select(OutboxRow.id).where(
-                        OutboxRow.sop_instance_uid == sop_instance_uid,
-                        OutboxRow.destination == key,
-                    )
-                ).first()
-                if exists:
-                    continue
-                s.add(
-                    OutboxRow(
-                        study_uid=study_uid,
-                        study_version=study_version,
-                        kind=kind,
-                        sop_class_uid=sop_class_uid,
-                        sop_instance_uid=sop_instance_uid,
-                        path=str(path),
-                        destination=key,
-                        state=DeliveryState.PENDING.value,
-                        next_attempt_at=utcnow(),
-                    )
-                )
-                added += 1
-        return added
+        """One pending row per destination; an already queued (SOP, destination) is kept as is.
+
+        Returns how many rows were added.
+        """
+        rows = [
+            {
+                "study_uid": study_uid,
+                "study_version": study_version,
+                "kind": kind,
+                "sop_class_uid": sop_class_uid,
+                "sop_instance_uid": sop_instance_uid,
+                "path": str(path),
+                "destination": dest.key,
+                "state": DeliveryState.PENDING.value,
+                "next_attempt_at": utcnow(),
+            }
+            for dest in destinations
+        ]
+        with self.db.transaction() as s:
+            return insert_new(s, OutboxRow, rows, keys=("sop_instance_uid", "destination"))
 
     def due(self, limit: int = 20) -> list[Delivery]:
-        with self.ledger._tx() as s:
+        """Claim up to ``limit`` due rows for this outbox, oldest first.
+
+        The lease covers sending all of them one after another; a sender that dies leaves
+        them to another after that time.
+        """
+        lease = limit * (SEND_TIMEOUT_SECONDS + 5.0)
+        ids = delivery.claim_due(
+            self.db, OutboxRow, owner=self.owner, lease_seconds=lease, limit=limit
+        )
+        if not ids:
+            return []
+        with self.db.transaction() as s:
             rows = s.execute(
                 select(OutboxRow)
-                .where(
-                    OutboxRow.state == DeliveryState.PENDING.value,
-                    OutboxRow.next_attempt_at <= utcnow(),
-                )
+                .where(OutboxRow.id.in_(ids))
                 .order_by(OutboxRow.next_attempt_at, OutboxRow.id)
-                .limit(limit)
             ).scalars()
             return [Delivery.of(r) for r in rows]
 
-    def mark_delivered(self, delivery_id: int) -> None:
-        with self.ledger._tx() as s:
-            row = s.get(OutboxRow, delivery_id)
-            if row is not None:
-                row.state = DeliveryState.DELIVERED.value
-                row.attempts += 1
-                row.delivered_at = utcnow()
-                row.last_error = ""
+    def mark_delivered(self, delivery_id: int) -> bool:
+        """Record a delivery this outbox claimed; False when its lease was lost to another."""
+        return delivery.mark_delivered(self.db, OutboxRow, delivery_id, self.owner)
 
-    def mark_failed(self, delivery_id: int, error: str) -> DeliveryState:
-        """Count a failed attempt: retry later with exponential backoff, or dead-letter it."""
-        with self.ledger._tx() as s:
-            row = s.get(OutboxRow, delivery_id)
-            if row is None:
-                return DeliveryState.DEAD
-            return record_failed_attempt(
-                row,
-                error,
-                max_attempts=self.settings.max_attempts,
-                base=self.settings.backoff_base_seconds,
-                cap=self.settings.backoff_max_seconds,
-            )
+    def mark_failed(self, delivery_id: int, error: str) -> DeliveryState | None:
+        """Count a failed attempt: retry later with exponential backoff, or dead-letter it.
+
+        None when this outbox no longer holds the row (its lease ran out and another took it).
+        """
+        return delivery.mark_failed(
+            self.db,
+            OutboxRow,
+            delivery_id,
+            self.owner,
+            error,
+            max_attempts=self.settings.max_attempts,
+            base=self.settings.backoff_base_seconds,
+            cap=self.settings.backoff_max_seconds,
+        )
+
+    def release(self, delivery_ids: list[int]) -> int:
+        """Give claimed rows back unsent (no attempt counted); returns how many."""
+        return delivery.release(self.db, OutboxRow, delivery_ids, self.owner)
 
     def retry_dead(self) -> int:
         """Give dead deliveries another round (an operator's action after fixing the PACS)."""
-        with self.ledger._tx() as s:
-            rows = s.execute(
-                select(OutboxRow).where(OutboxRow.state == DeliveryState.DEAD.value)
-            ).scalars()
-            n = 0
-            for row in rows:
-                row.state = DeliveryState.PENDING.value
-                row.attempts = 0
-                row.next_attempt_at = utcnow()
-                n += 1
-            return n
+        with self.db.transaction() as s:
+            result = s.execute(
+                update(OutboxRow)
+                .where(OutboxRow.state == DeliveryState.DEAD.value)
+                .values(
+                    state=DeliveryState.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=utcnow(),
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+            return int(getattr(result, "rowcount", 0))
 
     def deliveries(
         self, *, study_uid: str | None = None, state: DeliveryState | None = None
     ) -> list[Delivery]:
-        with self.ledger._tx() as s:
+        with self.db.transaction() as s:
             q = select(OutboxRow)
             if study_uid is not None:
                 q = q.where(OutboxRow.study_uid == study_uid)
@@ -236,7 +216,9 @@ class Outbox:
         return out
 
 
-def send_dicom(dest: Destination, path: Path, calling_ae: str, timeout: float = 30.0) -> None:
+def send_dicom(
+    dest: Destination, path: Path, calling_ae: str, timeout: float = SEND_TIMEOUT_SECONDS
+) -> None:
     """C-STORE one file to a DICOM destination, in its stored transfer syntax."""
     from pydicom import dcmread
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -260,13 +242,13 @@ def send_dicom(dest: Destination, path: Path, calling_ae: str, timeout: float = 
     code = getattr(status, "Status", None)
     if code is None:
         raise DeliveryError(f"{dest.key}: no C-STORE response (connection lost or timed out)")
-    # Success (0000) and Warning (B000, B007, B006) mean the PACS kept the instance.
-    if code != 0x0000 and (code >> 12) != 0xB:
+    # Success and Warning (coercion, elements discarded ...) mean the PACS kept the instance.
+    if code_to_category(int(code)) not in (STATUS_SUCCESS, STATUS_WARNING):
         comment = getattr(status, "ErrorComment", "")
         raise DeliveryError(f"{dest.key}: C-STORE failed with status 0x{code:04X} {comment}")
 
 
-def send_stow(dest: Destination, path: Path, timeout: float = 30.0) -> None:
+def send_stow(dest: Destination, path: Path, timeout: float = SEND_TIMEOUT_SECONDS) -> None:
     """STOW-RS one file to a DICOMweb destination (``{url}/studies``)."""
     boundary = uuid.uuid4().hex
     body = (
@@ -320,6 +302,9 @@ class OutboxSender:
                     send_dicom(dest, path, self.calling_ae)
             except DeliveryError as exc:
                 state = self.outbox.mark_failed(d.id, str(exc))
+                if state is None:
+                    log.warning("delivery %d was taken over by another sender meanwhile", d.id)
+                    continue
                 log.warning(
                     "%s %s of study %s to %s failed (attempt %d)%s: %s",
                     d.kind.upper(),
@@ -335,7 +320,9 @@ class OutboxSender:
                 self.outbox.mark_failed(d.id, f"internal error: {exc!r}")
                 log.exception("delivery %d failed unexpectedly", d.id)
                 continue
-            self.outbox.mark_delivered(d.id)
+            if not self.outbox.mark_delivered(d.id):
+                log.warning("delivery %d was taken over by another sender meanwhile", d.id)
+                continue
             delivered += 1
             log.info(
                 "%s %s of study %s v%d delivered to %s",

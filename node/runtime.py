@@ -50,7 +50,10 @@ class NodeRuntime:
         removed = self.spool.remove_orphan_parts()
         if removed:
             log.warning("removed %d partial files left by an interrupted write", removed)
-        self.ledger = StudyLedger(settings.storage.resolved_database_url())
+        self.ledger = StudyLedger(
+            settings.storage.resolved_database_url(),
+            run_lease_seconds=settings.queue.task_time_limit_seconds,
+        )
         self.dispatcher = make_dispatcher(settings, embedded=embedded)
         self.coordinator = StudyCoordinator(settings, self.ledger, self.dispatcher)
         self.scp = StorageSCP(

@@ -8,6 +8,7 @@ committed in the ledger.
 from __future__ import annotations
 
 import logging
+import socketserver
 import ssl
 import threading
 import time
@@ -127,6 +128,15 @@ class _HostCheckingServer(ThreadedAssociationServer):
         log.warning("refused connection from host %s: not in dicom.allowed_hosts", host)
         return False
 
+    def shutdown(self) -> None:
+        """Stop serving and close the socket.
+
+        Made by ``AE.make_server``, this server is not in the AE's own server list, which the
+        inherited ``shutdown`` would try to remove it from.
+        """
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
 
 def _failure(status: StoreStatus, comment: str) -> Dataset:
     ds = Dataset()
@@ -201,7 +211,6 @@ class StorageSCP:
             target=server.serve_forever, name="medgemma-scp", daemon=True
         )
         self._thread.start()
-        self.ae._servers.append(server)
         host, port = server.server_address[:2]
         log.info(
             "DICOM SCP %s listening on %s:%d (max %d associations%s%s)",
@@ -215,8 +224,14 @@ class StorageSCP:
         return str(host), int(port)
 
     def stop(self) -> None:
+        """Stop accepting, then abort the associations still open."""
+        if self._server is not None:
+            self._server.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
         self.ae.shutdown()
         self._server = None
+        self._thread = None
 
     @property
     def port(self) -> int:
