@@ -118,6 +118,19 @@ SCT_ALLOW_LIST: Final[dict[str, tuple[str, str]]] = {
         "SNOMED CT International 33737001 |Fracture of rib (disorder)|; Synthea's "
         "SNOMED->ICD-10-CM map gives it S22.39XA 'Fracture of one rib'",
     ),
+    # conditions of the sign checklists (sr_templates.signs)
+    "233604007": (
+        "Pneumonia",
+        "SNOMED CT International 233604007 |Pneumonia (disorder)|; OHDSI Covid-19 phenotype "
+        "vocabulary (OHDSI/Covid-19 Vocabulary/Wiki/phenotypes/Pneumonia.md: SNOMED "
+        "233604007 'Pneumonia', OMOP concept 255848)",
+    ),
+    "154283005": (
+        "Pulmonary tuberculosis",
+        "SNOMED CT International 154283005 |Pulmonary tuberculosis (disorder)|; the same code "
+        "and display in public FHIR value sets (WHO SMART HIV opportunistic infections: "
+        "$SCT#154283005 'Pulmonary tuberculosis') and ICD-10 A15 maps",
+    ),
 }
 
 
@@ -269,3 +282,40 @@ UNIT_MM2: Final = _dict_code("UCUM", "SquareMillimeter")  # mm2
 #: the TID 1600 image library; "{pixels^2}" follows it for areas.
 UNIT_PIXELS: Final = Code("{pixels}", "UCUM", "Pixels")
 UNIT_SQUARE_PIXELS: Final = Code("{pixels^2}", "UCUM", "square pixels")
+
+#: Distances between two anchors measured by a follow-up turn (TID 1410 group with a line
+#: SCOORD): centre to centre is DCM "Distance"; the gap between the nearest edges of the
+#: two outlines has no standard concept, so it is a private one.
+MEASUREMENT_DISTANCE: Final = _dict_code("DCM", "Distance")  # 121206
+MEASUREMENT_EDGE_DISTANCE: Final = _private("M-EDGE-DISTANCE", "Distance between nearest edges")
+
+# ----------------------------------------------------------------------------- conditions and signs
+# The sign checklists of sr_templates.signs. Pneumothorax and pleural effusion as conditions
+# use FINDING_PNEUMOTHORAX / FINDING_PLEURAL_EFFUSION (the same SNOMED CT concepts).
+
+CONDITION_LUNG_CANCER: Final = _dict_code("SCT", "LungCancer")  # 93880001 (CID 638/639)
+CONDITION_PNEUMONIA: Final = _allowed_sct("233604007")
+CONDITION_PULMONARY_TUBERCULOSIS: Final = _allowed_sct("154283005")
+CONDITION_HEART_FAILURE: Final = _dict_code("SCT", "HeartFailure")  # 84114007 (CID 3201)
+
+SIGN_NON_CALCIFIED: Final = _dict_code("SCT", "NonCalcified")  # 17589002 (CID 3802)
+SIGN_AIR_BRONCHOGRAM: Final = _dict_code("DCM", "AirBronchogram")  # 112071 (CID 6102/6105)
+SIGN_SILHOUETTE: Final = _dict_code("DCM", "SilhouetteSign")  # 112152 (CID 6123)
+SIGN_MILIARY_PATTERN: Final = _dict_code("DCM", "MiliaryPattern")  # 112129 (CID 6102/6106)
+SIGN_KERLEY_B_LINES: Final = _dict_code("DCM", "KerleyBLine")  # 112110 (CID 6102/6103)
+SIGN_PULMONARY_EDEMA: Final = _dict_code("SCT", "PulmonaryEdema")  # 19242006 (CID 3700)
+SIGN_SOLITARY: Final = _private("SG-SOLITARY", "Solitary lesion")
+SIGN_NODULE_SIZE: Final = _private("SG-NODULE-SIZE", "Nodule size in the typical range")
+SIGN_SOLID_COMPONENT: Final = _private("SG-SOLID-PART", "Solid component")
+SIGN_UPPER_ZONE: Final = _private("SG-UPPER-ZONE", "Upper zone or upper lobe location")
+SIGN_INTERVAL_GROWTH: Final = _private("SG-GROWTH", "Growth compared with a prior study")
+SIGN_PLEURAL_INDENTATION: Final = _private("SG-PLEURAL-TAG", "Pleural indentation")
+SIGN_VACUOLE: Final = _private("SG-VACUOLE", "Vacuole sign")
+SIGN_RESOLUTION: Final = _private("SG-RESOLUTION", "Resolution on follow-up imaging")
+SIGN_CAVITATION: Final = _private("SG-CAVITATION", "Cavitation")
+SIGN_SATELLITE_LESIONS: Final = _private("SG-SATELLITE", "Satellite lesions")
+SIGN_DEEP_SULCUS: Final = _private("SG-DEEP-SULCUS", "Deep sulcus sign")
+SIGN_MEDIASTINAL_SHIFT: Final = _private("SG-MEDIAST-SHIFT", "Contralateral mediastinal shift")
+SIGN_DEPENDENT_LOCATION: Final = _private("SG-DEPENDENT", "Dependent (basal) location")
+SIGN_MENISCUS: Final = _private("SG-MENISCUS", "Meniscus sign")
+SIGN_UPPER_LOBE_DIVERSION: Final = _private("SG-UL-DIVERSION", "Upper lobe venous diversion")
