@@ -1,10 +1,15 @@
-"""The chest radiograph sign ontology: vocabulary terms -> codes, English and Chinese terms.
+"""The chest radiograph sign ontology: the structured-output vocabulary, its codes, and its
+English and Chinese terms.
 
-The keys are exactly the vocabulary of :mod:`workers.prompts` (``FINDING_TYPES``,
-``SITES``, ``LANDMARKS``, ``ATTRIBUTE_VALUES``, ``LATERALITIES``); the codes come from
-:mod:`sr_templates.codes`. Sites carry their own laterality (``right_middle_lobe`` is
-"Middle lobe of right lung" + Right): the SR writes the anatomy code with a Laterality
-modifier (TID 1410 Finding Site, CID 244), the DICOM way, rather than one code per side.
+This module is the one definition of the vocabulary. The keys of :data:`FINDINGS`,
+:data:`SITES`, :data:`LANDMARKS`, :data:`ATTRIBUTES` and :data:`LATERALITY_TERMS` are the
+terms the pre-read prompt offers (:mod:`workers.prompts` lists them in this order), and
+their English and Chinese synonyms are what the answer parser and the follow-up matcher
+understand; the codes come from :mod:`sr_templates.codes`.
+
+Sites carry their own laterality (``right_middle_lobe`` is "Middle lobe of right lung" +
+Right): the SR writes the anatomy code with a Laterality modifier (TID 1410 Finding Site,
+CID 244), the DICOM way, rather than one code per side.
 
 Lookups by English or Chinese term serve follow-up questions: :func:`lookup` resolves a
 whole term ("结节" -> nodule, "右肺中叶" -> right middle lobe, "RML" -> right middle lobe)
@@ -30,9 +35,11 @@ __all__ = [
     "FINDINGS",
     "LANDMARKS",
     "LATERALITIES",
+    "LATERALITY_TERMS",
     "SITES",
     "ChestConcept",
     "ConceptKind",
+    "Side",
     "TermMatch",
     "all_concepts",
     "attribute_value",
@@ -48,7 +55,7 @@ ConceptKind = Literal["finding", "site", "landmark", "attribute", "attribute_val
 Side = Literal["right", "left", "bilateral", "none"]
 
 _KINDS: Final = ("finding", "site", "landmark", "attribute", "attribute_value", "laterality")
-_SIDES: Final = ("right", "left", "bilateral", "none")
+_SIDES: Final[tuple[Side, ...]] = ("right", "left", "bilateral", "none")
 _SIDE_CODES: Final[dict[str, Code]] = {
     "right": c.LATERALITY_RIGHT,
     "left": c.LATERALITY_LEFT,
@@ -61,7 +68,7 @@ _HAN: Final = re.compile(r"[\u3400-\u9fff]")
 class ChestConcept:
     """One vocabulary term with its code and its English and Chinese terms.
 
-    ``term`` is the workers.prompts vocabulary term ("right_middle_lobe"); ``en``/``zh``
+    ``term`` is the vocabulary term the prompt offers ("right_middle_lobe"); ``en``/``zh``
     are the preferred English and Simplified Chinese terms; synonyms are matched by the
     lookups too. ``side`` is the concept's own laterality (sites and landmarks), written as
     a Laterality modifier. ``attribute`` names the attribute of an attribute value
@@ -140,23 +147,27 @@ def _s(term: str, code: Code, en: str, zh: str, side: Side = "none", *,
 #: FINDING_TYPES -> concept.
 FINDINGS: Final = _table([
     _f("nodule", c.FINDING_NODULE, "nodule", "结节",
-       en_syn=("pulmonary nodule", "lung nodule"), zh_syn=("肺结节", "小结节")),
-    _f("mass", c.FINDING_MASS, "mass", "肿块", en_syn=("lung mass",), zh_syn=("团块", "肿物")),
+       en_syn=("pulmonary nodule", "lung nodule", "nodular opacity"), zh_syn=("肺结节", "小结节")),
+    _f("mass", c.FINDING_MASS, "mass", "肿块", en_syn=("lung mass", "pulmonary mass"),
+       zh_syn=("团块", "肿物", "占位", "占位性病变")),
     _f("consolidation", c.FINDING_CONSOLIDATION, "consolidation", "实变",
-       en_syn=("airspace consolidation", "airspace opacity"), zh_syn=("实变影", "肺实变")),
+       en_syn=("airspace consolidation", "airspace opacity", "air space opacity",
+               "airspace disease", "infiltrate"),
+       zh_syn=("实变影", "肺实变", "渗出影", "浸润影", "斑片影")),
     _f("ground_glass_opacity", c.FINDING_GROUND_GLASS_OPACITY, "ground-glass opacity",
        "磨玻璃影", en_syn=("ground glass opacity", "GGO", "hazy opacity"),
        zh_syn=("磨玻璃密度影", "毛玻璃影", "模糊影")),
     _f("reticular_opacity", c.FINDING_RETICULAR_OPACITY, "reticular opacity", "网状影",
-       en_syn=("reticular pattern", "interstitial opacity", "interstitial pattern"),
+       en_syn=("reticular pattern", "reticulation", "interstitial opacity",
+               "interstitial pattern"),
        zh_syn=("网格影", "网状阴影", "间质性改变")),
     _f("atelectasis", c.FINDING_ATELECTASIS, "atelectasis", "肺不张",
        en_syn=("collapse",), zh_syn=("不张", "肺膨胀不全")),
     _f("pleural_effusion", c.FINDING_PLEURAL_EFFUSION, "pleural effusion", "胸腔积液",
-       en_syn=("effusion",), zh_syn=("胸水", "积液")),
-    _f("pneumothorax", c.FINDING_PNEUMOTHORAX, "pneumothorax", "气胸"),
+       en_syn=("effusion", "pleural fluid"), zh_syn=("胸水", "积液")),
+    _f("pneumothorax", c.FINDING_PNEUMOTHORAX, "pneumothorax", "气胸", en_syn=("PTX",)),
     _f("cardiomegaly", c.FINDING_CARDIOMEGALY, "cardiomegaly", "心影增大",
-       en_syn=("enlarged heart", "enlarged cardiac silhouette"),
+       en_syn=("enlarged heart", "enlarged cardiac silhouette", "cardiac enlargement"),
        zh_syn=("心脏增大", "心脏扩大", "心影扩大")),
     _f("hilar_enlargement", c.FINDING_HILAR_ENLARGEMENT, "hilar enlargement", "肺门增大",
        en_syn=("enlarged hilum", "hilar prominence"), zh_syn=("肺门影增大", "肺门增浓")),
@@ -180,17 +191,17 @@ FINDINGS: Final = _table([
 #: SITES -> concept (anatomy + the site's own laterality).
 SITES: Final = _table([
     _s("right_upper_zone", c.SITE_UPPER_ZONE_OF_LUNG, "right upper zone", "右上肺野", "right",
-       en_syn=("right upper lung zone",), zh_syn=("右肺上野", "右上野")),
+       en_syn=("right upper lung zone", "RUZ"), zh_syn=("右肺上野", "右上野")),
     _s("right_middle_zone", c.SITE_MIDDLE_ZONE_OF_LUNG, "right middle zone", "右中肺野", "right",
-       en_syn=("right mid zone", "right middle lung zone"), zh_syn=("右肺中野", "右中野")),
+       en_syn=("right mid zone", "right middle lung zone", "RMZ"), zh_syn=("右肺中野", "右中野")),
     _s("right_lower_zone", c.SITE_LOWER_ZONE_OF_LUNG, "right lower zone", "右下肺野", "right",
-       en_syn=("right lower lung zone",), zh_syn=("右肺下野", "右下野")),
+       en_syn=("right lower lung zone", "RLZ"), zh_syn=("右肺下野", "右下野")),
     _s("left_upper_zone", c.SITE_UPPER_ZONE_OF_LUNG, "left upper zone", "左上肺野", "left",
-       en_syn=("left upper lung zone",), zh_syn=("左肺上野", "左上野")),
+       en_syn=("left upper lung zone", "LUZ"), zh_syn=("左肺上野", "左上野")),
     _s("left_middle_zone", c.SITE_MIDDLE_ZONE_OF_LUNG, "left middle zone", "左中肺野", "left",
-       en_syn=("left mid zone", "left middle lung zone"), zh_syn=("左肺中野", "左中野")),
+       en_syn=("left mid zone", "left middle lung zone", "LMZ"), zh_syn=("左肺中野", "左中野")),
     _s("left_lower_zone", c.SITE_LOWER_ZONE_OF_LUNG, "left lower zone", "左下肺野", "left",
-       en_syn=("left lower lung zone",), zh_syn=("左肺下野", "左下野")),
+       en_syn=("left lower lung zone", "LLZ"), zh_syn=("左肺下野", "左下野")),
     _s("right_upper_lobe", c.SITE_UPPER_LOBE_OF_LUNG, "right upper lobe", "右肺上叶", "right",
        en_syn=("RUL",), zh_syn=("右上叶",)),
     _s("right_middle_lobe", c.SITE_MIDDLE_LOBE_OF_RIGHT_LUNG, "right middle lobe", "右肺中叶",
@@ -259,9 +270,11 @@ LANDMARKS: Final = _table([
 #: Attribute names of ATTRIBUTE_VALUES -> concept (the qualitative evaluation's name).
 ATTRIBUTE_NAMES: Final = _table([
     ChestConcept("margin", "attribute", c.ATTRIBUTE_MARGIN, "margin", "边缘",
-                 synonyms_zh=("边界",)),
-    ChestConcept("density", "attribute", c.ATTRIBUTE_DENSITY, "density", "密度"),
-    ChestConcept("shape", "attribute", c.ATTRIBUTE_SHAPE, "shape", "形态", synonyms_zh=("形状",)),
+                 synonyms_en=("margins", "border", "edge"), synonyms_zh=("边界",)),
+    ChestConcept("density", "attribute", c.ATTRIBUTE_DENSITY, "density", "密度",
+                 synonyms_en=("attenuation",)),
+    ChestConcept("shape", "attribute", c.ATTRIBUTE_SHAPE, "shape", "形态",
+                 synonyms_en=("morphology",), synonyms_zh=("形状",)),
 ])  # fmt: skip
 
 
@@ -275,28 +288,32 @@ def _v(attribute: str, term: str, code: Code, en: str, zh: str, *,
 ATTRIBUTES: Final[Mapping[str, Mapping[str, ChestConcept]]] = MappingProxyType({
     "margin": _table([
         _v("margin", "smooth", c.MARGIN_SMOOTH, "smooth", "光滑",
-           en_syn=("smooth margin",), zh_syn=("边缘光滑",)),
+           en_syn=("smooth margin", "well defined", "well circumscribed", "circumscribed",
+                   "sharp", "regular"),
+           zh_syn=("边缘光滑", "清晰", "边缘清晰")),
         _v("margin", "lobulated", c.MARGIN_LOBULATED, "lobulated", "分叶",
-           en_syn=("lobulated margin",), zh_syn=("分叶状", "分叶征")),
+           en_syn=("lobulated margin", "lobular"), zh_syn=("分叶状", "分叶征")),
         _v("margin", "spiculated", c.MARGIN_SPICULATED, "spiculated", "毛刺",
-           en_syn=("spiculated margin",), zh_syn=("毛刺征", "毛刺状")),
+           en_syn=("spiculated margin", "spiculation"), zh_syn=("毛刺征", "毛刺状")),
         _v("margin", "ill_defined", c.MARGIN_ILL_DEFINED, "ill-defined", "边界不清",
-           en_syn=("poorly defined", "indistinct", "ill defined"),
-           zh_syn=("边缘模糊", "边界模糊")),
+           en_syn=("poorly defined", "indistinct", "ill defined", "blurred"),
+           zh_syn=("边缘模糊", "边界模糊", "模糊")),
     ]),
     "density": _table([
-        _v("density", "solid", c.DENSITY_SOLID, "solid", "实性"),
+        _v("density", "solid", c.DENSITY_SOLID, "solid", "实性",
+           en_syn=("soft tissue", "soft tissue density")),
         _v("density", "part_solid", c.DENSITY_PART_SOLID, "part-solid", "部分实性",
-           en_syn=("subsolid", "mixed density"), zh_syn=("混杂密度", "混合密度")),
+           en_syn=("subsolid", "mixed density", "mixed"), zh_syn=("混杂密度", "混合密度", "混杂")),
         _v("density", "ground_glass", c.DENSITY_GROUND_GLASS, "ground-glass", "磨玻璃",
-           en_syn=("ground glass", "non-solid"), zh_syn=("磨玻璃密度", "毛玻璃")),
+           en_syn=("ground glass", "non-solid", "GGO"), zh_syn=("磨玻璃密度", "毛玻璃")),
         _v("density", "calcified", c.DENSITY_CALCIFIED, "calcified", "钙化密度",
-           zh_syn=("钙化性",)),
+           en_syn=("calcific", "calcification"), zh_syn=("钙化性", "钙化")),
     ]),
     "shape": _table([
-        _v("shape", "round", c.SHAPE_ROUND, "round", "圆形", en_syn=("rounded", "circular"),
-           zh_syn=("类圆形",)),
-        _v("shape", "oval", c.SHAPE_OVAL, "oval", "椭圆形", en_syn=("ovoid",), zh_syn=("卵圆形",)),
+        _v("shape", "round", c.SHAPE_ROUND, "round", "圆形",
+           en_syn=("rounded", "circular", "spherical"), zh_syn=("类圆形",)),
+        _v("shape", "oval", c.SHAPE_OVAL, "oval", "椭圆形", en_syn=("ovoid", "elliptical"),
+           zh_syn=("卵圆形", "椭圆")),
         _v("shape", "irregular", c.SHAPE_IRREGULAR, "irregular", "不规则",
            en_syn=("irregular shape",), zh_syn=("不规则形",)),
     ]),
@@ -309,8 +326,11 @@ LATERALITIES: Final = _table([
     ChestConcept("left", "laterality", c.LATERALITY_LEFT, "left", "左侧", side="left",
                  synonyms_zh=("左",)),
     ChestConcept("bilateral", "laterality", c.LATERALITY_BILATERAL, "bilateral", "双侧",
-                 side="bilateral", synonyms_zh=("两侧",)),
+                 side="bilateral", synonyms_en=("both",), synonyms_zh=("两侧", "双")),
 ])  # fmt: skip
+
+#: Every laterality term the prompt offers, in its order: the sides and "none".
+LATERALITY_TERMS: Final[tuple[Side, ...]] = _SIDES
 
 
 def all_concepts() -> tuple[ChestConcept, ...]:
@@ -393,23 +413,31 @@ def _index() -> dict[str, list[ChestConcept]]:
 _INDEX: Final = _index()
 
 
-def lookup(text: str, kind: ConceptKind | None = None) -> ChestConcept | None:
+def lookup(
+    text: str, kind: ConceptKind | None = None, *, attribute: str | None = None
+) -> ChestConcept | None:
     """The concept whose English or Chinese term (or synonym, or vocabulary term) is
     ``text``; None when there is none.
 
     English is matched case-insensitively with "_", "-" and runs of spaces equal;
     Chinese with spaces ignored. When a term names several concepts ("右肺门" is a site
-    and a landmark) the first in :func:`all_concepts` order wins, unless ``kind`` says
-    which one is wanted.
+    and a landmark, "GGO" a finding and a density) the first in :func:`all_concepts`
+    order wins, unless ``kind`` says which one is wanted; ``attribute`` ("margin",
+    "density", "shape") keeps only the values of that attribute.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if kind is not None and kind not in _KINDS:
         raise ValueError(f"kind {kind!r} is not one of {_KINDS}")
+    if attribute is not None and attribute not in ATTRIBUTES:
+        raise ValueError(f"attribute {attribute!r} is not one of {sorted(ATTRIBUTES)}")
     key = _norm_zh(text) if _HAN.search(text) else _norm_en(text)
     for concept in _INDEX.get(key, []):
-        if kind is None or concept.kind == kind:
-            return concept
+        if kind is not None and concept.kind != kind:
+            continue
+        if attribute is not None and concept.attribute != attribute:
+            continue
+        return concept
     return None
 
 

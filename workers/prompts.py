@@ -3,10 +3,11 @@
 Every result stores :data:`PROMPT_VERSION`; change it whenever a prompt's wording or a
 vocabulary changes, so that stored results can be traced to the text that produced them.
 
-The tuples here (:data:`FINDING_TYPES`, :data:`SITES`, :data:`LANDMARKS`,
-:data:`LATERALITIES`, :data:`ATTRIBUTE_VALUES`) are the single source of truth for the
-structured output: the prompt lists them, :mod:`workers.parsing` validates against them,
-and the demo engine emits only them.
+The vocabulary tuples here (:data:`FINDING_TYPES`, :data:`SITES`, :data:`LANDMARKS`,
+:data:`LATERALITIES`, :data:`ATTRIBUTE_VALUES`) are read from :mod:`sr_templates.ontology`,
+the one definition of the vocabulary (with codes, English and Chinese terms), in the
+order the prompt lists them; :mod:`workers.parsing` validates against the same tables and
+the demo engine emits only their terms.
 
 Coordinates follow the MedGemma convention: ``box_2d = [y0, x0, y1, x1]``, integers
 normalised to 0-1000 of the image as the model sees it (padded to square, so 0-1000 spans
@@ -18,82 +19,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from sr_templates import ontology
+
 PROMPT_VERSION = "preread-2026.11.1"
 
-FINDING_TYPES: tuple[str, ...] = (
-    "nodule",
-    "mass",
-    "consolidation",
-    "ground_glass_opacity",
-    "reticular_opacity",
-    "atelectasis",
-    "pleural_effusion",
-    "pneumothorax",
-    "cardiomegaly",
-    "hilar_enlargement",
-    "widened_mediastinum",
-    "rib_fracture",
-    "calcification",
-    "hyperinflation",
-    "support_device",
-    "other",
-)
-
-SITES: tuple[str, ...] = (
-    "right_upper_zone",
-    "right_middle_zone",
-    "right_lower_zone",
-    "left_upper_zone",
-    "left_middle_zone",
-    "left_lower_zone",
-    "right_upper_lobe",
-    "right_middle_lobe",
-    "right_lower_lobe",
-    "left_upper_lobe",
-    "lingula",
-    "left_lower_lobe",
-    "right_lung",
-    "left_lung",
-    "both_lungs",
-    "right_hilum",
-    "left_hilum",
-    "mediastinum",
-    "trachea",
-    "heart",
-    "right_pleura",
-    "left_pleura",
-    "right_costophrenic_angle",
-    "left_costophrenic_angle",
-    "right_hemidiaphragm",
-    "left_hemidiaphragm",
-    "right_ribs",
-    "left_ribs",
-    "right_clavicle",
-    "left_clavicle",
-    "spine",
-    "upper_abdomen",
-)
-
-LANDMARKS: tuple[str, ...] = (
-    "right_hilum",
-    "left_hilum",
-    "carina",
-    "right_costophrenic_angle",
-    "left_costophrenic_angle",
-    "right_lung_apex",
-    "left_lung_apex",
-    "right_heart_border",
-    "left_heart_border",
-)
-
-LATERALITIES: tuple[str, ...] = ("right", "left", "bilateral", "none")
-
+FINDING_TYPES: tuple[str, ...] = tuple(ontology.FINDINGS)
+SITES: tuple[str, ...] = tuple(ontology.SITES)
+LANDMARKS: tuple[str, ...] = tuple(ontology.LANDMARKS)
+LATERALITIES: tuple[str, ...] = ontology.LATERALITY_TERMS
 ATTRIBUTE_VALUES: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {
-        "margin": ("smooth", "lobulated", "spiculated", "ill_defined"),
-        "density": ("solid", "part_solid", "ground_glass", "calcified"),
-        "shape": ("round", "oval", "irregular"),
-    }
+    {name: tuple(values) for name, values in ontology.ATTRIBUTES.items()}
 )
 
 # A sentence only the pre-read prompt contains: engines and tests recognise the task by it.
