@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from sqlalchemy import Column, Table, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
@@ -123,11 +123,16 @@ def insert_new(
     module: Any = postgresql if dialect == "postgresql" else sqlite
     if dialect not in ("postgresql", "sqlite"):
         raise ValueError(f"insert_new supports SQLite and PostgreSQL, not {dialect}")
+    table = table_of(model)
     added = 0
     for row in rows:
-        stmt = module.insert(model).values(**row).on_conflict_do_nothing(index_elements=keys)
-        result = cast(CursorResult[Any], session.execute(stmt))
-        added += result.rowcount
+        stmt = (
+            module.insert(table)
+            .values(**row)
+            .on_conflict_do_nothing(index_elements=keys)
+            .returning(*table.primary_key.columns)
+        )
+        added += len(session.execute(stmt).all())  # a row comes back only when inserted
     return added
 
 

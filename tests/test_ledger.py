@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,14 +50,14 @@ def record(ledger: StudyLedger, h: InstanceHeader, sha: str = "a" * 64, revision
     return out.study_version
 
 
-def test_backend_is_the_requested_one(ledger: StudyLedger) -> None:
+def test_backend_is_the_requested_one(request: pytest.FixtureRequest, ledger: StudyLedger) -> None:
+    wanted = request.node.callspec.params["ledger"]
+    assert ledger.engine.dialect.name == wanted
     with ledger.engine.connect() as conn:
         version = conn.execute(
-            text(
-                "select sqlite_version()" if ledger.url.startswith("sqlite") else "select version()"
-            )
+            text("select sqlite_version()" if wanted == "sqlite" else "select version()")
         ).scalar_one()
-    assert version
+    assert wanted == "sqlite" or str(version).startswith("PostgreSQL")
 
 
 def test_study_walks_the_state_machine(ledger: StudyLedger) -> None:
@@ -115,3 +117,72 @@ def test_stuck_studies_are_found(ledger: StudyLedger) -> None:
     ledger.mark_queued("1.2.3", 1, "t")
     assert [s.study_uid for s in ledger.stuck_studies(0)] == ["1.2.3"]
     assert ledger.stuck_studies(3600) == []
+
+
+def queued(ledger: StudyLedger) -> None:
+    record(ledger, header())
+    ledger.complete_quiet_studies(0)
+    ledger.mark_queued("1.2.3", 1, "t")
+
+
+def test_a_running_version_is_not_started_twice(ledger: StudyLedger) -> None:
+    queued(ledger)
+    assert ledger.start_run("1.2.3", 1, owner="w1", lease_seconds=0.5) is not None
+    # the reconciler does not take a version under a live lease for stuck, nor re-queue it
+    assert ledger.stuck_studies(0) == []
+    with pytest.raises(LedgerError, match="live lease"):
+        ledger.mark_queued("1.2.3", 1, "t")
+    assert ledger.start_run("1.2.3", 1, owner="w2") is None  # a re-sent task while w1 runs
+    time.sleep(0.6)  # w1 died: its lease ran out
+    assert [s.study_uid for s in ledger.stuck_studies(0)] == ["1.2.3"]
+    assert ledger.start_run("1.2.3", 1, owner="w2") is not None
+    assert ledger.start_run("1.2.3", 1, owner="w1") is None
+    done = ledger.finish("1.2.3", 1, ok=True, result={"anchors": []})
+    # the first run's late finish with the same outcome changes nothing
+    assert ledger.finish("1.2.3", 1, ok=True, result={"anchors": ["late"]}) == done
+    with pytest.raises(LedgerError, match="done -> failed"):
+        ledger.finish("1.2.3", 1, ok=False, reason="late failure")
+    assert ledger.start_run("1.2.3", 1, owner="w3") is None
+
+
+def test_a_released_run_is_claimable_at_once(ledger: StudyLedger) -> None:
+    queued(ledger)
+    assert ledger.start_run("1.2.3", 1) is not None  # owner: this process
+    assert ledger.start_run("1.2.3", 1, owner="other") is None
+    assert not ledger.release_run("1.2.3", 1, owner="other")
+    assert ledger.release_run("1.2.3", 1)
+    running = ledger.start_run("1.2.3", 1, owner="other")
+    assert running is not None and running.state is StudyState.RUNNING
+
+
+def test_concurrent_starts_run_a_version_once(ledger: StudyLedger) -> None:
+    queued(ledger)
+    workers = [StudyLedger(ledger.url) for _ in range(6)]
+    started: list[bool] = [False] * len(workers)
+    gate = threading.Barrier(len(workers))
+
+    def start(i: int) -> None:
+        gate.wait()
+        started[i] = workers[i].start_run("1.2.3", 1, owner=f"w{i}") is not None
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(len(workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for w in workers:
+        w.close()
+    assert started.count(True) == 1, started
+
+
+def test_saving_anchors_twice_keeps_one_of_each(ledger: StudyLedger) -> None:
+    anchor = {"anchor_id": "A1", "tracking_uid": "2.25.1", "version": 1, "kind": "finding"}
+    anchor["label"] = "nodule"
+    other = {**anchor, "anchor_id": "A2", "tracking_uid": "2.25.2"}
+    assert ledger.save_anchors("1.2.3", 1, [anchor, other]) == 2
+    assert ledger.save_anchors("1.2.3", 1, [anchor, {**anchor, "version": 2}]) == 1
+    assert [(a["tracking_uid"], a["version"]) for a in ledger.anchors_of("1.2.3")] == [
+        ("2.25.1", 2),
+        ("2.25.2", 1),
+    ]
+    assert len(ledger.anchors_of("1.2.3", all_versions=True)) == 3

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from node.ledger import StudyLedger
-from node.outbox import DeliveryState, Outbox, OutboxSender
+from node.outbox import DeliveryError, DeliveryState, Outbox, OutboxSender, send_dicom
 from node.settings import Destination, OutboxSettings
 from node.synthetic import make_secondary_capture, write_study
 from tests.peers import OrthancFactory, OrthancPeer, free_port
@@ -124,3 +124,32 @@ def test_destination_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="needs url"):
         Destination(kind="dicomweb", url="pacs:8042")
     assert Destination(ae_title="PACS", host="h", port=4242).key == "PACS@h:4242"
+
+
+@pytest.mark.parametrize(
+    ("status", "kept"),
+    [(0x0000, True), (0xB000, True), (0x0001, True), (0xA700, False), (0xC000, False)],
+)
+def test_c_store_warnings_count_as_kept_and_failures_do_not(
+    tmp_path: Path, status: int, kept: bool
+) -> None:
+    """A PACS that keeps the instance with a warning (coercion ...) has it; a failure has not."""
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    pacs = AE(ae_title="PACS")
+    pacs.supported_contexts = AllStoragePresentationContexts
+    server = pacs.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: status)]
+    )
+    assert server is not None
+    try:
+        dest = Destination(ae_title="PACS", host="127.0.0.1", port=server.server_address[1])
+        path, *_ = result_file(tmp_path)
+        if kept:
+            send_dicom(dest, path, "MEDGEMMA", timeout=10)
+        else:
+            with pytest.raises(DeliveryError, match=f"status 0x{status:04X}"):
+                send_dicom(dest, path, "MEDGEMMA", timeout=10)
+    finally:
+        pacs.shutdown()
