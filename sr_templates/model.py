@@ -32,6 +32,7 @@ __all__ = [
     "ANCHOR_KINDS",
     "LATERALITIES",
     "Anchor",
+    "AnchorDistance",
     "AnchorKind",
     "GraphicType",
     "Laterality",
@@ -388,6 +389,90 @@ class Anchor:
         )
 
 
+@dataclass(frozen=True)
+class AnchorDistance:
+    """A distance between two anchors, measured by a follow-up turn from their geometry.
+
+    ``centres`` is between the two regions' centres, ``edges`` the shortest gap between
+    their outlines (0 when they touch or overlap), both in ``units`` (mm from the pixel
+    spacing, or px). ``line`` is the measured centre-to-centre segment, two (row, col)
+    points in source pixels of ``source_sop_instance_uid``: the SR draws it as a line
+    SCOORD. ``tracking_uid`` identifies the SR measurement group; a later turn measuring
+    the same pair again replaces the value under the same UID.
+    """
+
+    tracking_uid: str
+    from_anchor: str
+    from_tracking_uid: str
+    to_anchor: str
+    to_tracking_uid: str
+    to_label: str
+    centres: float
+    edges: float
+    units: Units
+    line: tuple[tuple[float, float], tuple[float, float]]
+    source_sop_instance_uid: str
+    turn: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tracking_uid", "from_tracking_uid", "to_tracking_uid"):
+            _text(getattr(self, name), f"AnchorDistance.{name}")
+        for name in ("centres", "edges"):
+            if _number(getattr(self, name), f"AnchorDistance.{name}") < 0:
+                raise ValueError(f"AnchorDistance.{name} must be >= 0")
+        if self.units not in ("mm", "px"):
+            raise ValueError(f"AnchorDistance.units {self.units!r} is not 'mm' or 'px'")
+        (r0, c0), (r1, c1) = self.line
+        for v in (r0, c0, r1, c1):
+            _number(v, "AnchorDistance.line")
+
+    @property
+    def tracking_identifier(self) -> str:
+        """'A1 to A4 right hilum distance': the SR group's Tracking Identifier."""
+        return f"{self.from_anchor} to {self.to_anchor} {self.to_label} distance".strip()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tracking_uid": self.tracking_uid,
+            "from_anchor": self.from_anchor,
+            "from_tracking_uid": self.from_tracking_uid,
+            "to_anchor": self.to_anchor,
+            "to_tracking_uid": self.to_tracking_uid,
+            "to_label": self.to_label,
+            "centres": self.centres,
+            "edges": self.edges,
+            "units": self.units,
+            "line": [list(self.line[0]), list(self.line[1])],
+            "source_sop_instance_uid": self.source_sop_instance_uid,
+            "turn": self.turn,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> AnchorDistance:
+        d = _mapping(data, "distance")
+        line = d.get("line")
+        if not isinstance(line, list | tuple) or len(line) != 2:
+            raise ValueError("distance['line'] must be two (row, col) points")
+        (r0, c0), (r1, c1) = line
+        units = d.get("units")
+        if units not in ("mm", "px"):
+            raise ValueError(f"distance['units'] {units!r} is not 'mm' or 'px'")
+        return cls(
+            tracking_uid=_text(d.get("tracking_uid"), "distance['tracking_uid']"),
+            from_anchor=str(d.get("from_anchor") or ""),
+            from_tracking_uid=_text(d.get("from_tracking_uid"), "distance['from_tracking_uid']"),
+            to_anchor=str(d.get("to_anchor") or ""),
+            to_tracking_uid=_text(d.get("to_tracking_uid"), "distance['to_tracking_uid']"),
+            to_label=str(d.get("to_label") or ""),
+            centres=_number(d.get("centres"), "distance['centres']"),
+            edges=_number(d.get("edges"), "distance['edges']"),
+            units=cast(Units, units),
+            line=((float(r0), float(c0)), (float(r1), float(c1))),
+            source_sop_instance_uid=str(d.get("source_sop_instance_uid") or ""),
+            turn=int(d.get("turn") or 0),
+        )
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -485,6 +570,8 @@ class PrereadResult:
     spacing_source: str = "none"
     engine_seconds: float = 0.0
     outputs: ResultOutputs | None = None
+    distances: tuple[AnchorDistance, ...] = ()
+    revision: int = 0  # 0 = the pre-read; each follow-up amendment adds one
 
     def __post_init__(self) -> None:
         if not isinstance(self.is_demo, bool):
@@ -493,6 +580,13 @@ class PrereadResult:
             _text(getattr(self, name), f"PrereadResult.{name}")
         object.__setattr__(self, "anchors", tuple(self.anchors))
         object.__setattr__(self, "parse_warnings", tuple(self.parse_warnings))
+        object.__setattr__(self, "distances", tuple(self.distances))
+        if (
+            isinstance(self.revision, bool)
+            or not isinstance(self.revision, int)
+            or self.revision < 0
+        ):
+            raise ValueError(f"PrereadResult.revision must be an int >= 0, got {self.revision!r}")
         for a in self.anchors:
             if not isinstance(a, Anchor):
                 raise TypeError("PrereadResult.anchors must hold Anchor objects")
@@ -510,6 +604,11 @@ class PrereadResult:
     @property
     def landmarks(self) -> tuple[Anchor, ...]:
         return tuple(a for a in self.anchors if a.kind == "landmark")
+
+    @property
+    def amended(self) -> bool:
+        """A follow-up turn refined an anchor, added one or measured a distance."""
+        return self.revision > 0 or any(a.refined_turn is not None for a in self.anchors)
 
     @property
     def truncated(self) -> bool:
@@ -549,6 +648,8 @@ class PrereadResult:
             "engine_seconds": self.engine_seconds,
             "anchors": [a.to_json() for a in self.anchors],
             "outputs": self.outputs.to_json() if self.outputs else None,
+            "distances": [d.to_json() for d in self.distances],
+            "revision": self.revision,
         }
 
     @classmethod
@@ -585,4 +686,6 @@ class PrereadResult:
             spacing_source=str(d.get("spacing_source") or "none"),
             engine_seconds=float(d.get("engine_seconds") or 0.0),
             outputs=ResultOutputs.from_json(outputs) if outputs else None,
+            distances=tuple(AnchorDistance.from_json(x) for x in d.get("distances") or ()),
+            revision=int(d.get("revision") or 0),
         )

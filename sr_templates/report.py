@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
     CodedConcept,
@@ -56,7 +57,7 @@ from highdicom.sr import (
     TrackingIdentifier,
     UIDRefContentItem,
 )
-from highdicom.sr.enum import RelationshipTypeValues
+from highdicom.sr.enum import GraphicTypeValues, RelationshipTypeValues
 from highdicom.sr.value_types import CodeContentItem
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
@@ -70,7 +71,7 @@ from pydicom.uid import (
 from pydicom.valuerep import PersonName
 
 from sr_templates import codes as c
-from sr_templates.model import PrereadResult
+from sr_templates.model import AnchorDistance, PrereadResult
 from sr_templates.records import ReportedFinding, reported_findings
 from sr_templates.series import DEFAULT_NODE, device_uid, series_uid
 
@@ -230,6 +231,35 @@ def _group(
     )
 
 
+def _distance_group(
+    distance: AnchorDistance, source: Dataset, algorithm: AlgorithmIdentification
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """A distance between two anchors: a TID 1410 group whose region is the measured
+    centre-to-centre line (an open two-point POLYLINE) with the centre distance and the
+    nearest-edge gap as NUMs."""
+    (r0, c0), (r1, c1) = distance.line
+    region = ImageRegion(
+        graphic_type=GraphicTypeValues.POLYLINE,
+        graphic_data=np.array([[c0, r0], [c1, r1]], dtype=np.float64),
+        source_image=SourceImageForRegion(
+            referenced_sop_class_uid=str(source.SOPClassUID),
+            referenced_sop_instance_uid=str(source.SOPInstanceUID),
+        ),
+    )
+    unit = c.UNIT_MM if distance.units == "mm" else c.UNIT_PIXELS
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=distance.tracking_uid, identifier=distance.tracking_identifier
+        ),
+        referenced_region=region,
+        algorithm_id=algorithm,
+        measurements=[
+            Measurement(name=c.MEASUREMENT_DISTANCE, value=distance.centres, unit=unit),
+            Measurement(name=c.MEASUREMENT_EDGE_DISTANCE, value=distance.edges, unit=unit),
+        ],
+    )
+
+
 def _statement(record: PrereadResult) -> str:
     parts = []
     if record.is_demo:
@@ -299,7 +329,7 @@ def _root(
         )
     )
     content.append(_image_library(source_datasets))
-    if reported_findings(record):
+    if reported_findings(record) or record.distances:
         algorithm = _algorithm(record)
         measurements = ContainerContentItem(
             name=c.IMAGING_MEASUREMENTS, relationship_type=RelationshipTypeValues.CONTAINS
@@ -313,6 +343,14 @@ def _root(
                     f"{finding.source_sop_instance_uid}, which is not in source_datasets"
                 )
             groups.extend(_group(finding, source, algorithm))
+        for distance in record.distances:
+            source = sources.get(distance.source_sop_instance_uid)
+            if source is None:
+                raise ValueError(
+                    f"distance {distance.tracking_identifier} refers to image "
+                    f"{distance.source_sop_instance_uid}, which is not in source_datasets"
+                )
+            groups.extend(_distance_group(distance, source, algorithm))
         measurements.ContentSequence = groups
         content.append(measurements)
     content.append(_narrative(record))

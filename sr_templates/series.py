@@ -27,6 +27,7 @@ __all__ = [
     "ResultKind",
     "derived_uid",
     "device_uid",
+    "instance_number",
     "series_number",
     "series_uid",
 ]
@@ -83,24 +84,35 @@ def derived_uid(
     *,
     node: str = DEFAULT_NODE,
     root: str = UID_ROOT,
+    revision: int = 0,
 ) -> UID:
-    """The SOP Instance UID of this node's ``kind`` result for (study, version).
+    """The SOP Instance UID of this node's ``kind`` result for (study, version, revision).
 
-    The same arguments always give the same UID; any difference gives another.
+    ``revision`` 0 is the pre-read of the study version; each follow-up amendment of it
+    (a refined anchor, a new region, a distance) is the next revision. The same arguments
+    always give the same UID; any difference gives another.
     """
     _check_kind(kind)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise TypeError(f"version must be an int, got {type(version).__name__}")
-    if version < 1:
-        raise ValueError(f"version must be >= 1, got {version}")
+    for name, value, least in (("version", version, 1), ("revision", revision, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    parts = [str(version)] if revision == 0 else [str(version), f"r{revision}"]
     return _uid(
         "instance",
         kind,
         _check_text("study_uid", study_uid),
-        str(version),
+        *parts,
         _check_text("node", node),
         root=root,
     )
+
+
+def instance_number(version: int, revision: int = 0) -> int:
+    """The Instance Number of a result: the study version for its pre-read, and
+    1000 * version + revision for follow-up amendments (so the numbers never collide)."""
+    return version if revision == 0 else 1000 * version + revision
 
 
 def device_uid(model_id: str, model_revision: str, *, root: str = UID_ROOT) -> UID:

@@ -9,6 +9,7 @@ its SOP Instance UID and the PACS never sees a duplicate.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from pydicom import dcmread
@@ -21,7 +22,7 @@ from node.spool import write_file_atomically
 from sr_templates.model import OutputRef, PrereadResult, ResultOutputs
 from sr_templates.report import build_measurement_report
 from sr_templates.segmentation import build_segmentation
-from sr_templates.series import derived_uid, series_number, series_uid
+from sr_templates.series import derived_uid, instance_number, series_number, series_uid
 
 log = logging.getLogger("medgemma.results")
 
@@ -46,13 +47,27 @@ def _source_headers(
     return out
 
 
-def _predecessor(directory: Path, version: int) -> Dataset | None:
-    """The newest SR of an earlier study version, which this one amends."""
-    for earlier in range(version - 1, 0, -1):
-        path = directory / f"sr-v{earlier}.dcm"
-        if path.is_file():
-            return dcmread(path, stop_before_pixels=True)
-    return None
+def result_file_name(kind: str, version: int, revision: int = 0) -> str:
+    """``sr-v2.dcm`` for the pre-read of study version 2, ``sr-v2r1.dcm`` for its first
+    follow-up amendment."""
+    return f"{kind}-v{version}.dcm" if revision == 0 else f"{kind}-v{version}r{revision}.dcm"
+
+
+_RESULT_FILE = re.compile(r"sr-v(\d+)(?:r(\d+))?\.dcm")
+
+
+def _predecessor(directory: Path, version: int, revision: int) -> Dataset | None:
+    """The newest SR written before (version, revision), which this one amends."""
+    earlier: list[tuple[int, int, Path]] = []
+    for path in directory.glob("sr-v*.dcm") if directory.is_dir() else ():
+        m = _RESULT_FILE.fullmatch(path.name)
+        if m:
+            key = (int(m[1]), int(m[2] or 0))
+            if key < (version, revision):
+                earlier.append((*key, path))
+    if not earlier:
+        return None
+    return dcmread(max(earlier)[2], stop_before_pixels=True)
 
 
 def publish_results(
@@ -60,9 +75,13 @@ def publish_results(
 ) -> ResultOutputs:
     """Build, store and queue the SR (always) and SEG (when there are findings).
 
-    Returns each file's path and UIDs, for the study's result record.
+    ``result.revision`` 0 is the pre-read of study ``version``; a follow-up amendment
+    (revision 1, 2, ...) gets its own SOP Instance UIDs and files and names the SR it
+    amends in the Predecessor Documents Sequence. Returns each file's path and UIDs, for
+    the study's result record.
     """
     node = settings.dicom.ae_title
+    revision = result.revision
     frontal = result.frontal.sop_instance_uid
     wanted = {frontal} | ({result.lateral.sop_instance_uid} if result.lateral else set())
     sources = _source_headers(settings, ledger, study_uid, version, wanted)
@@ -74,18 +93,18 @@ def publish_results(
         result,
         ordered,
         series_number=series_number("sr"),
-        instance_number=version,
-        sop_instance_uid=derived_uid("sr", study_uid, version, node=node),
+        instance_number=instance_number(version, revision),
+        sop_instance_uid=derived_uid("sr", study_uid, version, node=node, revision=revision),
         series_instance_uid=series_uid("sr", study_uid, node=node),
-        predecessor=_predecessor(directory, version),
+        predecessor=_predecessor(directory, version, revision),
         node=node,
     )
     seg = build_segmentation(
         result,
         by_uid[frontal],
         series_number=series_number("seg"),
-        instance_number=version,
-        sop_instance_uid=derived_uid("seg", study_uid, version, node=node),
+        instance_number=instance_number(version, revision),
+        sop_instance_uid=derived_uid("seg", study_uid, version, node=node, revision=revision),
         series_instance_uid=series_uid("seg", study_uid, node=node),
         node=node,
     )
@@ -94,7 +113,7 @@ def publish_results(
     for kind, ds in (("sr", sr), ("seg", seg)):
         if ds is None:
             continue
-        path = directory / f"{kind}-v{version}.dcm"
+        path = directory / result_file_name(kind, version, revision)
         _save(ds, path)
         outbox.enqueue(
             study_uid=study_uid,
