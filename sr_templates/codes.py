@@ -299,6 +299,7 @@ CONDITION_PULMONARY_TUBERCULOSIS: Final = _allowed_sct("154283005")
 CONDITION_HEART_FAILURE: Final = _dict_code("SCT", "HeartFailure")  # 84114007 (CID 3201)
 
 SIGN_NON_CALCIFIED: Final = _dict_code("SCT", "NonCalcified")  # 17589002 (CID 3802)
+SIGN_OPACITY: Final = _dict_code("DCM", "Opacity")  # 112001 (CID 6102/6104)
 SIGN_AIR_BRONCHOGRAM: Final = _dict_code("DCM", "AirBronchogram")  # 112071 (CID 6102/6105)
 SIGN_SILHOUETTE: Final = _dict_code("DCM", "SilhouetteSign")  # 112152 (CID 6123)
 SIGN_MILIARY_PATTERN: Final = _dict_code("DCM", "MiliaryPattern")  # 112129 (CID 6102/6106)

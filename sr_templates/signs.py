@@ -409,7 +409,7 @@ _TUBERCULOSIS: Final = Condition(
         Sign("tuberculosis.upper_location", "upper zone or apical location",
              "位于上肺野或肺尖", c.SIGN_UPPER_ZONE, SiteRule(_UPPER, _MIDDLE_LOWER)),
         Sign("tuberculosis.opacity", "patchy or nodular opacity", "斑片状或结节状影",
-             c.FINDING_CONSOLIDATION,
+             c.SIGN_OPACITY,
              FindingRule({"consolidation", "ground_glass_opacity", "nodule"}, _NOT_PARENCHYMAL)),
         Sign("tuberculosis.cavitation", "cavitation", "空洞", c.SIGN_CAVITATION,
              NotAssessableRule("not_recorded")),
