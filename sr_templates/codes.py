@@ -16,7 +16,8 @@ Sources, in order of preference (see README.md for the table):
    in every SR and SEG through the Coding Scheme Identification Sequence. Private codes
    are for chest radiograph vocabulary that neither dictionary covers (hilar enlargement,
    widened mediastinum, hyperinflation, support device, lingula, costophrenic angle,
-   heart border, solid / part-solid density).
+   heart border, solid / part-solid density) and for the radiographic signs of
+   :mod:`sr_templates.signs` that have no standard code (``SIGN_*`` with scheme 99MGN).
 
 UIDs: :data:`UID_ROOT` is a UUID-derived OID arc (ITU-T X.667 / ISO/IEC 9834-8, "2.25."
 followed by the decimal value of a UUID generated once for this project), so the node
