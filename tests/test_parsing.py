@@ -7,13 +7,25 @@ every expectation in one place.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from workers.parsing import ParsedPreread, parse_preread
+from sr_templates import ontology
+from workers import chest_terms
+from workers.lenient_json import extract_json, strip_thinking
+from workers.parsing import (
+    ParsedPreread,
+    attribute_value,
+    box_2d,
+    finding_type,
+    landmark,
+    parse_preread,
+    site,
+)
 from workers.prompts import (
     ATTRIBUTE_VALUES,
     FINDING_TYPES,
@@ -575,3 +587,153 @@ def test_prompt_names_the_whole_vocabulary(has_lateral: bool) -> None:
 def test_prompt_version_is_pinned() -> None:
     assert PROMPT_VERSION == "preread-2026.11.1"
     assert not is_preread_prompt("How far is it from the hilum?")
+
+
+# ------------------------------------------------------------------ vocabulary round trips
+
+
+def _one_finding(**fields: object) -> str:
+    return json.dumps({"findings": [{"box_2d": [100, 100, 200, 200], **fields}]})
+
+
+def test_every_term_the_prompt_offers_reads_back_as_itself() -> None:
+    for term in FINDING_TYPES:
+        (f,) = parse_preread(_one_finding(finding=term)).findings
+        assert f.finding == term
+    for term in SITES:
+        (f,) = parse_preread(_one_finding(finding="nodule", site=term)).findings
+        assert (f.site, f.laterality) == (term, ontology.site(term).side)
+    for term in LATERALITIES:
+        (f,) = parse_preread(_one_finding(finding="nodule", laterality=term)).findings
+        assert f.laterality == term
+    for name, values in ATTRIBUTE_VALUES.items():
+        for value in values:
+            (f,) = parse_preread(_one_finding(finding="nodule", attributes={name: value})).findings
+            assert f.attributes == {name: value}
+    boxes = [{"box_2d": [10 * i, 10, 10 * i + 5, 20], "label": t} for i, t in enumerate(LANDMARKS)]
+    result = parse_preread(json.dumps({"findings": [], "landmarks": boxes}))
+    assert [lm.name for lm in result.landmarks] == list(LANDMARKS)
+    assert result.warnings == ()
+
+
+def test_every_ontology_name_reads_as_its_concept() -> None:
+    """English (any case) and Chinese names and synonyms: what the ontology lists, the
+    parser understands, so one synonym added there serves answers and follow-ups."""
+    for concept in ontology.all_concepts():
+        for name in (*concept.names_en, *(n.upper() for n in concept.names_en), *concept.names_zh):
+            if concept.kind == "finding":
+                assert finding_type(name) == concept.term, name
+            elif concept.kind == "site":
+                assert site(name) == concept.term, name
+            elif concept.kind == "landmark":
+                assert landmark(name) == concept.term, name
+            elif concept.kind == "attribute":
+                assert chest_terms.attribute_name(name) == concept.term, name
+            elif concept.kind == "attribute_value":
+                assert concept.attribute is not None
+                assert attribute_value(concept.attribute, name) == concept.term, name
+            else:
+                assert chest_terms.laterality(name) == concept.side, name
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("bilateral pleural effusions", "pleural_effusion"),
+        ("nodular opacities", "nodule"),
+        ("PICC line tip in the SVC", "support_device"),
+        ("line", "support_device"),
+        ("visceral pleural line with absent markings beyond", None),
+        ("ground-glass nodule", "ground_glass_opacity"),
+        ("右下肺斑片状渗出", "consolidation"),
+        ("fractured left 5th rib", "rib_fracture"),
+    ],
+)
+def test_finding_type_reads_inflected_free_text(text: str, expected: str | None) -> None:
+    assert finding_type(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("RUL opacity", "right_upper_lobe"),
+        ("left apical", "left_upper_zone"),
+        ("右下肺", "right_lower_zone"),
+        ("右侧肋膈角区", "right_costophrenic_angle"),
+        ("rt hilar region", "right_hilum"),
+        ("right lower zone, projected over the heart", "right_lower_zone"),
+        ("behind the heart", "heart"),
+    ],
+)
+def test_site_reads_side_level_and_structure(text: str, expected: str) -> None:
+    assert site(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("density", "part-solid nodule", "part_solid"),
+        ("density", "部分实性结节", "part_solid"),
+        ("margin", "边缘光滑锐利", "smooth"),
+        ("margin", "well circumscribed", "smooth"),
+        ("margin", "irregular", None),  # an irregular margin is not a smooth one
+        ("shape", "卵圆形", "oval"),
+        ("shape", "irregular shape", "irregular"),
+        ("shape", 12, None),
+    ],
+)
+def test_attribute_value_reads_one_attribute(name: str, text: object, expected: str | None) -> None:
+    assert attribute_value(name, text) == expected
+
+
+def test_attribute_value_refuses_an_unknown_attribute() -> None:
+    with pytest.raises(ValueError, match="attribute 'size'"):
+        attribute_value("size", "large")
+
+
+def test_box_2d_reads_and_reports_repairs() -> None:
+    warnings: list[str] = []
+    assert box_2d("[0.612, 0.238, 0.688, 0.31]", warnings, "refined box") == (612, 238, 688, 310)
+    assert warnings == ["refined box: box_2d looked normalised to 0-1; scaled to 0-1000"]
+    assert box_2d({"y0": 700, "x0": 310, "y1": 600, "x1": 220}) == (600, 220, 700, 310)
+    assert box_2d([[-5, 10, 1200, 20]]) == (0, 10, 1000, 20)
+    assert box_2d([5, 5, 5, 9]) is None
+    assert box_2d("near the hilum") is None
+
+
+# ------------------------------------------------------------------ lenient JSON
+
+
+def test_extract_json_reads_a_follow_up_answer_behind_a_thinking_trace() -> None:
+    text = (
+        "<unused94>thought\nThe margin looks {spiky}.<unused95>"
+        "The nodule is spiculated.\nFinal Answer:\n```json\n"
+        "{'margin': 'spiculated', shape: \"round\", // model comment\n}\n```"
+    )
+    decoded = extract_json(text)
+    assert decoded.found and not decoded.truncated
+    assert decoded.value == {"margin": "spiculated", "shape": "round"}
+    assert decoded.warnings == ()
+    assert "spiky" not in decoded.text
+    assert decoded.text_outside.strip().startswith("The nodule is spiculated.")
+
+
+def test_extract_json_keeps_complete_elements_of_a_truncated_list() -> None:
+    decoded = extract_json('[{"box_2d": [1, 2, 3, 4]}, {"box_2d": [5, 6')
+    assert decoded.found and decoded.truncated
+    assert decoded.value == [{"box_2d": [1, 2, 3, 4]}]
+    assert decoded.dropped_partial == 1
+
+
+def test_extract_json_skips_values_it_is_told_not_to_accept() -> None:
+    text = 'e.g. {"example": 1} then {"box_2d": [1, 2, 3, 4]}'
+    decoded = extract_json(text, accept=lambda v: isinstance(v, dict) and "box_2d" in v)
+    assert decoded.value == {"box_2d": [1, 2, 3, 4]}
+    assert not extract_json("no json here").found
+
+
+def test_strip_thinking_reports_an_unterminated_trace() -> None:
+    warnings: list[str] = []
+    assert strip_thinking("a<unused94>b<unused95>c") == "ac"
+    assert strip_thinking("<unused94>thinking... Final Answer: {}", warnings) == "Final Answer: {}"
+    assert warnings == ["thinking trace not terminated; answer taken from 'Final Answer:'"]

@@ -31,7 +31,6 @@ from sr_templates.report import build_measurement_report
 from sr_templates.segmentation import build_segmentation
 from sr_templates.series import derived_uid, series_number, series_uid
 from tests.peers import dciodvfy_errors, dcmtk, dsrdump_ok
-from workers import prompts
 from workers.engines.demo import DemoEngine
 from workers.preread import AI_NOTICE, DEMO_NOTICE, analyse_study
 
@@ -190,15 +189,9 @@ def assert_code_is_sourced(scheme: str, value: str, meaning: str, exact: bool = 
 # ----------------------------------------------------------------------------- ontology and codes
 
 
-def test_every_prompt_vocabulary_term_has_a_code_and_english_and_chinese_terms() -> None:
-    assert set(ontology.FINDINGS) == set(prompts.FINDING_TYPES)
-    assert set(ontology.SITES) == set(prompts.SITES)
-    assert set(ontology.LANDMARKS) == set(prompts.LANDMARKS)
-    assert set(ontology.ATTRIBUTES) == set(prompts.ATTRIBUTE_VALUES)
-    for attribute, values in prompts.ATTRIBUTE_VALUES.items():
-        assert set(ontology.ATTRIBUTES[attribute]) == set(values)
-        assert ontology.ATTRIBUTE_NAMES[attribute].code
-    assert set(ontology.LATERALITIES) | {"none"} == set(prompts.LATERALITIES)
+def test_every_vocabulary_term_has_a_code_and_english_and_chinese_terms() -> None:
+    assert set(ontology.ATTRIBUTE_NAMES) == set(ontology.ATTRIBUTES)
+    assert ontology.LATERALITY_TERMS == (*ontology.LATERALITIES, "none")
     for concept in ontology.all_concepts():
         assert isinstance(concept.code, Code) and concept.en and concept.zh
     # a site's laterality is its own: both lobes named "upper lobe" differ only by side
@@ -206,6 +199,20 @@ def test_every_prompt_vocabulary_term_has_a_code_and_english_and_chinese_terms()
     assert ontology.site("left_upper_lobe").laterality_code == codes.LATERALITY_LEFT
     assert ontology.site("both_lungs").laterality_code == codes.LATERALITY_BILATERAL
     assert ontology.site("mediastinum").laterality_code is None
+
+
+def test_no_name_means_two_concepts_of_one_kind() -> None:
+    # a synonym added to a second finding (or site, or margin value) would make lookup and
+    # the answer parser pick one of them silently
+    owners: dict[tuple[str, str | None, str], str] = {}
+    for concept in ontology.all_concepts():
+        names = {n.lower().replace("_", " ").replace("-", " ") for n in concept.names_en}
+        names |= {concept.term.replace("_", " "), *concept.names_zh}
+        for name in names:
+            key = (concept.kind, concept.attribute, name)
+            assert owners.setdefault(key, concept.term) == concept.term, (key, owners[key])
+            found = ontology.lookup(name, concept.kind, attribute=concept.attribute)
+            assert found == concept, (name, concept.term)
 
 
 def test_sct_codes_are_in_pydicom_dictionary_or_on_the_sourced_allow_list() -> None:
