@@ -210,6 +210,46 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if study.state.value == "done" and outcome.fhir is not None else 1
 
 
+# loaded by name: node/ never imports workers/ (the resolver needs no model)
+_RESOLVER = "workers.dialogue.resolve"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
+    import importlib
+    import json
+    from pathlib import Path
+
+    def fail(message: str) -> int:
+        print(f"medgemma-node resolve: {_one_line(message)}", file=sys.stderr)
+        return 2
+
+    resolver = importlib.import_module(_RESOLVER)
+    path = Path(args.anchors)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        return fail(f"cannot read the anchor file {path}: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        return fail(f"the anchor file {path} is not UTF-8 text")
+    except json.JSONDecodeError as exc:
+        return fail(f"the anchor file {path} is not JSON: {exc.msg} (line {exc.lineno})")
+    try:
+        anchors = resolver.parse_anchor_list(data)
+    except ValueError as exc:
+        return fail(f"the anchor file {path}: {exc}")
+    focus = args.focus.strip().upper() if args.focus else None
+    try:
+        resolution = resolver.resolve(" ".join(args.question), anchors, focus=focus)
+    except ValueError as exc:
+        return fail(f"--focus: {exc}")
+    print(json.dumps(resolver.resolution_json(resolution), ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medgemma-node",
@@ -252,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10, help="latest studies to list")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status, to_file=False)
+
+    p = sub.add_parser(
+        "resolve",
+        help="which anchors a follow-up question is about (no model): prints JSON",
+        description=(
+            'Prints {"anchors": [...]} (in the order the question names them), '
+            '{"clarify": [candidates]} or {"new_region": "<site or landmark>"}.'
+        ),
+    )
+    p.add_argument("--anchors", required=True, help="JSON list of anchors (anchor_id, kind, "
+                   "label, finding, site, laterality, attributes)")  # fmt: skip
+    p.add_argument("--focus", help="the anchor in focus, e.g. A1 ('this lesion', 'it')")
+    p.add_argument("question", nargs="+", help="the question, English or Chinese")
+    p.set_defaults(func=cmd_resolve, to_file=False)
     return parser
 
 
