@@ -93,8 +93,9 @@ def seed_store(url: str, studies: int) -> tuple[list[str], list[str]]:
     """
     from pydicom.uid import generate_uid
 
+    from node.fhir.projection import record_preread
     from node.fhir.resources import IdentifierSystems, report_id
-    from node.fhir.store import FhirStore, record_preread
+    from node.fhir.store import FhirStore
     from node.ledger import InstanceHeader, StudyLedger
 
     ledger = StudyLedger(url)

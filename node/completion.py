@@ -71,9 +71,10 @@ class StudyCoordinator:
         task_id = preread_task_id(study.study_uid, study.version)
         self.ledger.mark_queued(study.study_uid, study.version, task_id)
         try:  # the RIS sees a registered DiagnosticReport while the pre-read waits
-            from node.fhir.store import record_preread
+            from node.fhir.projection import identifier_systems, record_preread
 
-            record_preread(self.ledger, study.study_uid, study.version)
+            systems = identifier_systems(self.settings.fhir)
+            record_preread(self.ledger, study.study_uid, study.version, systems=systems)
         except Exception:
             log.exception("FHIR resources of study %s not written", study.study_uid)
         try:

@@ -215,11 +215,12 @@ def _read_ledger(
 
 def _read_notifications(url: str) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """FHIR Subscription deliveries: counts by state and the latest dead ones."""
-    from node.fhir.notify import subscription_status
+    from node.fhir.store import FhirStore
+    from node.fhir.subscriptions import subscription_status
 
     ledger = StudyLedger(url)
     try:
-        return subscription_status(ledger)
+        return subscription_status(FhirStore(ledger))
     finally:
         ledger.close()
 

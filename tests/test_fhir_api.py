@@ -23,10 +23,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from node.dispatch import DispatchError, InProcessDispatcher
 from node.fhir.auth import Authenticator, Principal
 from node.fhir.errors import FhirError
-from node.fhir.questions import FollowupPublisher, Question, build_question
+from node.fhir.followups import FollowupPublisher, create_followup, unsent_followups
+from node.fhir.projection import record_preread
+from node.fhir.questions import Question, build_question
 from node.fhir.resources import IdentifierSystems, imaging_study_id, report_id
 from node.fhir.server import ApiServer
-from node.fhir.store import FhirStore, record_preread
+from node.fhir.store import FhirStore
 from node.ledger import StudyLedger, StudyState
 from node.settings import AuthSettings, Settings, load_settings
 from node.status import collect_status, render_status
@@ -530,7 +532,8 @@ def test_questions_wait_out_a_broker_outage_and_unsent_ones_are_found_again(
     assert report is not None
     principal = Principal("ris", "token", frozenset())
     jobs = [
-        store.create_followup(
+        create_followup(
+            store,
             build_question(report, Question(f"question {n}", "", ""), "", principal),
             report_id=report.id,
             study_uid="",
@@ -542,13 +545,13 @@ def test_questions_wait_out_a_broker_outage_and_unsent_ones_are_found_again(
     dispatcher = FlakyDispatcher(down=2)
     # questions 1 and 2 were stored but never handed over (a crash before publishing):
     # the publisher finds them when it starts; question 0 arrives during the outage
-    assert sorted(store.unsent_followups(0)) == sorted(j.id for j in jobs)
+    assert sorted(unsent_followups(store, 0)) == sorted(j.id for j in jobs)
     publisher = FollowupPublisher(store, dispatcher, retry_base=0.05, unsent_after=0)
     try:
         publisher.publish(jobs[0].id)
         wait_until(lambda: sorted(dispatcher.sent) == sorted(j.id for j in jobs))
         assert dispatcher.down == 0  # both failed sends were retried
-        wait_until(lambda: store.unsent_followups(0) == [])
+        wait_until(lambda: unsent_followups(store, 0) == [])
     finally:
         publisher.close()
         ledger.close()

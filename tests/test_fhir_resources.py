@@ -13,9 +13,10 @@ from pydicom.uid import generate_uid
 
 from node.fhir import codes
 from node.fhir.audit import AccessRecord, audit_event
+from node.fhir.projection import record_preread
 from node.fhir.resources import build_answer, report_id
 from node.fhir.routers.metadata import ask_operation_definition, capability_statement
-from node.fhir.store import FhirStore, record_preread
+from node.fhir.store import FhirStore
 from node.ledger import InstanceHeader, StudyLedger, StudyState
 from workers.anchors import Anchor
 from workers.geometry import Region, measure

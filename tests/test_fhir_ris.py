@@ -19,8 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from node.fhir.resources import IdentifierSystems
-from node.fhir.store import record_preread
+from node.fhir import codes
 from node.runtime import NodeRuntime
 from node.synthetic import SyntheticImage, make_chest_radiograph, write_study
 from tests.conftest import make_settings, wait_for_state
@@ -91,10 +90,17 @@ def check_answer(bundle: dict[str, Any], report_id: str, words: str) -> dict[str
     return answer
 
 
-def find_report(ris: httpx.Client, accession: str) -> dict[str, Any]:
-    bundle = ris.get("/DiagnosticReport", params={
-        "identifier": accession, "_include": "DiagnosticReport:result"}).json()  # fmt: skip
-    reports = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "match"]
+def find_report(ris: httpx.Client, accession: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The study's preliminary DiagnosticReport, found by accession (the worker writes it
+    right after the ledger says done: wait for it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        bundle = ris.get("/DiagnosticReport", params={
+            "identifier": accession, "_include": "DiagnosticReport:result"}).json()  # fmt: skip
+        reports = [e["resource"] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
+        if (reports and reports[0]["status"] == "preliminary") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert len(reports) == 1, bundle
     report: dict[str, Any] = reports[0]
     assert report["status"] == "preliminary"
@@ -172,8 +178,6 @@ def test_ris_reads_the_preread_and_asks_through_a_celery_worker(
             uid = image.dataset.StudyInstanceUID
             study = wait_for_state(node, uid, {"done", "failed"}, timeout=90)
             assert study.state.value == "done", (study.reason, worker.output())
-            # what workers/preread.py will call after a successful pre-read
-            record_preread(node.ledger, uid, study.version, systems=IdentifierSystems())
 
             report = find_report(ris, str(image.dataset.AccessionNumber))
             bundle = ask_and_poll(ris, report["id"], "Is A1 larger than 5 mm?")
@@ -210,7 +214,6 @@ def test_serve_answers_questions_with_its_in_process_worker(tmp_path: Path) -> N
         uid = image.dataset.StudyInstanceUID
         study = wait_for_state(runtime, uid, {"done", "failed"}, timeout=60)
         assert study.state.value == "done", study.reason
-        record_preread(runtime.ledger, uid, study.version, systems=IdentifierSystems())
         with httpx.Client(base_url=runtime.api.base_url, timeout=30,
                           headers={"Authorization": f"Bearer {TOKEN}"}) as ris:  # fmt: skip
             report = find_report(ris, str(image.dataset.AccessionNumber))
@@ -218,3 +221,75 @@ def test_serve_answers_questions_with_its_in_process_worker(tmp_path: Path) -> N
             check_answer(ask_sync(ris, report["id"], "A1 的边缘如何？"), report["id"], "A1")
     finally:
         runtime.stop()
+
+
+PATIENT_SYSTEM = "urn:oid:2.16.840.1.113883.3.9999.1"
+ACCESSION_SYSTEM = "urn:oid:2.16.840.1.113883.3.9999.2"
+
+
+def test_serve_with_a_config_file_writes_its_identifier_systems(tmp_path: Path) -> None:
+    """``serve --config FILE``: the FHIR resources carry the file's fhir.patient_id_system
+    and fhir.accession_system (the registered report when the study completes, and the
+    preliminary one after the pre-read), not the built-in empty defaults."""
+    dicom_port, api_port = free_port(), free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f"""
+[dicom]
+bind_address = "127.0.0.1"
+port = {dicom_port}
+[storage]
+data_dir = "{tmp_path / "var"}"
+min_free_mb = 0
+[completion]
+quiet_seconds = 1
+[engine]
+name = "demo"
+[api]
+host = "127.0.0.1"
+port = {api_port}
+[[auth.tokens]]
+name = "ris"
+sha256 = "{TOKENS[0]["sha256"]}"
+scopes = {json.dumps([*RIS_SCOPES, "system/ImagingStudy.read"])}
+[fhir]
+patient_id_system = "{PATIENT_SYSTEM}"
+accession_system = "{ACCESSION_SYSTEM}"
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_NODE_")}
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "--config", str(config), "serve"],
+        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{api_port}/fhir"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/metadata", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"serve --config did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        image = send_study(dicom_port, tmp_path, seed=63)
+        accession = str(image.dataset.AccessionNumber)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"},
+                          timeout=30) as ris:  # fmt: skip
+            # the RIS searches with the hospital's accession system, as configured
+            report = find_report(ris, f"{ACCESSION_SYSTEM}|{accession}", timeout=90)
+            study_id = report["imagingStudy"][0]["reference"].split("/", 1)[1]
+            study = ris.get(f"/ImagingStudy/{study_id}")
+        assert study.status_code == 200, study.text
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+    patient = {"system": PATIENT_SYSTEM, "value": str(image.dataset.PatientID)}
+    assert report["subject"]["identifier"] == patient
+    assert study.json()["subject"]["identifier"] == patient
+    for resource in (report, study.json()):
+        (ident,) = [i for i in resource["identifier"] if i.get("type") == codes.ACCESSION_TYPE]
+        assert (ident["system"], ident["value"]) == (ACCESSION_SYSTEM, accession)

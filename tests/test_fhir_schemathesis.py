@@ -21,8 +21,9 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 
 from node.fhir.main import create_app
+from node.fhir.projection import record_preread
 from node.fhir.resources import IdentifierSystems, report_id
-from node.fhir.store import FhirStore, record_preread
+from node.fhir.store import FhirStore
 from node.ledger import StudyLedger
 from node.settings import load_settings
 from tests.test_fhir_resources import add_study

@@ -21,8 +21,9 @@ from typing import Any, Final
 
 from node.fhir import codes
 from node.fhir import resources as fr
+from node.fhir.followups import FollowupJob, finish_followup, followup, start_followup
 from node.fhir.search import normalise_reference
-from node.fhir.store import FhirStore, FollowupJob, StoredResource
+from node.fhir.store import FhirStore, StoredResource
 from node.ledger import StudyLedger
 from node.settings import Settings
 from workers.preread import ledger_for
@@ -287,7 +288,7 @@ def run_followup(settings: Settings, question_id: str, store: FhirStore | None =
     the question is unknown or already answered (a redelivered task).
     """
     store = store or store_for(settings)
-    job = store.start_followup(question_id)
+    job = start_followup(store, question_id)
     if job is None:
         log.info("follow-up %s already answered or unknown: nothing to do", question_id)
         return "noop"
@@ -297,11 +298,11 @@ def run_followup(settings: Settings, question_id: str, store: FhirStore | None =
     except Exception as exc:
         log.exception("follow-up %s failed", question_id)
         reason = f"internal error in the follow-up worker ({type(exc).__name__})"
-        store.finish_followup(
-            job.id, answer=_failure_answer(job, store, reason), failed_reason=reason
+        finish_followup(
+            store, job.id, answer=_failure_answer(job, store, reason), failed_reason=reason
         )
         return "failed"
-    store.finish_followup(job.id, answer=answer)
+    finish_followup(store, job.id, answer=answer)
     log.info(
         "follow-up %s answered: Communication/%s about %d resources",
         question_id,
@@ -314,10 +315,11 @@ def run_followup(settings: Settings, question_id: str, store: FhirStore | None =
 def fail_followup(settings: Settings, question_id: str, reason: str) -> None:
     """Record a follow-up the worker gave up on (timeout): a not-done answer says why."""
     store = store_for(settings)
-    job = store.followup(question_id)
+    job = followup(store, question_id)
     if job is None or job.finished:
         return
-    store.finish_followup(job.id, answer=_failure_answer(job, store, reason), failed_reason=reason)
+    failure = _failure_answer(job, store, reason)
+    finish_followup(store, job.id, answer=failure, failed_reason=reason)
 
 
 def run_followup_by_id(settings: Settings) -> Callable[[str], str]:

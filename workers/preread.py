@@ -15,7 +15,7 @@ from pathlib import Path
 
 from node import __version__ as node_version
 from node.ledger import LedgerError, StudyLedger
-from node.settings import EngineSettings, Settings
+from node.settings import EngineSettings, FhirSettings, Settings
 from sr_templates.model import Anchor, PrereadResult, ViewRef
 from workers.anchors import build_anchors
 from workers.engines.base import Engine, EngineError, EngineRequest, TransientEngineError
@@ -199,12 +199,13 @@ def run_preread(
     except (PrereadFailure, EngineError) as exc:
         ledger.finish(study_uid, version, ok=False, reason=str(exc))
         log.error("pre-read of study %s v%d failed: %s", study_uid, version, exc)
-        record_fhir(ledger, study_uid, version)  # a cancelled DiagnosticReport says so
+        record_fhir(ledger, study_uid, version, settings.fhir)  # a cancelled report says so
         return "failed"
     except Exception as exc:
         ledger.finish(study_uid, version, ok=False, reason=f"internal error: {exc!r}"[:500])
         log.exception("pre-read of study %s v%d failed unexpectedly", study_uid, version)
-        record_fhir(ledger, study_uid, version)  # cancelled with the reason, not registered
+        # cancelled with the reason, not registered
+        record_fhir(ledger, study_uid, version, settings.fhir)
         return "failed"
     try:
         from workers.results import publish_results
@@ -215,12 +216,12 @@ def run_preread(
     except Exception as exc:
         ledger.finish(study_uid, version, ok=False, reason=f"cannot build SR/SEG: {exc}"[:500])
         log.exception("SR/SEG of study %s v%d could not be built", study_uid, version)
-        record_fhir(ledger, study_uid, version)
+        record_fhir(ledger, study_uid, version, settings.fhir)
         return "failed"
     # anchors before done: readers see both
     ledger.save_anchors(study_uid, version, [a.to_json() for a in result.anchors])
     ledger.finish(study_uid, version, ok=True, reason="", result=result.to_json())
-    record_fhir(ledger, study_uid, version)
+    record_fhir(ledger, study_uid, version, settings.fhir)
     log.info(
         "pre-read of study %s v%d done: %d findings, %d anchors, %s engine %.1f s%s",
         study_uid,
@@ -234,12 +235,12 @@ def run_preread(
     return "done"
 
 
-def record_fhir(ledger: StudyLedger, study_uid: str, version: int) -> None:
+def record_fhir(ledger: StudyLedger, study_uid: str, version: int, fhir: FhirSettings) -> None:
     """Write the study's FHIR resources (idempotent); a failure here never fails the study."""
-    from node.fhir.store import record_preread
+    from node.fhir.projection import identifier_systems, record_preread
 
     try:
-        record_preread(ledger, study_uid, version)
+        record_preread(ledger, study_uid, version, systems=identifier_systems(fhir))
     except Exception:
         log.exception("FHIR resources of study %s v%d not written", study_uid, version)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import anyio.to_thread
 from anyio import CapacityLimiter
@@ -19,11 +19,9 @@ from fastapi import Request
 from node.dispatch import Dispatcher
 from node.fhir.audit import AccessRecord, AuditTrail
 from node.fhir.auth import Access, Authenticator, Principal, forbidden
+from node.fhir.followups import FollowupPublisher, QuestionWriter
 from node.fhir.store import FhirStore
 from node.settings import FhirSettings, Settings
-
-if TYPE_CHECKING:
-    from node.fhir.questions import FollowupPublisher, QuestionWriter
 
 T = TypeVar("T")
 

@@ -31,7 +31,7 @@ from node.fhir.audit import AccessRecord, AuditTrail
 from node.fhir.auth import Authenticator
 from node.fhir.deps import DB_THREADS, ApiContext
 from node.fhir.errors import FhirError, outcome_body
-from node.fhir.questions import FollowupPublisher, QuestionWriter
+from node.fhir.followups import FollowupPublisher, QuestionWriter
 from node.fhir.resources import fast_id
 from node.fhir.routers import (
     audit_event,

@@ -15,7 +15,7 @@ from datetime import datetime
 from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from node.ledger import Base, utcnow
+from node.db import Base, utcnow
 from node.outbox import DeliveryState as DeliveryState  # shared with the outbox
 
 

@@ -4,10 +4,10 @@ A question arrives as ``POST /fhir/DiagnosticReport/{id}/$ask`` (Parameters: ``q
 optional ``anchor``, optional ``language``) or as ``POST /fhir/Communication`` (``about``
 the DiagnosticReport, ``payload.contentString`` the question). Either way it is stored as
 a question Communication together with a queued follow-up job (new questions are
-committed in groups: :class:`QuestionWriter`), then sent by name to the ``followup`` queue
-(task ``medgemma.followup``, or the in-process worker in ``serve``) by
-:class:`FollowupPublisher`, which retries through a broker outage: a stored question is
-never refused or lost because the queue is down, only answered later.
+committed in groups: :class:`node.fhir.followups.QuestionWriter`), then sent by name to the
+``followup`` queue (task ``medgemma.followup``, or the in-process worker in ``serve``) by
+:class:`node.fhir.followups.FollowupPublisher`, which retries through a broker outage: a
+stored question is never refused or lost because the queue is down, only answered later.
 
 Asynchronous by default, the FHIR way: 202 Accepted with ``Content-Location`` to poll
 (``GET /fhir/_async/{id}``: 202 while queued or running, then 200 with a collection
@@ -18,30 +18,23 @@ shorter ``wait=N``) and answers 200 with the Bundle, or 202 if the answer is not
 from __future__ import annotations
 
 import asyncio
-import logging
-import queue
 import re
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Final
 
 from fastapi import Request, Response
 
-from node.dispatch import Dispatcher, DispatchError
 from node.fhir import codes
 from node.fhir.auth import Principal
 from node.fhir.deps import ApiContext, Call, base_url
 from node.fhir.errors import FhirError, bad_request, not_found, operation_outcome, unprocessable
+from node.fhir.followups import FollowupJob, NewQuestion, followup
 from node.fhir.resources import ResourceInvalid, now_instant, validate
-from node.fhir.routers.common import collection_text, json_response
+from node.fhir.responses import collection_text, json_response
 from node.fhir.search import normalise_reference
-from node.fhir.store import FhirStore, FollowupJob, NewQuestion, StoredResource, new_id
-from node.outbox import backoff_seconds
-
-log = logging.getLogger("medgemma.fhir.questions")
+from node.fhir.store import FhirStore, StoredResource, new_id
 
 MAX_QUESTION_CHARS: Final = 4000
 _LANGUAGE: Final = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
@@ -192,166 +185,6 @@ def build_question(
         raise bad_request(str(exc)) from None
 
 
-class QuestionWriter:
-    """Group commit of new questions: one transaction (one fsync) for every question that
-    arrived while the previous batch was being written, so concurrent questions do not
-    queue one by one on the database's single writer."""
-
-    def __init__(self, store: FhirStore, max_batch: int = 64) -> None:
-        self.store = store
-        self.max_batch = max_batch
-        self._queue: queue.Queue[tuple[NewQuestion, Future[FollowupJob]] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="fhir-questions", daemon=True)
-        self._thread.start()
-
-    def submit(self, item: NewQuestion) -> Future[FollowupJob]:
-        future: Future[FollowupJob] = Future()
-        self._queue.put((item, future))
-        return future
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                batch.append(nxt)
-            self._write(batch)
-
-    def _write(self, batch: list[tuple[NewQuestion, Future[FollowupJob]]]) -> None:
-        try:
-            jobs = self.store.create_followups([item for item, _ in batch])
-        except Exception as exc:
-            if len(batch) == 1:
-                batch[0][1].set_exception(exc)
-                return
-            for one in batch:  # one bad question must not fail the others
-                self._write([one])
-            return
-        for (_, future), job in zip(batch, jobs, strict=True):
-            future.set_result(job)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
-
-
-class FollowupPublisher:
-    """Hands stored questions to the work queue from a background thread.
-
-    A question is accepted (202) once it is committed; sending it by name to the queue
-    happens here, so a broker outage delays answers instead of refusing questions: a
-    failed send is retried with backoff (1 s doubling to 30 s), and questions never sent
-    (an outage, a restart) are found in the store and sent again.
-    """
-
-    SWEEP_SECONDS: Final = 30.0
-
-    def __init__(
-        self,
-        store: FhirStore,
-        dispatcher: Dispatcher,
-        *,
-        retry_base: float = 1.0,
-        unsent_after: float = 10.0,
-    ) -> None:
-        self.store = store
-        self.dispatcher = dispatcher
-        self.retry_base = retry_base
-        self.unsent_after = unsent_after  # seconds: younger ones are still being published
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._pending: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fhir-followups", daemon=True)
-        self._thread.start()
-
-    def publish(self, job_id: str) -> None:
-        with self._lock:
-            if job_id in self._pending:
-                return
-            self._pending.add(job_id)
-        self._queue.put(job_id)
-
-    def _run(self) -> None:
-        failures = 0
-        next_sweep = time.monotonic()
-        while not self._stop.is_set():
-            if time.monotonic() >= next_sweep:
-                next_sweep = time.monotonic() + self.SWEEP_SECONDS
-                self._sweep()
-            try:
-                first = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < 100:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._stop.set()
-                    break
-                batch.append(nxt)
-            sent, unsent = self._send(batch)
-            if sent:
-                try:
-                    self.store.mark_sent(sent)
-                except Exception:
-                    log.exception("could not record %d sent follow-ups", len(sent))
-            with self._lock:
-                self._pending.difference_update(sent)
-            if unsent:
-                failures += 1
-                delay = backoff_seconds(failures, self.retry_base, 30.0)
-                for job_id in unsent:
-                    self._queue.put(job_id)
-                self._stop.wait(delay)
-            else:
-                failures = 0
-
-    def _send(self, batch: list[str]) -> tuple[list[str], list[str]]:
-        sent: list[str] = []
-        for i, job_id in enumerate(batch):
-            try:
-                self.dispatcher.send_followup(job_id)
-            except DispatchError as exc:
-                log.warning(
-                    "%d follow-up question(s) wait for the queue (%s); retrying",
-                    len(batch) - i,
-                    exc,
-                )
-                return sent, batch[i:]
-            sent.append(job_id)
-            log.info("follow-up %s queued", job_id)
-        return sent, []
-
-    def _sweep(self) -> None:
-        try:
-            unsent = self.store.unsent_followups(self.unsent_after)
-        except Exception:
-            log.exception("could not look for unsent follow-up questions")
-            return
-        for job_id in unsent:
-            self.publish(job_id)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._queue.put(None)
-        self._thread.join(timeout=10)
-
-
 def preference(request: Request, cap: float) -> float | None:
     """Seconds to wait for the answer (Prefer: respond-sync[, wait=N]); None = async."""
     prefer = request.headers.get("prefer", "").lower()
@@ -372,7 +205,7 @@ async def wait_for(ctx: ApiContext, job_id: str, timeout: float) -> FollowupJob 
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
-        job = await ctx.db(ctx.store.followup, job_id)
+        job = await ctx.db(followup, ctx.store, job_id)
         remaining = deadline - time.monotonic()
         if job is None or job.finished or remaining <= 0:
             return job

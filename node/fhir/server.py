@@ -17,8 +17,8 @@ import uvicorn
 from node.dispatch import Dispatcher
 from node.fhir.deps import DB_THREADS
 from node.fhir.main import create_app
-from node.fhir.notify import SubscriptionNotifier
 from node.fhir.store import FhirStore
+from node.fhir.subscriptions import SubscriptionNotifier
 from node.settings import Settings
 
 log = logging.getLogger("medgemma.fhir.server")

@@ -1,21 +1,18 @@
-"""What every resource router shares: reads, searchset Bundles, request bodies, responses."""
+"""What every resource router shares: reads, searches, request bodies, the read/search router."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Final
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Path, Request, Response
-from sqlalchemy import select
 
-from node.fhir import FHIR_JSON
 from node.fhir.deps import Call, base_url, require
 from node.fhir.errors import FhirError, bad_request, not_found
-from node.fhir.models import FhirIndexRow, FhirResourceRow
-from node.fhir.resources import ResourceInvalid, fast_id, now_instant, validate
+from node.fhir.resources import ResourceInvalid, validate
+from node.fhir.responses import FhirResponse, bundle_text, json_response, resource_response
 from node.fhir.search import (
     CONTROL_PARAMS,
     SEARCH_PARAMS,
@@ -32,29 +29,6 @@ _JSON_TYPES: Final = ("application/fhir+json", "application/json", "application/
 ResourceId = Annotated[
     str, Path(description="Logical id of the resource", pattern=ID_PATTERN, max_length=64)
 ]
-
-
-class FhirResponse(Response):
-    media_type = FHIR_JSON
-
-
-def json_response(
-    body: dict[str, Any] | str, status: int = 200, headers: dict[str, str] | None = None
-) -> FhirResponse:
-    text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
-    return FhirResponse(content=text.encode(), status_code=status, headers=headers)
-
-
-def resource_response(stored: StoredResource, status: int = 200, *, base: str = "") -> Response:
-    headers = {
-        "ETag": stored.etag,
-        "Last-Modified": stored.last_updated.strftime("%a, %d %b %Y %H:%M:%S GMT"),
-    }
-    if status == 201 and base:
-        headers["Location"] = (
-            f"{base}/{stored.resource_type}/{stored.id}/_history/{stored.version_id}"
-        )
-    return FhirResponse(content=stored.body.encode(), status_code=status, headers=headers)
 
 
 def check_id(resource_id: str) -> str:
@@ -128,21 +102,7 @@ def include_targets(
                 f"_include={inc!r} is not supported; supported: {', '.join(sorted(set(refs)))}"
             )
         params.append(param.index)
-    if not page or not params:
-        return []
-    ids = [p.id for p in page]
-    with store._tx() as s:
-        rows = s.execute(
-            select(FhirIndexRow.value)
-            .join(FhirResourceRow, FhirResourceRow.id == FhirIndexRow.row_id)
-            .where(
-                FhirResourceRow.resource_type == resource_type,
-                FhirResourceRow.resource_id.in_(ids),
-                FhirIndexRow.param.in_(params),
-            )
-        ).scalars()
-        targets = [v.partition("/") for v in rows if "/" in v]
-    return store.get_many((t, i) for t, _, i in targets)
+    return store.referenced(resource_type, [p.id for p in page], params)
 
 
 def searchset(
@@ -181,77 +141,6 @@ def searchset(
     return json_response(
         bundle_text(base, resource_type, items, total, page, count, offset, included)
     )
-
-
-def _link(base: str, rtype: str, items: Iterable[tuple[str, str]], count: int, offset: int) -> str:
-    kept = [(k, v) for k, v in items if k not in ("_count", "_offset")]
-    kept += [("_count", str(count)), ("_offset", str(offset))]
-    return f"{base}/{rtype}?{urlencode(kept)}"
-
-
-def bundle_text(
-    base: str,
-    rtype: str,
-    items: Sequence[tuple[str, str]],
-    total: int,
-    page: Sequence[StoredResource],
-    count: int,
-    offset: int,
-    included: Sequence[StoredResource] = (),
-) -> str:
-    """A searchset Bundle as JSON text (stored resource bodies are embedded as they are)."""
-    links = [{"relation": "self", "url": _link(base, rtype, items, count, offset)}]
-    if count > 0:
-        links.append({"relation": "first", "url": _link(base, rtype, items, count, 0)})
-        if offset + count < total:
-            links.append(
-                {"relation": "next", "url": _link(base, rtype, items, count, offset + count)}
-            )
-        if offset > 0:
-            prev = max(0, offset - count)
-            links.append({"relation": "previous", "url": _link(base, rtype, items, count, prev)})
-    head = json.dumps(
-        {
-            "resourceType": "Bundle",
-            "id": fast_id(),
-            "meta": {"lastUpdated": now_instant()},
-            "type": "searchset",
-            "total": total,
-            "link": links,
-        },
-        ensure_ascii=False,
-    )
-    entries = [_entry(base, r, "match") for r in page]
-    entries += [_entry(base, r, "include") for r in included]
-    if not entries:
-        return head
-    return head[:-1] + ',"entry":[' + ",".join(entries) + "]}"
-
-
-def _entry(base: str, r: StoredResource, mode: str) -> str:
-    return (
-        f'{{"fullUrl":{json.dumps(f"{base}/{r.resource_type}/{r.id}")},'
-        f'"resource":{r.body},"search":{{"mode":"{mode}"}}}}'
-    )
-
-
-def collection_text(base: str, resources: Sequence[StoredResource]) -> str:
-    """A collection Bundle of stored resources (the result of a follow-up question)."""
-    head = json.dumps(
-        {
-            "resourceType": "Bundle",
-            "id": fast_id(),
-            "meta": {"lastUpdated": now_instant()},
-            "type": "collection",
-        }
-    )
-    if not resources:
-        return head
-    entries = [
-        f'{{"fullUrl":{json.dumps(f"{base}/{r.resource_type}/{r.id}")},"resource":{r.body}}}'
-        for r in resources
-    ]
-    return head[:-1] + ',"entry":[' + ",".join(entries) + "]}"
 
 
 def search_parameters_openapi(resource_type: str) -> list[dict[str, Any]]:

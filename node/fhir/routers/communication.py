@@ -14,7 +14,8 @@ from fastapi import Depends, Request, Response
 
 from node.fhir.deps import Call, require
 from node.fhir.questions import ask, question_from_communication
-from node.fhir.routers.common import FHIR_RESPONSES, FhirResponse, json_body, resource_router
+from node.fhir.responses import FhirResponse
+from node.fhir.routers.common import FHIR_RESPONSES, json_body, resource_router
 from node.fhir.routers.diagnostic_report import PREFER_HEADER
 
 router = resource_router("Communication")

@@ -8,13 +8,8 @@ from fastapi import Depends, Request, Response
 
 from node.fhir.deps import Call, require
 from node.fhir.questions import ask, question_from_parameters
-from node.fhir.routers.common import (
-    FHIR_RESPONSES,
-    FhirResponse,
-    ResourceId,
-    json_body,
-    resource_router,
-)
+from node.fhir.responses import FhirResponse
+from node.fhir.routers.common import FHIR_RESPONSES, ResourceId, json_body, resource_router
 
 router = resource_router("DiagnosticReport")
 

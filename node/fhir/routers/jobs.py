@@ -13,8 +13,10 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from node.fhir.deps import Call, require
 from node.fhir.errors import not_found
+from node.fhir.followups import followup
 from node.fhir.questions import job_response
-from node.fhir.routers.common import FHIR_RESPONSES, FhirResponse, ResourceId, check_id
+from node.fhir.responses import FhirResponse
+from node.fhir.routers.common import FHIR_RESPONSES, ResourceId, check_id
 
 router = APIRouter(tags=["async"])
 
@@ -34,7 +36,7 @@ async def poll(
     """202 while the question is queued or running; 200 + the answer Bundle when done."""
     call.access.interaction = "read"
     call.access.resource_type = "Communication"
-    job = await call.ctx.db(call.store.followup, check_id(resource_id))
+    job = await call.ctx.db(followup, call.store, check_id(resource_id))
     if job is None:
         raise not_found(f"no follow-up question {resource_id}")
     call.access.entities = [f"Communication/{job.id}"]

@@ -11,7 +11,8 @@ from node import __version__
 from node.fhir import FHIR_JSON, FHIR_VERSION
 from node.fhir.deps import Call, base_url, public
 from node.fhir.errors import not_found
-from node.fhir.routers.common import FhirResponse, ResourceId, json_response
+from node.fhir.responses import FhirResponse, json_response
+from node.fhir.routers.common import ResourceId
 from node.fhir.search import SEARCH_PARAMS, SearchParam
 
 router = APIRouter(tags=["metadata"])

@@ -21,16 +21,16 @@ from fastapi import Depends, Request, Response
 from node.fhir.deps import Call, base_url, require
 from node.fhir.errors import not_found, unprocessable
 from node.fhir.resources import ResourceInvalid, validate
+from node.fhir.responses import FhirResponse, resource_response
 from node.fhir.routers.common import (
     FHIR_RESPONSES,
-    FhirResponse,
     ResourceId,
     check_id,
     json_body,
-    resource_response,
     resource_router,
 )
-from node.fhir.store import StoredResource, new_id, parse_criteria
+from node.fhir.store import StoredResource, new_id
+from node.fhir.subscriptions import parse_criteria
 from node.settings import FhirSettings
 
 PAYLOADS: Final = ("", "application/fhir+json", "application/json")

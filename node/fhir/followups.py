@@ -1,0 +1,398 @@
+"""The follow-up job queue: the durable state of every follow-up question.
+
+A question Communication is stored together with its ``queued`` job (one transaction:
+:func:`create_followups`, group-committed by :class:`QuestionWriter` in the API), handed by
+name to the work queue by :class:`FollowupPublisher` (which retries through a broker
+outage and re-sends questions never handed over), moved to ``running`` by the worker
+(:func:`start_followup`, which makes a redelivered task idempotent) and finished with its
+answer (:func:`finish_followup`: answer, amended resources, question status and job state
+in one transaction).
+
+    queued -> running -> answered | failed
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Final
+
+from sqlalchemy import func, insert, select, update
+
+from node.db import utcnow
+from node.dispatch import Dispatcher, DispatchError
+from node.fhir.models import FollowupRow, FollowupState
+from node.fhir.store import FhirStore
+from node.outbox import backoff_seconds
+
+log = logging.getLogger("medgemma.fhir.followups")
+
+
+@dataclass(frozen=True)
+class FollowupJob:
+    """The durable state of one follow-up question (its id is the question's id)."""
+
+    id: str
+    report_id: str
+    study_uid: str
+    state: FollowupState
+    language: str
+    anchor_ref: str
+    answer_id: str
+    error: str
+    attempts: int
+
+    @classmethod
+    def of(cls, row: FollowupRow) -> FollowupJob:
+        return cls(
+            row.id,
+            row.report_id,
+            row.study_uid,
+            FollowupState(row.state),
+            row.language,
+            row.anchor_ref,
+            row.answer_id,
+            row.error,
+            row.attempts,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (FollowupState.ANSWERED, FollowupState.FAILED)
+
+
+@dataclass(frozen=True)
+class NewQuestion:
+    """A question Communication to store with its follow-up job."""
+
+    question: Mapping[str, Any]
+    report_id: str
+    study_uid: str
+    language: str
+    anchor_ref: str
+
+
+def create_followup(
+    store: FhirStore,
+    question: Mapping[str, Any],
+    *,
+    report_id: str,
+    study_uid: str,
+    language: str,
+    anchor_ref: str,
+) -> FollowupJob:
+    """Store the question Communication and its queued follow-up job, together."""
+    (job,) = create_followups(
+        store, [NewQuestion(question, report_id, study_uid, language, anchor_ref)]
+    )
+    return job
+
+
+def create_followups(store: FhirStore, items: Sequence[NewQuestion]) -> list[FollowupJob]:
+    """Store several new questions and their jobs in one transaction (one commit)."""
+    jobs = []
+    now = utcnow()
+    with store.writing() as w:
+        for item in items:
+            job = FollowupJob(
+                id=str(item.question["id"]),
+                report_id=item.report_id,
+                study_uid=item.study_uid,
+                state=FollowupState.QUEUED,
+                language=item.language[:16],
+                anchor_ref=item.anchor_ref[:160],
+                answer_id="",
+                error="",
+                attempts=0,
+            )
+            w.put(item.question, new=True)
+            w.session.execute(
+                insert(FollowupRow),
+                {
+                    "id": job.id,
+                    "report_id": job.report_id,
+                    "study_uid": job.study_uid,
+                    "state": job.state.value,
+                    "language": job.language,
+                    "anchor_ref": job.anchor_ref,
+                    "answer_id": "",
+                    "error": "",
+                    "attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+            jobs.append(job)
+    return jobs
+
+
+def mark_sent(store: FhirStore, job_ids: Sequence[str]) -> None:
+    """Record that these questions were handed to the work queue."""
+    if not job_ids:
+        return
+    with store.db.transaction() as s:
+        s.execute(
+            update(FollowupRow)
+            .where(FollowupRow.id.in_(list(job_ids)), FollowupRow.sent_at.is_(None))
+            .values(sent_at=utcnow())
+        )
+
+
+def unsent_followups(store: FhirStore, older_than_seconds: float, limit: int = 500) -> list[str]:
+    """Queued questions never handed to the work queue (a broker outage, a restart)."""
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    with store.db.transaction() as s:
+        rows = s.execute(
+            select(FollowupRow.id)
+            .where(
+                FollowupRow.state == FollowupState.QUEUED.value,
+                FollowupRow.sent_at.is_(None),
+                FollowupRow.created_at <= cutoff,
+            )
+            .order_by(FollowupRow.created_at)
+            .limit(limit)
+        ).scalars()
+        return list(rows)
+
+
+def followup(store: FhirStore, job_id: str) -> FollowupJob | None:
+    with store.db.transaction() as s:
+        row = s.get(FollowupRow, job_id)
+        return FollowupJob.of(row) if row else None
+
+
+def start_followup(store: FhirStore, job_id: str) -> FollowupJob | None:
+    """Move a job to running (a redelivered one too); None when it is finished or unknown.
+
+    This is what makes a redelivered follow-up task idempotent.
+    """
+    with store.db.transaction() as s:
+        row = s.get(FollowupRow, job_id)
+        if row is None or row.state in (FollowupState.ANSWERED, FollowupState.FAILED):
+            return None
+        row.state = FollowupState.RUNNING.value
+        row.attempts += 1
+        row.updated_at = utcnow()
+        return FollowupJob.of(row)
+
+
+def finish_followup(
+    store: FhirStore,
+    job_id: str,
+    *,
+    answer: Mapping[str, Any],
+    amended: Sequence[Mapping[str, Any]] = (),
+    failed_reason: str = "",
+) -> FollowupJob:
+    """Store the answer (and amended resources), mark the question completed, and the
+    job answered (or failed with ``failed_reason``), in one transaction."""
+    with store.writing() as w:
+        row = w.session.get(FollowupRow, job_id)
+        if row is None:
+            raise KeyError(f"no follow-up {job_id}")
+        for resource in amended:
+            w.put(resource)
+        w.put(answer)
+        question = w.get("Communication", job_id)
+        if question is not None:
+            q = dict(question.resource)
+            q["status"] = "completed" if not failed_reason else "not-done"
+            if failed_reason:
+                q["statusReason"] = {"text": failed_reason[:500]}
+            w.put(q)
+        now = utcnow()
+        row.state = (FollowupState.FAILED if failed_reason else FollowupState.ANSWERED).value
+        row.answer_id = str(answer["id"])
+        row.error = failed_reason[:1000]
+        row.updated_at = now
+        row.finished_at = now
+        return FollowupJob.of(row)
+
+
+def followup_counts(store: FhirStore) -> dict[str, int]:
+    """Follow-up jobs by state."""
+    with store.db.transaction() as s:
+        rows = s.execute(select(FollowupRow.state, func.count()).group_by(FollowupRow.state)).all()
+    return {str(state): int(n) for state, n in rows}
+
+
+class QuestionWriter:
+    """Group commit of new questions: one transaction (one fsync) for every question that
+    arrived while the previous batch was being written, so concurrent questions do not
+    queue one by one on the database's single writer."""
+
+    def __init__(self, store: FhirStore, max_batch: int = 64) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._queue: queue.Queue[tuple[NewQuestion, Future[FollowupJob]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="fhir-questions", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: NewQuestion) -> Future[FollowupJob]:
+        future: Future[FollowupJob] = Future()
+        self._queue.put((item, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[NewQuestion, Future[FollowupJob]]]) -> None:
+        try:
+            jobs = create_followups(self.store, [item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            for one in batch:  # one bad question must not fail the others
+                self._write([one])
+            return
+        for (_, future), job in zip(batch, jobs, strict=True):
+            future.set_result(job)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
+class FollowupPublisher:
+    """Hands stored questions to the work queue from a background thread.
+
+    A question is accepted (202) once it is committed; sending it by name to the queue
+    happens here, so a broker outage delays answers instead of refusing questions: a
+    failed send is retried with backoff (1 s doubling to 30 s), and questions never sent
+    (an outage, a restart) are found in the store and sent again.
+    """
+
+    SWEEP_SECONDS: Final = 30.0
+
+    def __init__(
+        self,
+        store: FhirStore,
+        dispatcher: Dispatcher,
+        *,
+        retry_base: float = 1.0,
+        unsent_after: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.retry_base = retry_base
+        self.unsent_after = unsent_after  # seconds: younger ones are still being published
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fhir-followups", daemon=True)
+        self._thread.start()
+
+    def publish(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._pending:
+                return
+            self._pending.add(job_id)
+        self._queue.put(job_id)
+
+    def _run(self) -> None:
+        failures = 0
+        next_sweep = time.monotonic()
+        while not self._stop.is_set():
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.SWEEP_SECONDS
+                self._sweep()
+            try:
+                first = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < 100:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._stop.set()
+                    break
+                batch.append(nxt)
+            sent, unsent = self._send(batch)
+            if sent:
+                try:
+                    mark_sent(self.store, sent)
+                except Exception:
+                    log.exception("could not record %d sent follow-ups", len(sent))
+            with self._lock:
+                self._pending.difference_update(sent)
+            if unsent:
+                failures += 1
+                delay = backoff_seconds(failures, self.retry_base, 30.0)
+                for job_id in unsent:
+                    self._queue.put(job_id)
+                self._stop.wait(delay)
+            else:
+                failures = 0
+
+    def _send(self, batch: list[str]) -> tuple[list[str], list[str]]:
+        sent: list[str] = []
+        for i, job_id in enumerate(batch):
+            try:
+                self.dispatcher.send_followup(job_id)
+            except DispatchError as exc:
+                log.warning(
+                    "%d follow-up question(s) wait for the queue (%s); retrying",
+                    len(batch) - i,
+                    exc,
+                )
+                return sent, batch[i:]
+            sent.append(job_id)
+            log.info("follow-up %s queued", job_id)
+        return sent, []
+
+    def _sweep(self) -> None:
+        try:
+            unsent = unsent_followups(self.store, self.unsent_after)
+        except Exception:
+            log.exception("could not look for unsent follow-up questions")
+            return
+        for job_id in unsent:
+            self.publish(job_id)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+
+__all__ = [
+    "FollowupJob",
+    "FollowupPublisher",
+    "NewQuestion",
+    "QuestionWriter",
+    "create_followup",
+    "create_followups",
+    "finish_followup",
+    "followup",
+    "followup_counts",
+    "mark_sent",
+    "start_followup",
+    "unsent_followups",
+]
