@@ -8,8 +8,9 @@ happen outside the engine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +30,9 @@ class EngineRequest:
 
     images: uint8 arrays of shape (S, S, 3), RGB, S = the model's input size (896 for MedGemma).
     system: optional system instruction (folded into the first user turn for Gemma 3).
+    json_schema: optional JSON schema of the answer; an engine that can constrain decoding
+        to it does (vLLM ``response_format``), the others ignore it. Its "title", when
+        given, names the schema.
     """
 
     images: tuple[npt.NDArray[np.uint8], ...]
@@ -36,6 +40,7 @@ class EngineRequest:
     system: str = ""
     max_new_tokens: int = 1024
     metadata: dict[str, str] = field(default_factory=dict)
+    json_schema: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
