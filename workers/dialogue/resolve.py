@@ -267,6 +267,10 @@ _LOBES: Final = frozenset(
     {"right_upper_lobe", "right_middle_lobe", "right_lower_lobe", "left_upper_lobe",
      "lingula", "left_lower_lobe"}
 )  # fmt: skip
+# lobes are anatomy, not projections: one covers another only when it contains it
+_LOBE_PARTS: Final[Mapping[str, frozenset[str]]] = MappingProxyType(
+    {"left_upper_lobe": frozenset({"lingula"})}
+)
 _ZONES_AND_LOBES: Final = _LOBES | {
     f"{side}_{level}_zone" for side in ("right", "left") for level in ("upper", "middle", "lower")
 }
@@ -283,17 +287,18 @@ def site_covers(question_site: str, anchor_site: str) -> bool:
     Covered: every area the anchor's site projects to lies in the question's location
     ("right lung" covers "right_upper_zone", "right middle lobe" covers
     "right_middle_zone"); or both are lung zones, lobes or lungs that overlap on the
-    radiograph ("right middle zone" and an anchor in the right middle lobe), except two
-    different lobes, which are distinct anatomy. A landmark (apex, hilum) covers only
+    radiograph ("right middle zone" and an anchor in the right middle lobe). Two lobes
+    are anatomy: one covers another only when it contains it (the lingula is part of
+    the left upper lobe). A landmark (apex, hilum) covers only
     anchors at that landmark. Never across sides.
     """
     if question_site == anchor_site:
         return True
+    if question_site in _LOBES and anchor_site in _LOBES:
+        return anchor_site in _LOBE_PARTS.get(question_site, ())
     question, anchor = _areas(question_site), _areas(anchor_site)
     if anchor <= question:
         return True
-    if question_site in _LOBES and anchor_site in _LOBES:
-        return False
     return question_site in _PARENCHYMA and anchor_site in _PARENCHYMA and bool(question & anchor)
 
 
