@@ -29,6 +29,7 @@ from node.fhir.questions import Question, build_question
 from node.fhir.resources import IdentifierSystems, imaging_study_id, report_id
 from node.fhir.server import ApiServer
 from node.fhir.store import FhirStore
+from node.fhir.subscriptions import SubscriptionNotifier, subscription_status
 from node.ledger import StudyLedger, StudyState
 from node.settings import AuthSettings, Settings, load_settings
 from node.status import collect_status, render_status
@@ -489,6 +490,40 @@ def test_rest_hook_notifies_with_retries_and_dead_deliveries_show_in_status(api:
     assert status.notifications["dead"] >= 1 and status.notifications["delivered"] >= 1
     text = render_status(status)
     assert f"DEAD notification of Subscription/{broken['id']}" in text and "HTTP 500" in text
+
+
+def test_two_api_processes_send_each_notification_once(tmp_path: Path) -> None:
+    """Two notifiers (as in two API processes, each with its own engine) on one database:
+    every new report version reaches the RIS exactly once."""
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    ledger = StudyLedger(url)
+    receiver = Receiver()
+    stores = [FhirStore(url), FhirStore(url)]
+    stores[0].put({"resourceType": "Subscription", "id": "ris-inbox", "status": "active",
+                   "reason": "RIS inbox", "criteria": "DiagnosticReport?status=preliminary",
+                   "channel": {"type": "rest-hook", "endpoint": receiver.url,
+                               "payload": "application/fhir+json"}})  # fmt: skip
+    uids = [add_study(ledger, accession=f"ACC-{n:04d}") for n in range(30)]
+    for uid in uids:
+        record_preread(ledger, uid, 1, systems=IdentifierSystems())
+    settings = load_settings(None, fhir={"subscription_poll_seconds": 0.01}).fhir
+    notifiers = [SubscriptionNotifier(store, settings) for store in stores]
+    for notifier in notifiers:
+        notifier.start()
+    try:
+        wait_until(lambda: len(receiver.calls) >= len(uids), timeout=30)
+        time.sleep(0.5)  # a duplicate would arrive now
+    finally:
+        for notifier in notifiers:
+            notifier.stop()
+        receiver.close()
+    paths = sorted(path for _, path, _, _ in receiver.calls)
+    assert paths == sorted(f"/ris/hook/DiagnosticReport/{report_id(uid)}" for uid in uids)
+    counts, dead = subscription_status(stores[0])
+    assert counts["delivered"] == len(uids) and counts["pending"] == 0 and not dead
+    for store in stores:
+        store.close()
+    ledger.close()
 
 
 def _down() -> Any:

@@ -26,10 +26,10 @@ from typing import Any, Final
 from sqlalchemy import func, insert, select, update
 
 from node.db import utcnow
+from node.delivery import backoff_seconds
 from node.dispatch import Dispatcher, DispatchError
 from node.fhir.models import FollowupRow, FollowupState
 from node.fhir.store import FhirStore
-from node.outbox import backoff_seconds
 
 log = logging.getLogger("medgemma.fhir.followups")
 

@@ -1,4 +1,4 @@
-"""Tables of the FHIR store, on the ledger's ``Base`` (same database as the ledger).
+"""Tables of the FHIR store, on :class:`node.db.Base` (same database as the ledger).
 
 ``fhir_resources`` keeps the current version of every resource as the JSON that is
 served; ``fhir_search_index`` holds its search parameter values (rewritten with every
@@ -16,7 +16,7 @@ from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, Uniqu
 from sqlalchemy.orm import Mapped, mapped_column
 
 from node.db import Base, utcnow
-from node.outbox import DeliveryState as DeliveryState  # shared with the outbox
+from node.delivery import DeliveryColumns
 
 
 class FhirResourceRow(Base):
@@ -77,8 +77,9 @@ class FollowupRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
-class SubscriptionDeliveryRow(Base):
-    """One notification of one Subscription about one resource version."""
+class SubscriptionDeliveryRow(DeliveryColumns, Base):
+    """One notification of one Subscription about one resource version (state, attempts,
+    backoff and lease: :class:`node.delivery.DeliveryColumns`)."""
 
     __tablename__ = "fhir_subscription_deliveries"
     __table_args__ = (
@@ -87,23 +88,16 @@ class SubscriptionDeliveryRow(Base):
         ),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
     subscription_id: Mapped[str] = mapped_column(String(64), index=True)
     resource_type: Mapped[str] = mapped_column(String(40))
     resource_id: Mapped[str] = mapped_column(String(64))
     version_id: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), index=True, default=DeliveryState.PENDING)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    last_error: Mapped[str] = mapped_column(Text, default="")
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
-    delivered_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 #: The store's tables (created by FhirStore on the ledger's database).
-FHIR_TABLE_NAMES = (
-    FhirResourceRow.__tablename__,
-    FhirIndexRow.__tablename__,
-    FollowupRow.__tablename__,
-    SubscriptionDeliveryRow.__tablename__,
+FHIR_TABLES: tuple[type[Base], ...] = (
+    FhirResourceRow,
+    FhirIndexRow,
+    FollowupRow,
+    SubscriptionDeliveryRow,
 )

@@ -24,8 +24,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from node.db import Base, Database, make_engine, utcnow
-from node.fhir.models import FHIR_TABLE_NAMES, FhirIndexRow, FhirResourceRow
+from node.db import Database, make_engine, utcnow
+from node.fhir.models import FHIR_TABLES, FhirIndexRow, FhirResourceRow
 from node.fhir.search import Condition, IndexValue, index_values
 from node.fhir.search_sql import condition_clause
 from node.fhir.subscriptions import drop_pending, queue_notifications
@@ -161,15 +161,13 @@ class FhirStore:
         connection pool keeps ``pool_size`` connections (0: the ledger's defaults)."""
         self._owns_engine = isinstance(target, str)
         if isinstance(target, StudyLedger):
-            self.engine = target.engine
+            self.db = target.db
         elif isinstance(target, str):
-            self.engine = make_engine(target, pool_size=max(pool_size, 0))
+            self.db = Database(make_engine(target, pool_size=max(pool_size, 0)))
         else:
-            self.engine = target
-        Base.metadata.create_all(
-            self.engine, tables=[Base.metadata.tables[name] for name in FHIR_TABLE_NAMES]
-        )
-        self.db = Database(self.engine)
+            self.db = Database(target)
+        self.engine = self.db.engine
+        self.db.create_tables(FHIR_TABLES)  # missing columns of an older version added too
         self._write_lock = threading.Lock()  # one writer per process; SQLite serialises anyway
 
     def close(self) -> None:

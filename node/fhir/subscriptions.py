@@ -5,9 +5,9 @@ Queueing: every write of a DiagnosticReport or Communication calls
 durable delivery row for each active Subscription whose criteria the new version matches,
 so a notification is never lost between the write and the sender.
 
-Sending: a background thread in the API process (:class:`SubscriptionNotifier`) takes due
-deliveries, claims each (its next attempt moves past the request timeout, so a second API
-process does not send it too), and sends:
+Sending: a background thread in the API process (:class:`SubscriptionNotifier`) leases due
+deliveries (:func:`node.delivery.claim_due`: two API processes never send the same one; a
+lease whose holder died runs out and another takes the delivery), and sends:
 
 * empty payload: an empty ``POST`` to the endpoint (the RIS then reads or searches);
 * ``application/fhir+json``: ``PUT [endpoint]/[type]/[id]`` with the resource.
@@ -28,26 +28,22 @@ import json
 import logging
 import threading
 import urllib.parse
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Final, Protocol
 
 import httpx
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from node.db import Database, utcnow
+from node import delivery
+from node.db import Database, process_owner, utcnow
+from node.delivery import DeliveryState
 from node.fhir.errors import FhirError, bad_request
-from node.fhir.models import (
-    DeliveryState,
-    FhirIndexRow,
-    FhirResourceRow,
-    SubscriptionDeliveryRow,
-)
+from node.fhir.models import FhirIndexRow, FhirResourceRow, SubscriptionDeliveryRow
 from node.fhir.search import Condition, parse_query
 from node.fhir.search_sql import condition_clause
-from node.outbox import record_failed_attempt
 from node.settings import FhirSettings
 
 log = logging.getLogger("medgemma.fhir.notify")
@@ -165,27 +161,6 @@ def drop_pending(session: Session, subscription_id: str) -> None:
 # --------------------------------------------------------------------------- bookkeeping
 
 
-def mark_delivered(db: Database, delivery_id: int) -> None:
-    with db.transaction() as s:
-        row = s.get(SubscriptionDeliveryRow, delivery_id)
-        if row is not None:
-            row.state = DeliveryState.DELIVERED.value
-            row.attempts += 1
-            row.last_error = ""
-            row.delivered_at = utcnow()
-
-
-def mark_failed(
-    db: Database, delivery_id: int, error: str, *, max_attempts: int, base: float, cap: float
-) -> DeliveryState:
-    """Count a failed attempt: retry with exponential backoff, or dead-letter it."""
-    with db.transaction() as s:
-        row = s.get(SubscriptionDeliveryRow, delivery_id)
-        if row is None:
-            return DeliveryState.DEAD
-        return record_failed_attempt(row, error, max_attempts=max_attempts, base=base, cap=cap)
-
-
 def deliveries(
     db: Database, state: DeliveryState | None = None, limit: int = 100
 ) -> list[Delivery]:
@@ -211,24 +186,14 @@ def delivery_counts(db: Database) -> dict[str, int]:
     return counts
 
 
-def _claim(db: Database, lease_seconds: float, limit: int) -> list[Delivery]:
-    """Due deliveries, each pushed ``lease_seconds`` ahead so no one else takes it."""
-    lease = timedelta(seconds=lease_seconds)
+def _by_id(db: Database, ids: list[int]) -> list[Delivery]:
+    """These deliveries, oldest due first."""
     with db.transaction() as s:
-        rows = list(
-            s.execute(
-                select(SubscriptionDeliveryRow)
-                .where(
-                    SubscriptionDeliveryRow.state == DeliveryState.PENDING.value,
-                    SubscriptionDeliveryRow.next_attempt_at <= utcnow(),
-                )
-                .order_by(SubscriptionDeliveryRow.next_attempt_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).scalars()
-        )
-        for row in rows:
-            row.next_attempt_at = utcnow() + lease
+        rows = s.execute(
+            select(SubscriptionDeliveryRow)
+            .where(SubscriptionDeliveryRow.id.in_(ids))
+            .order_by(SubscriptionDeliveryRow.next_attempt_at, SubscriptionDeliveryRow.id)
+        ).scalars()
         return [Delivery.of(r) for r in rows]
 
 
@@ -265,11 +230,20 @@ def _host(url: str) -> str:
 
 
 class SubscriptionNotifier:
-    """Delivers due notifications every ``fhir.subscription_poll_seconds``."""
+    """Delivers due notifications every ``fhir.subscription_poll_seconds``.
 
-    def __init__(self, store: SubscriptionResources, settings: FhirSettings) -> None:
+    ``owner`` names this notifier's leases (default: host, process id and a random suffix).
+    """
+
+    #: Deliveries leased at once (sent one after another).
+    BATCH: Final = 20
+
+    def __init__(
+        self, store: SubscriptionResources, settings: FhirSettings, *, owner: str | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
+        self.owner = owner or f"{process_owner()}/{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # a fresh connection per notification: endpoints that close idle connections
@@ -299,15 +273,29 @@ class SubscriptionNotifier:
 
     def deliver_due(self) -> int:
         """Send every due notification once; returns how many were delivered."""
+        db = self.store.db
+        # the lease covers sending the whole batch, one request after another
+        lease = self.BATCH * (self.settings.subscription_timeout_seconds + 5.0)
+        ids = delivery.claim_due(
+            db, SubscriptionDeliveryRow, owner=self.owner, lease_seconds=lease, limit=self.BATCH
+        )
+        if not ids:
+            return 0
         delivered = 0
-        lease = self.settings.subscription_timeout_seconds * 2 + 5
-        for d in _claim(self.store.db, lease, limit=20):
+        for d in _by_id(db, ids):
             try:
                 self._send(d)
             except DeliveryFailed as exc:
                 self._failed(d, str(exc))
                 continue
-            mark_delivered(self.store.db, d.id)
+            if not delivery.mark_delivered(db, SubscriptionDeliveryRow, d.id, self.owner):
+                log.warning(
+                    "notification %d of Subscription/%s was sent, but its lease had run out "
+                    "or the Subscription was deleted meanwhile",
+                    d.id,
+                    d.subscription_id,
+                )
+                continue
             delivered += 1
             log.info(
                 "notified Subscription/%s of %s/%s v%d",
@@ -349,15 +337,24 @@ class SubscriptionNotifier:
 
     def _failed(self, d: Delivery, error: str) -> None:
         s = self.settings
-        state = mark_failed(
+        state = delivery.mark_failed(
             self.store.db,
+            SubscriptionDeliveryRow,
             d.id,
+            self.owner,
             error,
             max_attempts=s.subscription_max_attempts,
             base=s.subscription_backoff_base_seconds,
             cap=s.subscription_backoff_max_seconds,
         )
-        if state is DeliveryState.DEAD:
+        if state is None:
+            log.warning(
+                "notification %d of Subscription/%s: its lease ran out or the Subscription "
+                "was deleted meanwhile; not counted",
+                d.id,
+                d.subscription_id,
+            )
+        elif state is DeliveryState.DEAD:
             log.error(
                 "notification of Subscription/%s about %s/%s is dead after %d attempts: %s",
                 d.subscription_id,
@@ -417,8 +414,6 @@ __all__ = [
     "deliveries",
     "delivery_counts",
     "drop_pending",
-    "mark_delivered",
-    "mark_failed",
     "parse_criteria",
     "queue_notifications",
     "subscription_status",
