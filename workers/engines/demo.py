@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from sr_templates import ontology
+from workers.dialogue.prompts import followup_task, localise_target, target_name
 from workers.engines.base import EngineInfo, EngineRequest
 from workers.prompts import LANDMARKS, is_preread_prompt
 
@@ -586,8 +588,8 @@ def _unsupported_answer() -> str:
         "findings": [],
         "landmarks": [],
         "findings_text": (
-            f"{DEMO_LABEL}. The demo engine only supports the structured pre-read prompt; "
-            "it cannot answer this request."
+            f"{DEMO_LABEL}. The demo engine only supports the structured pre-read and "
+            "follow-up prompts; it cannot answer this request."
         ),
         "impression": f"{DEMO_LABEL}. Not answered by the demo engine.",
     }
@@ -620,12 +622,245 @@ def analyse_preread(image: npt.NDArray[np.generic]) -> str:
     return _answer(blobs, landmarks, lungs, (gray.shape[0], gray.shape[1]))
 
 
+# ------------------------------------------------------------------ follow-up turns
+
+# Describe: the crop (second image) is analysed at half resolution. The thresholds were
+# set on node.synthetic phantoms cropped with workers.imaging.crop_source (a default
+# nodule, contrast 0.2, measures an edge width of about 0.1-0.2 and a contrast of 40-60
+# grey levels; a Gaussian bump of the same size 0.7 and more); they mean nothing clinically.
+_CROP_FACTOR = 2
+_CROP_SEED_SIGMA = 4.0  # analysis pixels: the blur whose local maxima seed the blobs
+_CROP_CENTRE_REACH = 0.25  # a seed lies within this fraction of the side from the centre
+_CROP_MAX_SEEDS = 12  # seeds measured, nearest the centre first
+_CROP_RING = 0.1  # the outer band (fraction of the side) that gives the background
+_CROP_BACKGROUND_PERCENTILE = 25.0  # of the border band: a first lung background
+_CROP_MIN_CONTRAST = 15.0  # grey levels over the background, and ...
+_CROP_NOISE_FACTOR = 4.0  # ... this many robust noise SDs of the band
+_SMOOTH_MAX_EDGE_WIDTH = 0.35  # edge width (see _MAX_EDGE_WIDTH) up to this: smooth margin
+_ROUND_MAX_ASPECT = 1.2  # longer / shorter side of the half-maximum box: round, else oval
+_SOLID_MIN_CONTRAST = 25.0  # grey levels over the background: solid, else ground-glass
+_LOBE_ZONES: Mapping[str, tuple[str, ...]] = {
+    # a lobe drawn as the zones it usually projects to on a frontal view
+    "right_upper_lobe": ("upper",),
+    "right_middle_lobe": ("middle",),
+    "right_lower_lobe": ("lower",),
+    "left_upper_lobe": ("upper", "middle"),  # with the lingula
+    "lingula": ("middle",),
+    "left_lower_lobe": ("lower",),
+}
+_ZONES = ("upper", "middle", "lower")
+
+
+@dataclass(frozen=True)
+class _CropBlob:
+    """A blob measured on the crop, in analysis pixels."""
+
+    box: PixelBox
+    contrast: float
+    edge_width: float
+
+
+def _crop_blob(gray: FloatImage) -> _CropBlob | None:
+    """The bright blob nearest the centre of a crop, or None when there is none there."""
+    small = _downsample(gray, _CROP_FACTOR)
+    rows, cols = small.shape
+    valid = small >= 8.0  # leave out the black overhang of a crop at the image edge
+    ring = np.ones(small.shape, dtype=bool)
+    band = max(2, round(_CROP_RING * min(rows, cols)))
+    ring[band:-band, band:-band] = False
+    ring &= valid
+    if ring.sum() < 50 or valid.mean() < 0.25:
+        return None
+    # A first background: the darker part of the border band (lung, where the band also
+    # crosses the heart or the chest wall); refined around each blob below.
+    background = float(np.percentile(small[ring], _CROP_BACKGROUND_PERCENTILE))
+    detail = (small - _blur(small, 2.0))[ring]
+    noise = 1.4826 * float(np.median(np.abs(detail - np.median(detail))))
+    min_contrast = max(_CROP_MIN_CONTRAST, _CROP_NOISE_FACTOR * noise)
+    seeds = _local_maxima(_blur(small, _CROP_SEED_SIGMA), 3) & valid
+    seed_rows, seed_cols = np.nonzero(seeds)
+    distance = np.hypot(seed_rows + 0.5 - rows / 2.0, seed_cols + 0.5 - cols / 2.0)
+    near = distance <= _CROP_CENTRE_REACH * min(rows, cols)
+    order = sorted(np.flatnonzero(near).tolist(), key=lambda i: (float(distance[i]), i))
+    fine = _smooth3(small)
+    for i in order[:_CROP_MAX_SEEDS]:
+        seed = (int(seed_rows[i]), int(seed_cols[i]))
+        blob = _measure_crop_blob(fine, seed, background)
+        if blob is None:
+            continue
+        # Refine: the background is the median of an annulus just outside the blob.
+        local = _annulus_background(fine, valid, blob)
+        if local is not None:
+            blob = _measure_crop_blob(fine, seed, local)
+        if blob is not None and blob.contrast >= min_contrast:
+            return blob
+    return None
+
+
+def _annulus_background(fine: FloatImage, valid: Mask, blob: _CropBlob) -> float | None:
+    """Median grey value between 1.5 and 2.5 blob radii from the blob's centre."""
+    y0, x0, y1, x1 = blob.box
+    cy, cx, radius = (y0 + y1) / 2.0, (x0 + x1) / 2.0, max(y1 - y0, x1 - x0) / 2.0
+    rr = np.arange(fine.shape[0])[:, None] + 0.5 - cy
+    cc = np.arange(fine.shape[1])[None, :] + 0.5 - cx
+    distance = np.hypot(rr, cc)
+    annulus = valid & (distance >= 1.5 * radius) & (distance <= 2.5 * radius)
+    if annulus.sum() < 20:
+        return None
+    return float(np.median(fine[annulus]))
+
+
+def _measure_crop_blob(
+    fine: FloatImage, seed: tuple[int, int], background: float
+) -> _CropBlob | None:
+    """The half-maximum extent and rim sharpness of the blob at ``seed``; None when it is
+    a speck, elongated (rib, vessel, edge) or runs into the crop's border."""
+    first_contrast = float(fine[seed]) - background
+    if first_contrast <= 0:
+        return None
+    region = _half_max_region(fine, seed, background + 0.5 * first_contrast)
+    rr, cc = np.nonzero(region)
+    if rr.size == 0:
+        return None
+    centre = (round(float(rr.mean())), round(float(cc.mean())))
+    radius = float(np.sqrt(rr.size / np.pi))
+    near_centre = (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= (0.5 * radius) ** 2
+    if not near_centre.any():
+        return None
+    contrast = float(np.median(fine[rr[near_centre], cc[near_centre]])) - background
+    if contrast <= 0:
+        return None
+    r25, r50, r75 = _ray_radii(fine, centre, background, contrast)
+    typical = float(np.median(r50))
+    if typical < 1.5:
+        return None  # a speck, not a blob
+    if (r50 > _RAY_RUNAWAY * typical).sum() > _MAX_RUNAWAY_RAYS:
+        return None  # elongated: rib, clavicle, vessel or an edge
+    reach = np.minimum(r50, _RAY_RUNAWAY * typical) - 0.25
+    ys = centre[0] + 0.5 + _RAY_SIN * reach
+    xs = centre[1] + 0.5 + _RAY_COS * reach
+    top, left, bottom, right = float(ys.min()), float(xs.min()), float(ys.max()), float(xs.max())
+    if top <= 0 or left <= 0 or bottom >= fine.shape[0] or right >= fine.shape[1]:
+        return None  # reaches the crop's border: not a blob inside the crop
+    height, width = bottom - top, right - left
+    if max(height, width) > _MAX_ASPECT * min(height, width):
+        return None  # elongated: rib, clavicle or vessel
+    edge_width = float(np.median((r25 - r75) / np.maximum(r50, 1.0)))
+    return _CropBlob((top, left, bottom, right), contrast, edge_width)
+
+
+def analyse_describe(crop: npt.NDArray[np.generic]) -> str:
+    """The demo answer to a describe prompt: margin, shape, density and box of the blob
+    nearest the centre of ``crop`` (the second image of the request), box in 0-1000 of
+    the crop."""
+    gray = _gray(crop)
+    blob = _crop_blob(gray)
+    reasoning = f"{DEMO_LABEL}: medgemma-node demo engine {DEMO_REVISION}, not MedGemma."
+    answer: dict[str, object]
+    if blob is None:
+        answer = {
+            "margin": None,
+            "shape": None,
+            "density": None,
+            "box_2d": None,
+            "explanation": (
+                f"{DEMO_LABEL}. The demo engine found no bright blob near the centre of the "
+                "crop, so it describes nothing."
+            ),
+        }
+    else:
+        height, width = blob.box[2] - blob.box[0], blob.box[3] - blob.box[1]
+        margin = "smooth" if blob.edge_width <= _SMOOTH_MAX_EDGE_WIDTH else "ill_defined"
+        shape = "round" if max(height, width) <= _ROUND_MAX_ASPECT * min(height, width) else "oval"
+        density = "solid" if blob.contrast >= _SOLID_MIN_CONTRAST else "ground_glass"
+        analysis = (gray.shape[0] // _CROP_FACTOR, gray.shape[1] // _CROP_FACTOR)
+        answer = {
+            "margin": margin,
+            "shape": shape,
+            "density": density,
+            "box_2d": _to_box_2d(blob.box, analysis),
+            "explanation": (
+                f"{DEMO_LABEL}. A blob measurement (not a model) of the crop: a "
+                f"{ontology.ATTRIBUTES['shape'][shape].en} bright blob with a "
+                f"{'sharp' if margin == 'smooth' else 'gradual'} rim and "
+                f"{'high' if density == 'solid' else 'low'} contrast to its surroundings."
+            ),
+        }
+    return f"{reasoning}\n\nFinal Answer:\n```json\n{json.dumps(answer)}\n```"
+
+
+def _region_boxes(lungs: list[_Lung]) -> dict[str, PixelBox]:
+    """Boxes (model pixels) of the lungs, their zones (thirds of each lung field's box)
+    and the lobes drawn as their usual zones."""
+    boxes: dict[str, PixelBox] = {}
+    for lung in lungs:
+        y0, x0, y1, x1 = lung.box
+        third = (y1 - y0) / 3.0
+        boxes[f"{lung.side}_lung"] = lung.box
+        for index, zone in enumerate(_ZONES):
+            boxes[f"{lung.side}_{zone}_zone"] = (
+                y0 + index * third,
+                x0,
+                y0 + (index + 1) * third,
+                x1,
+            )
+    for lobe, zones in _LOBE_ZONES.items():
+        parts = [boxes.get(f"{ontology.SITES[lobe].side}_{zone}_zone") for zone in zones]
+        if all(part is not None for part in parts):
+            found = [part for part in parts if part is not None]
+            boxes[lobe] = (
+                min(p[0] for p in found),
+                min(p[1] for p in found),
+                max(p[2] for p in found),
+                max(p[3] for p in found),
+            )
+    if len(lungs) == 2:
+        a, b = lungs[0].box, lungs[1].box
+        boxes["both_lungs"] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+    return boxes
+
+
+def analyse_localise(image: npt.NDArray[np.generic], target: str | None) -> str:
+    """The demo answer to a localise prompt: the box of ``target`` (a LANDMARKS or SITES
+    term) from the lung fields of the whole ``image``; an empty list when the demo cannot
+    place it."""
+    gray = _gray(image)
+    lungs = _lung_fields(gray)
+    boxes = _region_boxes(lungs)
+    if len(lungs) == 2:
+        boxes.update(_landmark_boxes(lungs))
+    name = target_name(target) if target is not None else "requested structure"
+    reasoning = (
+        f"{DEMO_LABEL}: medgemma-node demo engine {DEMO_REVISION}, not MedGemma; boxes "
+        f"estimated from the lung fields' geometry. Lung fields found: {len(lungs)}."
+    )
+    if target is None or target not in boxes:
+        reasoning += f" The demo engine cannot place the {name}."
+        return f"{reasoning}\n\nFinal Answer:\n```json\n[]\n```"
+    item = {"box_2d": _to_box_2d(boxes[target], (gray.shape[0], gray.shape[1])), "label": name}
+    return f"{reasoning}\n\nFinal Answer:\n```json\n[{json.dumps(item)}]\n```"
+
+
+def answer_relation() -> str:
+    """The demo answer to a relation prompt: always "uncertain" (it does not assess it)."""
+    answer = {
+        "connected": "uncertain",
+        "explanation": (
+            f"{DEMO_LABEL}. The demo engine does not assess whether structures are connected."
+        ),
+    }
+    reasoning = f"{DEMO_LABEL}: medgemma-node demo engine {DEMO_REVISION}, not MedGemma."
+    return f"{reasoning}\n\nFinal Answer:\n```json\n{json.dumps(answer)}\n```"
+
+
 class DemoEngine:
     """Deterministic, non-clinical stand-in for MedGemma; every answer says DEMO.
 
-    Uses only the first (frontal) image of a request; answers the pre-read prompt
-    (recognised by :func:`workers.prompts.is_preread_prompt`) and gives an empty,
-    labelled answer to any other prompt.
+    Answers the pre-read prompt (recognised by :func:`workers.prompts.is_preread_prompt`)
+    from the first (frontal) image, and the follow-up prompts of
+    :mod:`workers.dialogue.prompts` (:func:`~workers.dialogue.prompts.followup_task`):
+    describe from the crop (second image), localise from the frontal image, relation
+    always "uncertain". Any other prompt gets an empty, labelled answer.
     """
 
     info = EngineInfo(
@@ -636,13 +871,26 @@ class DemoEngine:
     )
 
     def generate(self, requests: list[EngineRequest]) -> list[str]:
-        """One answer per request, in order; the same image gives the same text."""
-        out: list[str] = []
-        for request in requests:
-            if not is_preread_prompt(request.prompt):
-                out.append(_unsupported_answer())
-            elif not request.images:
+        """One answer per request, in order; the same images give the same text."""
+        return [self._answer(request) for request in requests]
+
+    def _answer(self, request: EngineRequest) -> str:
+        if is_preread_prompt(request.prompt):
+            if not request.images:
                 raise ValueError("EngineRequest.images must hold at least the frontal image")
-            else:
-                out.append(analyse_preread(request.images[0]))
-        return out
+            return analyse_preread(request.images[0])
+        task = followup_task(request.prompt)
+        if task == "describe":
+            if len(request.images) < 2:
+                raise ValueError(
+                    "EngineRequest.images of a describe prompt must hold the whole image and "
+                    "the crop, in that order"
+                )
+            return analyse_describe(request.images[1])
+        if task == "localise":
+            if not request.images:
+                raise ValueError("EngineRequest.images must hold at least the frontal image")
+            return analyse_localise(request.images[0], localise_target(request.prompt))
+        if task == "relation":
+            return answer_relation()
+        return _unsupported_answer()
