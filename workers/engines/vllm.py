@@ -6,6 +6,11 @@ decoding is greedy (temperature 0). A batch is sent as concurrent requests, whic
 batches on the server. Only the standard library is used (urllib), so a vLLM worker needs
 neither torch nor an HTTP client package.
 
+Structured output: a request with ``json_schema`` is sent with ``response_format``
+``{"type": "json_schema", ...}`` (vLLM >= 0.12 removed ``guided_json``). A server that
+refuses it with HTTP 400 naming ``response_format`` is an older one: the request is sent
+again without it, a warning is logged, and later requests leave it out.
+
 Special tokens: ``skip_special_tokens`` is turned off so that the MedGemma 1.5 thinking-trace
 markers ``<unused94>``/``<unused95>`` reach the parser; trailing Gemma control tokens are
 removed from the text.
@@ -17,6 +22,8 @@ import base64
 import http.client
 import io
 import json
+import logging
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -28,8 +35,20 @@ import numpy.typing as npt
 
 from workers.engines.base import EngineError, EngineInfo, EngineRequest, TransientEngineError
 
+logger = logging.getLogger(__name__)
+
 TRANSIENT_HTTP_STATUSES = frozenset({429, 502, 503, 504})
 _TRAILING_CONTROL_TOKENS = ("<end_of_turn>", "<eos>", "<pad>")
+_SCHEMA_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class _HttpClientError(EngineError):
+    """A non-transient HTTP error answer; ``body`` is the start of what the server said."""
+
+    def __init__(self, message: str, status: int, body: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
 
 
 class VllmEngine:
@@ -59,6 +78,7 @@ class VllmEngine:
         self.timeout = timeout
         self.max_concurrency = max_concurrency
         self.info = EngineInfo(name="vllm", model_id=model, revision=revision)
+        self._response_format_supported = True  # until the server refuses it once
         self._check_server()
 
     def generate(self, requests: list[EngineRequest]) -> list[str]:
@@ -106,17 +126,36 @@ class VllmEngine:
         if request.system:
             messages.append({"role": "system", "content": request.system})
         messages.append({"role": "user", "content": content})
-        return {
+        payload: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "temperature": 0,
             "max_tokens": request.max_new_tokens,
             "skip_special_tokens": False,  # vLLM extra parameter: keep <unused94>/<unused95>
         }
+        if request.json_schema is not None and self._response_format_supported:
+            payload["response_format"] = response_format(request.json_schema)
+        return payload
 
     def _complete(self, payload: Mapping[str, Any]) -> str:
-        """POST one chat completion and return the message text."""
-        body = self._request("POST", "/chat/completions", payload, timeout=self.timeout)
+        """POST one chat completion and return the message text; a server too old for
+        ``response_format`` gets the request again without it."""
+        try:
+            body = self._request("POST", "/chat/completions", payload, timeout=self.timeout)
+        except _HttpClientError as exc:
+            if not ("response_format" in payload and _refuses_response_format(exc)):
+                raise
+            if self._response_format_supported:
+                self._response_format_supported = False
+                logger.warning(
+                    "vLLM server at %s refused response_format (HTTP %d): an older server; "
+                    "answers are no longer constrained to their JSON schema (upgrade to "
+                    "vLLM >= 0.12 for structured output)",
+                    self.server_url,
+                    exc.status,
+                )
+            plain = {key: value for key, value in payload.items() if key != "response_format"}
+            body = self._request("POST", "/chat/completions", plain, timeout=self.timeout)
         try:
             text = body["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError) as exc:
@@ -139,11 +178,12 @@ class VllmEngine:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
-            detail = _error_detail(exc)
+            body = _error_body(exc)
+            detail = f": {body[:200]}" if body else ""
             message = f"{method} {url} answered HTTP {exc.code}{detail}"
             if exc.code in TRANSIENT_HTTP_STATUSES:
                 raise TransientEngineError(message) from exc
-            raise EngineError(message) from exc
+            raise _HttpClientError(message, exc.code, body) from exc
         except TimeoutError as exc:
             raise TransientEngineError(f"{method} {url} timed out after {timeout:g} s") from exc
         except urllib.error.URLError as exc:
@@ -184,10 +224,34 @@ def strip_trailing_control_tokens(text: str) -> str:
     return stripped if stripped != text.rstrip() else text
 
 
-def _error_detail(error: urllib.error.HTTPError) -> str:
-    """': <first 200 characters of the body>' when the server said why, else ''."""
+def response_format(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The OpenAI/vLLM ``response_format`` that constrains an answer to ``schema``; the
+    schema's "title" (letters, digits, "_" and "-" kept) names it, else "answer"."""
+    plain = _plain(schema)
+    if not isinstance(plain, dict):
+        raise TypeError("EngineRequest.json_schema must be a mapping (a JSON schema object)")
+    title = plain.get("title")
+    name = _SCHEMA_NAME.sub("_", title).strip("_")[:64] if isinstance(title, str) else ""
+    return {"type": "json_schema", "json_schema": {"name": name or "answer", "schema": plain}}
+
+
+def _plain(value: Any) -> Any:
+    """Mappings and sequences (read-only views included) as JSON-ready dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _refuses_response_format(error: _HttpClientError) -> bool:
+    """An HTTP 400 whose body names response_format: a server without structured output."""
+    return error.status == 400 and "response_format" in error.body
+
+
+def _error_body(error: urllib.error.HTTPError) -> str:
+    """The start of an error answer's body (what the server said), or ''."""
     try:
-        body = error.read(200).decode("utf-8", "replace").strip()
+        return error.read(4000).decode("utf-8", "replace").strip()
     except OSError:
         return ""
-    return f": {body}" if body else ""
