@@ -6,7 +6,10 @@ a difference of Gaussians; each measured along rays from its centre: contrast ov
 local lung background, half-maximum extent, roundness, rim sharpness), and writes the
 answer in exactly the format :func:`workers.prompts.build_preread_prompt` asks for:
 reasoning, "Final Answer:", one fenced json block. Landmark boxes are estimated from the
-lung fields' geometry. Every narrative says ``DEMO - not for clinical use``.
+lung fields' geometry. The follow-up prompts of :mod:`workers.dialogue.prompts` are
+answered in their format too: describe measures the blob nearest the centre of the crop,
+localise boxes landmarks, zones and lobes from the lung fields, relation is always
+"uncertain". Every narrative and explanation says ``DEMO - not for clinical use``.
 
 Pure numpy (scipy is not a dependency): Gaussian blurs are three box-filter passes,
 connected components are labelled by runs with a union-find. About 0.1 s per
@@ -625,9 +628,10 @@ def analyse_preread(image: npt.NDArray[np.generic]) -> str:
 # ------------------------------------------------------------------ follow-up turns
 
 # Describe: the crop (second image) is analysed at half resolution. The thresholds were
-# set on node.synthetic phantoms cropped with workers.imaging.crop_source (a default
-# nodule, contrast 0.2, measures an edge width of about 0.1-0.2 and a contrast of 40-60
-# grey levels; a Gaussian bump of the same size 0.7 and more); they mean nothing clinically.
+# set on node.synthetic phantoms cropped with workers.imaging.crop_source: a default
+# nodule (contrast 0.2) measures an edge width of 0.11-0.28 and a contrast of 55-80 grey
+# levels, one of contrast 0.05 about 18; lung texture bumps an edge width of 0.6 and more.
+# They mean nothing clinically.
 _CROP_FACTOR = 2
 _CROP_SEED_SIGMA = 4.0  # analysis pixels: the blur whose local maxima seed the blobs
 _CROP_CENTRE_REACH = 0.25  # a seed lies within this fraction of the side from the centre
