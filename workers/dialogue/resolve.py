@@ -534,7 +534,6 @@ class _Description:
 
 @dataclass
 class _Mention:
-    start: int
     token: _Token | None = None
     description: _Description | None = None  # its own, or attached to the token
 
@@ -717,9 +716,9 @@ def _mentions(question: str) -> list[_Mention]:
     mentions: list[_Mention] = []
     for part in sequence:
         if isinstance(part, _Token):
-            mentions.append(_Mention(part.start, token=part, description=attached.get(id(part))))
+            mentions.append(_Mention(token=part, description=attached.get(id(part))))
         elif part.substantive and id(part) not in absorbed:
-            mentions.append(_Mention(part.start, description=part))
+            mentions.append(_Mention(description=part))
     return mentions
 
 
@@ -935,25 +934,25 @@ def resolve(
     resolved: list[Resolution] = []
     for mention in _mentions(question):
         token, description = mention.token, mention.description
-        if (token is not None and token.kind == "pronoun") or (
-            token is None and description is not None and description.generic
-            and not description.plural and not ctx.existential
-        ):  # fmt: skip
-            if resolved:
-                continue  # refers back to what the question named before it
-            text = token.text if token is not None else description.text if description else ""
-            if token is None and ctx.focus is None:
-                assert description is not None
-                resolved.append(_describe(description, ctx))
-            else:
-                resolved.append(_focus_or_clarify(ctx, text))
+        if token is not None and token.kind == "pronoun":
+            # "it" after another reference refers back to it and adds nothing
+            if not resolved:
+                resolved.append(_focus_or_clarify(ctx, token.text))
         elif token is not None:
             resolved.append(_resolve_token(token, description, ctx))
-        elif description is not None:
-            if description.generic:
-                resolved.append(_everything(ctx))  # "the findings", "是否有异常"
-            else:
-                resolved.append(_describe(description, ctx))
+        elif description is None:
+            continue
+        elif description.generic and (description.plural or ctx.existential):
+            resolved.append(_everything(ctx))  # "the findings", "是否有异常"
+        elif description.generic:  # "the lesion": like "it", or any one finding
+            if not resolved:
+                by_focus = ctx.focus is not None
+                what = description.text
+                resolved.append(
+                    _focus_or_clarify(ctx, what) if by_focus else _describe(description, ctx)
+                )
+        else:
+            resolved.append(_describe(description, ctx))
     if resolved:
         return _combine(resolved)
     if ctx.existential or _GENERAL_RE.search(question):
