@@ -174,7 +174,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
     from node.demo import DemoError, demo_settings, run_demo
-    from node.status import _render_result
+    from node.status import render_result
 
     data_dir = Path(args.data_dir) if args.data_dir else settings.storage.data_path / "demo"
     token = secrets.token_urlsafe(24)
@@ -195,12 +195,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         print(f"reason     {study.reason}")
     print(f"received   {study.instance_count} instances in {outcome.spool_dir}")
     print(f"ledger     {demo.storage.resolved_database_url()}")
-    for line in _render_result(study.result):
+    for line in render_result(study.result):
         print(line.strip())
-    outputs = (study.result or {}).get("outputs") or {}
-    for kind in ("sr", "seg"):
-        if outputs.get(kind):
-            print(f"{kind.upper():<10} {outputs[kind]['path']}")
+    outputs = study.result.outputs if study.result else None
+    for kind, ref in (
+        ("sr", outputs.sr if outputs else None),
+        ("seg", outputs.seg if outputs else None),
+    ):
+        if ref is not None:
+            print(f"{kind.upper():<10} {ref.path}")
     if outcome.fhir is not None:
         f = outcome.fhir
         print(f"FHIR       {outcome.fhir_base}/DiagnosticReport/{f.report_id} ({f.report_status})")

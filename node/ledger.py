@@ -42,6 +42,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from node.db import Base, Database, insert_new, make_engine, process_owner, utcnow
 from node.settings import QueueSettings
+from sr_templates.model import Anchor, PrereadResult
 
 log = logging.getLogger("medgemma.ledger")
 
@@ -202,7 +203,7 @@ class StudySummary:
     study_description: str
     updated_at: datetime
     last_instance_at: datetime
-    result: dict[str, Any] | None
+    result: PrereadResult | None
 
     @classmethod
     def of(cls, s: Study) -> StudySummary:
@@ -220,8 +221,19 @@ class StudySummary:
             study_description=s.study_description,
             updated_at=s.updated_at,
             last_instance_at=s.last_instance_at,
-            result=s.result,
+            result=_load_result(s.study_uid, s.version, s.result),
         )
+
+
+def _load_result(study_uid: str, version: int, data: dict[str, Any] | None) -> PrereadResult | None:
+    """The stored result, typed; a row that cannot be read is logged and shown as none."""
+    if not data:
+        return None
+    try:
+        return PrereadResult.from_json(data)
+    except (TypeError, ValueError) as exc:
+        log.warning("study %s v%d: stored result unreadable: %s", study_uid, version, exc)
+        return None
 
 
 @dataclass(frozen=True)
@@ -586,7 +598,7 @@ class StudyLedger:
         *,
         ok: bool,
         reason: str = "",
-        result: dict[str, Any] | None = None,
+        result: PrereadResult | None = None,
     ) -> StudySummary:
         """Record the outcome of a version: done (``ok``) or failed, and end its run lease.
 
@@ -600,48 +612,84 @@ class StudyLedger:
                 return StudySummary.of(study)
             self._transition(s, study, outcome, reason)
             if result is not None:
-                study.result = result
+                study.result = result.to_json()
             study.run_owner = None
             study.run_lease_until = None
             return StudySummary.of(study)
 
-    def save_anchors(
-        self, study_uid: str, study_version: int, anchors: Sequence[dict[str, Any]]
-    ) -> int:
+    def save_anchors(self, study_uid: str, study_version: int, anchors: Sequence[Anchor]) -> int:
         """Record anchor versions; a (tracking UID, version) already kept is skipped.
 
         Returns how many were added.
         """
+        with self.db.transaction() as s:
+            return self._save_anchors(s, study_uid, study_version, anchors)
+
+    @staticmethod
+    def _save_anchors(
+        s: Session, study_uid: str, study_version: int, anchors: Sequence[Anchor]
+    ) -> int:
         rows = [
             {
                 "study_uid": study_uid,
                 "study_version": study_version,
-                "anchor_id": a["anchor_id"],
-                "tracking_uid": a["tracking_uid"],
-                "version": int(a["version"]),
-                "kind": a["kind"],
-                "label": a["label"],
-                "data": dict(a),
+                "anchor_id": a.anchor_id,
+                "tracking_uid": a.tracking_uid,
+                "version": a.version,
+                "kind": a.kind,
+                "label": a.label,
+                "data": a.to_json(),
                 "created_at": utcnow(),
             }
             for a in anchors
         ]
-        with self.db.transaction() as s:
-            return insert_new(s, AnchorRow, rows, keys=("tracking_uid", "version"))
+        return insert_new(s, AnchorRow, rows, keys=("tracking_uid", "version"))
 
-    def anchors_of(self, study_uid: str, *, all_versions: bool = False) -> list[dict[str, Any]]:
+    def amend_result(
+        self, study_uid: str, version: int, result: PrereadResult, anchors: Sequence[Anchor]
+    ) -> bool:
+        """Store a follow-up amendment of a finished version: its new anchor versions and
+        the result at ``result.revision``, in one transaction.
+
+        False (nothing written) when the stored result is already at that revision or a
+        later one: a redelivered turn, or another turn that got there first.
+        """
+        with self.db.transaction() as s:
+            study = self._get(s, study_uid, version)
+            if study.state != StudyState.DONE.value or not study.result:
+                raise LedgerError(f"study {study_uid} v{version} has no finished result to amend")
+            if int(study.result.get("revision") or 0) >= result.revision:
+                return False
+            self._save_anchors(s, study_uid, version, anchors)
+            study.result = result.to_json()
+            return True
+
+    def record_outputs(self, study_uid: str, version: int, result: PrereadResult) -> bool:
+        """Store where the SR/SEG of ``result``'s revision went (``result.outputs``); False
+        when the stored result has moved on to another revision."""
+        with self.db.transaction() as s:
+            study = self._get(s, study_uid, version)
+            if not study.result or int(study.result.get("revision") or 0) != result.revision:
+                return False
+            study.result = result.to_json()
+            return True
+
+    def anchors_of(self, study_uid: str, *, all_versions: bool = False) -> list[Anchor]:
         """The anchors of a study: the latest version of each, or every version."""
         with self.db.transaction() as s:
-            rows = s.execute(
-                select(AnchorRow).where(AnchorRow.study_uid == study_uid).order_by(AnchorRow.id)
-            ).scalars()
-            if all_versions:
-                return [dict(r.data) for r in rows]
-            latest: dict[str, dict[str, Any]] = {}
-            for r in rows:
-                if r.tracking_uid not in latest or r.version >= latest[r.tracking_uid]["version"]:
-                    latest[r.tracking_uid] = dict(r.data)
-            return sorted(latest.values(), key=lambda d: int(str(d["anchor_id"])[1:]))
+            rows = list(
+                s.execute(
+                    select(AnchorRow).where(AnchorRow.study_uid == study_uid).order_by(AnchorRow.id)
+                ).scalars()
+            )
+            anchors = [Anchor.from_json(r.data) for r in rows]
+        if all_versions:
+            return anchors
+        latest: dict[str, Anchor] = {}
+        for a in anchors:
+            if a.tracking_uid not in latest or a.version >= latest[a.tracking_uid].version:
+                latest[a.tracking_uid] = a
+        return sorted(latest.values(), key=lambda a: a.number)
 
     # --- reads -------------------------------------------------------------------------
 

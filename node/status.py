@@ -13,6 +13,7 @@ from typing import Any
 
 from node.ledger import StudyLedger, StudySummary
 from node.settings import Settings
+from sr_templates.model import PrereadResult
 
 STATE_ORDER = ("received", "complete", "queued", "running", "done", "failed", "skipped")
 
@@ -178,7 +179,7 @@ def _read_ledger(
                     {
                         **_study_row(v),
                         "series": [asdict(x) for x in ledger.series_of(study_uid, v.version)],
-                        "result": v.result,
+                        "result": v.result.to_json() if v.result else None,
                     }
                     for v in versions
                 ],
@@ -298,7 +299,8 @@ def render_status(status: NodeStatus) -> str:
                     f"    series {s['series_uid']} {s['modality']} {s['body_part']} "
                     f"{s['view_position']} ({s['instance_count']} inst)"
                 )
-            out.extend(_render_result(v.get("result")))
+            raw = v.get("result")
+            out.extend(render_result(PrereadResult.from_json(raw) if raw else None))
         for d in status.study.get("deliveries", []):
             err = f" - {d['last_error']}" if d["last_error"] else ""
             out.append(
@@ -311,24 +313,30 @@ def render_status(status: NodeStatus) -> str:
     return "\n".join(out)
 
 
-def _render_result(result: dict[str, Any] | None) -> list[str]:
-    if not result:
+def render_result(result: PrereadResult | None) -> list[str]:
+    """A pre-read result as indented lines: notice, provenance, anchors, impression."""
+    if result is None:
         return []
     lines: list[str] = []
-    if result.get("notice"):
-        lines.append(f"    {result['notice']}")
+    if result.notice:
+        lines.append(f"    {result.notice}")
         lines.append(
-            f"    model {result.get('model_id')} ({result.get('model_revision')}), "
-            f"prompt {result.get('prompt_version')}, engine {result.get('engine')}"
+            f"    model {result.model_id} ({result.model_revision}), "
+            f"prompt {result.prompt_version}, engine {result.engine}"
         )
-    for a in result.get("anchors", []):
-        size = a.get("size_text", "")
+    for a in result.anchors:
+        version = f" v{a.version}" if a.version > 1 else ""
         lines.append(
-            f"    {a.get('anchor_id', '?'):<4} {a.get('kind', ''):<8} {a.get('label', '')}"
-            f"  {size}  uid={a.get('tracking_uid', '')}"
+            f"    {a.anchor_id:<4} {a.kind:<8} {a.label}{version}  {a.size_text}"
+            f"  uid={a.tracking_uid}"
         )
-    if result.get("impression"):
-        lines.append(f"    impression: {result['impression']}")
+    for d in result.distances:
+        lines.append(
+            f"    {d.tracking_identifier}: {d.centres:.1f} {d.units} between centres, "
+            f"{d.edges:.1f} {d.units} between edges"
+        )
+    if result.impression:
+        lines.append(f"    impression: {result.impression}")
     return lines
 
 

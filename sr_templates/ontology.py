@@ -30,6 +30,7 @@ from pydicom.sr.coding import Code
 from sr_templates import codes as c
 
 __all__ = [
+    "ANSWER_LANGUAGES",
     "ATTRIBUTES",
     "ATTRIBUTE_NAMES",
     "FINDINGS",
@@ -37,11 +38,13 @@ __all__ = [
     "LATERALITIES",
     "LATERALITY_TERMS",
     "SITES",
+    "AnswerLanguage",
     "ChestConcept",
     "ConceptKind",
     "Side",
     "TermMatch",
     "all_concepts",
+    "answer_language",
     "attribute_value",
     "find_terms",
     "finding",
@@ -511,3 +514,27 @@ def find_terms(text: str) -> list[TermMatch]:
         )
         for start, end in kept
     ]
+
+
+# ----------------------------------------------------------------------------- answer languages
+
+#: The languages the node answers follow-up questions in: those the ontology has names in.
+AnswerLanguage = Literal["en", "zh"]
+ANSWER_LANGUAGES: Final[tuple[AnswerLanguage, ...]] = ("en", "zh")
+# The Chinese terms are Simplified: zh-TW / zh-HK readers would get the wrong script.
+_ZH_TAGS: Final = ("zh", "zh-cn", "zh-hans", "zh-sg", "zh-hans-cn")
+
+
+def answer_language(tag: str | None, question: str = "") -> AnswerLanguage | None:
+    """The language to answer in: the tag given with the question (en, en-US, zh, zh-CN,
+    zh-Hans ...), else the question's script. None for a tag the node cannot answer in
+    (fr, zh-TW ...): the caller refuses the question with a clear error, never an answer
+    mislabelled with the asked language."""
+    if tag:
+        t = tag.strip().lower().replace("_", "-")
+        if t == "en" or t.startswith("en-"):
+            return "en"
+        if t in _ZH_TAGS:
+            return "zh"
+        return None
+    return "zh" if _HAN.search(question) else "en"

@@ -55,7 +55,9 @@ def build_anchors(
     used_prior: set[str] = set()
     next_number = 1 + max((int(a.anchor_id[1:]) for a in prior), default=0)
 
-    def identity(kind: AnchorKind, key: str | None, box: tuple[float, ...]) -> tuple[str, str, int]:
+    def identity(
+        kind: AnchorKind, key: str | None, box: tuple[float, float, float, float]
+    ) -> tuple[str, str, int]:
         nonlocal next_number
         best: Anchor | None = None
         best_iou = SAME_ANCHOR_IOU

@@ -1,165 +1,71 @@
 """Follow-up questions, the worker side, as plain functions (tested without a broker).
 
-question id -> the question Communication and its DiagnosticReport (FHIR store) -> which
-anchors it is about (an anchor reference given with the question, explicit ids such as
-"A1", or finding/site terms in English or Chinese) -> the answer Communication
-(inResponseTo the question, about the report and the anchors' Observations).
+question id -> the question Communication and its DiagnosticReport (FHIR store) -> the
+study's finished pre-read (its current result: anchors at their latest versions,
+distances) and the earlier turns of the conversation -> one dialogue turn
+(workers.dialogue.turn: resolve, crop, ask the model, geometry, compose) -> when the turn
+refined an anchor, added one or measured a distance: a new result revision in the ledger,
+an amended SR and a new SEG to the PACS (workers.results) and amended FHIR resources ->
+the turn in the dialogue log -> the answer Communication (inResponseTo the question,
+about the report and the anchors' Observations, in the question's language).
 
-The anchored dialogue (crop, grounded single-turn prompt, geometry, refined anchors) is
-not here yet: until it lands every answer says, in the question's language, that
-follow-up questions are not supported yet, and names the anchors the question is about.
+An answer that could not be produced is stored as a not-done Communication saying why,
+never as completed. Questions and answers are patient data: never logged.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any
 
 from node.fhir import codes
 from node.fhir import resources as fr
 from node.fhir.followups import FollowupJob, finish_followup, followup, start_followup
 from node.fhir.search import normalise_reference
 from node.fhir.store import FhirStore, StoredResource
-from node.ledger import StudyLedger
+from node.ledger import StudyLedger, StudySummary
 from node.settings import Settings
-from workers.preread import ledger_for
+from node.turns import DialogueLog, Turn
+from sr_templates import ontology
+from sr_templates.model import AnchorDistance, PrereadResult
+from workers.dialogue import compose
+from workers.dialogue.prompts import FOLLOWUP_PROMPT_VERSION
+from workers.dialogue.turn import EarlierTurn, TurnFailed, TurnInput, TurnOutput, answer_turn
+from workers.engines.base import Engine
+from workers.imaging import DisplayImage, load_display_image
+from workers.preread import engine_for, ledger_for, record_fhir
 
 log = logging.getLogger("medgemma.followup")
 
-_EXPLICIT_ID: Final = re.compile(r"(?<![A-Za-z0-9])[Aa](\d{1,4})(?![0-9])")
-_HAN: Final = re.compile(r"[\u3400-\u9fff]")
 
-NOT_SUPPORTED_EN: Final = (
-    "Follow-up questions are not supported by this node yet: the anchored dialogue that "
-    "answers them is still being built, so no answer was generated."
-)
-NOT_SUPPORTED_ZH: Final = "本节点暂不支持追问：回答追问的锚定对话功能尚在开发中，因此未生成回答。"
-
-
-@dataclass(frozen=True)
-class AnchorRef:
-    """An anchor a question is about, with the Observation that reports it (findings)."""
-
-    anchor_id: str
-    label: str
-    observation_id: str | None
-    label_zh: str = ""
+@lru_cache(maxsize=4)
+def _store(ledger: StudyLedger) -> FhirStore:
+    return FhirStore(ledger)
 
 
 @lru_cache(maxsize=4)
-def _store(url: str) -> FhirStore:
-    return FhirStore(_ledger(url))
-
-
-@lru_cache(maxsize=4)
-def _ledger(url: str) -> StudyLedger:
-    return StudyLedger(url)
+def _dialogue_log(ledger: StudyLedger) -> DialogueLog:
+    return DialogueLog(ledger.engine)
 
 
 def store_for(settings: Settings) -> FhirStore:
     """The process-wide FHIR store on the node's database."""
-    return _store(settings.storage.resolved_database_url())
+    return _store(ledger_for(settings))
 
 
-def _anchor_id_of(observation: Mapping[str, Any]) -> str:
-    for ident in observation.get("identifier", []):
-        value = str(ident.get("value", ""))
-        if re.fullmatch(r"A\d+", value):
-            return value
-    return ""
+def dialogue_log_for(settings: Settings) -> DialogueLog:
+    """The process-wide dialogue log on the node's database."""
+    return _dialogue_log(ledger_for(settings))
 
 
-def resolve_anchors(
-    question: str,
-    anchor_ref: str,
-    observations: Sequence[StoredResource],
-    anchors: Sequence[Mapping[str, Any]],
-) -> list[AnchorRef]:
-    """The anchors a question is about, best evidence first.
-
-    1. the anchor given with the question (``Observation/<id>``);
-    2. explicit anchor ids in the text ("A1", "a2");
-    3. finding / site / landmark terms (English or Chinese, via the chest ontology) that
-       match the anchors' finding and site; a finding plus a site narrows to both.
-    Unresolved questions give an empty list.
-    """
-    by_obs = {o.id: o for o in observations}
-    obs_of = {_anchor_id_of(o.resource): o.id for o in observations}
-    known = {str(a["anchor_id"]): a for a in anchors}
-    for obs in observations:
-        aid = _anchor_id_of(obs.resource)
-        if aid and aid not in known:
-            known[aid] = {"anchor_id": aid, "label": obs.resource.get("code", {}).get("text", "")}
-
-    def ref(aid: str) -> AnchorRef:
-        a = known.get(aid, {})
-        return AnchorRef(aid, str(a.get("label", "")), obs_of.get(aid), _zh_label(a))
-
-    if anchor_ref.startswith("Observation/"):
-        oid = anchor_ref.split("/", 1)[1]
-        given = by_obs.get(oid)
-        if given is not None:
-            aid = _anchor_id_of(given.resource)
-            return [replace(ref(aid), observation_id=oid)]
-    explicit = [f"A{int(m[1])}" for m in _EXPLICIT_ID.finditer(question)]
-    hits = [ref(aid) for aid in dict.fromkeys(explicit) if aid in known]
-    if hits:
-        return hits
-    return _descriptive(question, anchors, ref)
-
-
-def _zh_label(anchor: Mapping[str, Any]) -> str:
-    """The anchor's site and finding in Chinese (from the chest ontology), or ""."""
-    try:
-        from sr_templates import ontology
-    except ImportError:
-        return ""
-    parts = []
-    site = anchor.get("site")
-    if site:
-        for lookup in (ontology.site, ontology.landmark):
-            try:
-                parts.append(lookup(str(site)).zh)
-                break
-            except ValueError:
-                continue
-    finding = anchor.get("finding")
-    if finding:
-        try:
-            parts.append(ontology.finding(str(finding)).zh)
-        except ValueError:
-            pass
-    return "".join(parts)
-
-
-def _descriptive(
-    question: str, anchors: Sequence[Mapping[str, Any]], ref: Callable[[str], AnchorRef]
-) -> list[AnchorRef]:
-    try:
-        from sr_templates.ontology import find_terms
-    except ImportError:  # the ontology ships with the node; a missing one only loses this step
-        return []
-    findings: set[str] = set()
-    sites: set[str] = set()
-    for match in find_terms(question):
-        for concept in match.concepts[:1]:
-            if concept.kind == "finding":
-                findings.add(concept.term)
-            elif concept.kind in ("site", "landmark"):
-                sites.add(concept.term)
-    if not findings and not sites:
-        return []
-    out = []
-    for a in anchors:
-        finding_ok = not findings or a.get("finding") in findings
-        site_ok = not sites or a.get("site") in sites
-        if finding_ok and site_ok:
-            out.append(ref(str(a["anchor_id"])))
-    return out
+def _question_text(question: Mapping[str, Any]) -> str:
+    return next(
+        (str(p["contentString"]) for p in question.get("payload", []) if "contentString" in p),
+        "",
+    )
 
 
 def study_uid_of(store: FhirStore, report: StoredResource) -> str:
@@ -169,97 +75,110 @@ def study_uid_of(store: FhirStore, report: StoredResource) -> str:
         study = store.get(kind, rid) if kind == "ImagingStudy" else None
         for ident in study.resource.get("identifier", []) if study else []:
             value = str(ident.get("value", ""))
-            if ident.get("system") == codes.DICOM_UID and value.startswith("urn:oid:"):
+            if value.startswith("urn:oid:") and ident.get("system") == codes.DICOM_UID:
                 return value[len("urn:oid:") :]
     return ""
 
 
-def _language(job: FollowupJob, question: Mapping[str, Any], text: str) -> str:
-    lang = job.language or str(question.get("language") or "")
-    if not lang:
-        lang = "zh" if _HAN.search(text) else "en"
-    return lang
+def _finished_version(ledger: StudyLedger, study_uid: str) -> StudySummary:
+    """The newest version of the study with a finished pre-read."""
+    for v in reversed(ledger.study_versions(study_uid)):
+        if v.state.value == "done" and v.result is not None:
+            return v
+    raise TurnFailed("the study has no finished pre-read to ask about yet")
 
 
-def compose_answer(language: str, resolved: Sequence[AnchorRef], all_ids: Sequence[str]) -> str:
-    """The "not supported yet" answer, naming what the question is about."""
-    zh = language.lower().startswith("zh")
-    if zh:
-        text = NOT_SUPPORTED_ZH
-        if resolved:
-            names = "、".join(
-                f"{a.anchor_id}（{a.label_zh or a.label}）"
-                if a.label_zh or a.label
-                else a.anchor_id
-                for a in resolved
-            )
-            text += f"该问题涉及：{names}。"
-        elif all_ids:
-            text += f"未能确定该问题所指的病灶；本检查的锚点：{'、'.join(all_ids)}。"
-        return text + "（AI 生成的初步结果，不是诊断。）"
-    text = NOT_SUPPORTED_EN
-    if resolved:
-        names = ", ".join(
-            f"{a.anchor_id} ({a.label})" if a.label else a.anchor_id for a in resolved
-        )
-        text += f" The question is about {names}."
-    elif all_ids:
-        text += (
-            " The question could not be tied to a finding of this study; its anchors are "
-            f"{', '.join(all_ids)} (name one, e.g. 'A1')."
-        )
-    return text
+def _anchor_hint(result: PrereadResult, anchor_ref: str) -> str | None:
+    """The anchor id of an anchor given with the question ("A1" or "Observation/<id>")."""
+    if not anchor_ref:
+        return None
+    if anchor_ref.startswith("Observation/"):
+        oid = anchor_ref.split("/", 1)[1]
+        for a in result.anchors:
+            if fr.observation_id(a.tracking_uid) == oid:
+                return a.anchor_id
+        return None
+    return anchor_ref if result.anchor(anchor_ref) is not None else None
 
 
-def answer_question(store: FhirStore, ledger: StudyLedger, job: FollowupJob) -> dict[str, Any]:
-    """The answer Communication for a follow-up job (not stored)."""
-    question_res = store.get("Communication", job.id)
-    if question_res is None:
-        raise LookupError(f"the question Communication/{job.id} is gone")
-    question = question_res.resource
-    text = next(
-        (str(p["contentString"]) for p in question.get("payload", []) if "contentString" in p),
-        "",
+def _image_loader(
+    settings: Settings, ledger: StudyLedger, study: StudySummary
+) -> Callable[[], DisplayImage]:
+    """Loads the frontal image the anchors are drawn on, from the spool, when first asked."""
+    assert study.result is not None
+    frontal = study.result.frontal.sop_instance_uid
+
+    def load() -> DisplayImage:
+        for inst in ledger.instances_of(study.study_uid, up_to_version=study.version):
+            if inst.sop_instance_uid == frontal:
+                return load_display_image(settings.storage.spool_path / inst.path)
+        raise TurnFailed("the image the findings are drawn on is no longer in the spool")
+
+    return load
+
+
+def _merge_distances(
+    old: tuple[AnchorDistance, ...], new: tuple[AnchorDistance, ...]
+) -> tuple[AnchorDistance, ...]:
+    """A pair measured again replaces its earlier value (same tracking UID)."""
+    by_uid = {d.tracking_uid: d for d in old}
+    for d in new:
+        by_uid[d.tracking_uid] = d
+    return tuple(by_uid.values())
+
+
+def _amend(
+    settings: Settings, ledger: StudyLedger, study: StudySummary, out: TurnOutput
+) -> PrereadResult:
+    """Store the turn's anchors and distances as the next result revision, then send the
+    amended SR and the new SEG and update the FHIR resources."""
+    from workers.results import publish_results
+
+    assert study.result is not None
+    current = study.result
+    anchors = {a.anchor_id: a for a in current.anchors}
+    anchors.update({a.anchor_id: a for a in out.anchors})
+    amended = replace(
+        current.with_anchors(list(anchors.values())),
+        distances=_merge_distances(current.distances, out.distances),
+        revision=current.revision + 1,
     )
-    report = store.get("DiagnosticReport", job.report_id)
-    study_uid = job.study_uid or (study_uid_of(store, report) if report else "")
-    results = [
-        normalise_reference(r["reference"])
-        for r in (report.resource.get("result", []) if report else [])
-    ]
-    observations = store.get_many(
-        (kind, rid) for kind, _, rid in (ref.partition("/") for ref in results)
-    )
-    study = ledger.get_study(study_uid) if study_uid else None
-    result = (study.result if study else None) or {}
-    anchors = ledger.anchors_of(study_uid) if study_uid else []
-    resolved = resolve_anchors(text, job.anchor_ref, observations, anchors)
-    all_ids = [str(a["anchor_id"]) for a in anchors] or [
-        _anchor_id_of(o.resource) for o in observations
-    ]
-    language = _language(job, question, text)
+    if not ledger.amend_result(study.study_uid, study.version, amended, out.anchors):
+        raise TurnFailed(
+            "another follow-up changed this study at the same moment; please ask again"
+        )
+    outputs = publish_results(settings, ledger, study.study_uid, study.version, amended)
+    amended = replace(amended, outputs=outputs)
+    ledger.record_outputs(study.study_uid, study.version, amended)
+    record_fhir(ledger, study.study_uid, study.version, settings.fhir)
+    return amended
+
+
+def _answer(
+    job: FollowupJob,
+    question: Mapping[str, Any],
+    result: PrereadResult,
+    out_text: str,
+    resolved: tuple[str, ...],
+    language: str,
+) -> dict[str, Any]:
     about = [fr.reference("DiagnosticReport", job.report_id)]
-    about += [
-        fr.reference("Observation", a.observation_id, f"{a.anchor_id} {a.label}".strip())
-        for a in resolved
-        if a.observation_id
-    ]
-    device = next(
-        (
-            normalise_reference(o.resource["device"]["reference"]).split("/", 1)[1]
-            for o in observations
-            if o.resource.get("device", {}).get("reference")
-        ),
-        None,
-    )
+    for anchor_id in resolved:
+        a = result.anchor(anchor_id)
+        if a is not None and a.kind == "finding":
+            about.append(
+                fr.reference(
+                    "Observation", fr.observation_id(a.tracking_uid), a.tracking_identifier
+                )
+            )
     return fr.build_answer(
         answer_id=fr.resource_id("Communication", "answer", job.id),
         question=question,
-        text=compose_answer(language, resolved, all_ids),
+        text=out_text,
         about=about,
-        device=device,
+        device=fr.device_id(result),
         status="completed",
-        is_demo=bool(result.get("is_demo")),
+        is_demo=result.is_demo,
         language=language,
         sent=fr.now_instant(),
     )
@@ -281,7 +200,92 @@ def _failure_answer(job: FollowupJob, store: FhirStore, reason: str) -> dict[str
     )
 
 
-def run_followup(settings: Settings, question_id: str, store: FhirStore | None = None) -> str:
+def answer_question(
+    settings: Settings, store: FhirStore, job: FollowupJob, engine: Engine | None = None
+) -> dict[str, Any]:
+    """Run the dialogue turn of a follow-up job and return its answer Communication.
+
+    Stores the turn, and an amended result (SR, SEG, FHIR) when the turn changed one.
+    Raises TurnFailed when no answer can be produced.
+    """
+    question_res = store.get("Communication", job.id)
+    if question_res is None:
+        raise TurnFailed(f"the question Communication/{job.id} is gone")
+    question = question_res.resource
+    text = _question_text(question)
+    language = ontology.answer_language(job.language or str(question.get("language") or ""), text)
+    if language is None:
+        raise TurnFailed(
+            f"language {job.language!r} is not supported: answers are written in "
+            f"{', '.join(ontology.ANSWER_LANGUAGES)}"
+        )
+    report = store.get("DiagnosticReport", job.report_id)
+    study_uid = job.study_uid or (study_uid_of(store, report) if report else "")
+    if not study_uid:
+        raise TurnFailed("the question's report has no imaging study")
+    ledger = ledger_for(settings)
+    study = _finished_version(ledger, study_uid)
+    assert study.result is not None
+    dialogue = dialogue_log_for(settings)
+    stored = dialogue.turn_for_question(job.id)
+    if stored is not None:  # a redelivered task whose turn was already stored
+        return _answer(job, question, study.result, stored.answer, stored.resolved, stored.language)
+    turns = dialogue.turns_of(study_uid)
+    inp = TurnInput(
+        question=text,
+        language=language,
+        result=study.result,
+        turn=dialogue.next_turn_number(study_uid),
+        engine=engine or engine_for(settings.engine),
+        image=_image_loader(settings, ledger, study),
+        earlier=tuple(EarlierTurn(t.question, t.answer, t.resolved, t.focus) for t in turns),
+        anchor_hint=_anchor_hint(study.result, job.anchor_ref),
+    )
+    out = answer_turn(inp)
+    result = _amend(settings, ledger, study, out) if out.amends else study.result
+    body = (
+        out.text
+        + "\n"
+        + compose.notice(language, result.is_demo, result.model_id, FOLLOWUP_PROMPT_VERSION)
+    )
+    dialogue.record(
+        Turn(
+            study_uid=study_uid,
+            study_version=study.version,
+            turn=inp.turn,
+            question_id=job.id,
+            question=text,
+            language=language,
+            outcome=out.outcome,
+            resolved=out.resolved,
+            focus=out.focus,
+            intents=out.intents,
+            prompt_version=FOLLOWUP_PROMPT_VERSION,
+            model_outputs=tuple(out.model_outputs),
+            answer=body,
+            timings=out.timings,
+        )
+    )
+    log.info(
+        "follow-up %s on study %s: turn %d %s, anchors %s, intents %s, %d model calls%s",
+        job.id,
+        study_uid,
+        inp.turn,
+        out.outcome,
+        ",".join(out.resolved) or "-",
+        ",".join(out.intents) or "-",
+        len(out.model_outputs),
+        f", result revision {result.revision}" if out.amends else "",
+    )
+    return _answer(job, question, result, body, out.resolved, language)
+
+
+def run_followup(
+    settings: Settings,
+    question_id: str,
+    store: FhirStore | None = None,
+    engine: Engine | None = None,
+) -> str:
     """Answer one follow-up question and store the answer.
 
     Returns "answered", "failed" (the answer says why, status not-done) or "noop" when
@@ -292,9 +296,15 @@ def run_followup(settings: Settings, question_id: str, store: FhirStore | None =
     if job is None:
         log.info("follow-up %s already answered or unknown: nothing to do", question_id)
         return "noop"
-    ledger = ledger_for(settings)
     try:
-        answer = answer_question(store, ledger, job)
+        answer = answer_question(settings, store, job, engine)
+    except TurnFailed as exc:
+        reason = str(exc)
+        log.warning("follow-up %s not answered: %s", question_id, reason)
+        finish_followup(
+            store, job.id, answer=_failure_answer(job, store, reason), failed_reason=reason
+        )
+        return "failed"
     except Exception as exc:
         log.exception("follow-up %s failed", question_id)
         reason = f"internal error in the follow-up worker ({type(exc).__name__})"

@@ -44,12 +44,16 @@ class PrereadFailure(Exception):
 
 
 @lru_cache(maxsize=4)
-def _ledger(url: str) -> StudyLedger:
-    return StudyLedger(url)
+def _ledger(url: str, run_lease_seconds: float) -> StudyLedger:
+    return StudyLedger(url, run_lease_seconds=run_lease_seconds)
 
 
 def ledger_for(settings: Settings) -> StudyLedger:
-    return _ledger(settings.storage.resolved_database_url())
+    """The process-wide ledger; a started run holds its study version for the task's hard
+    time limit (after it, Celery has killed the task and another worker may take it)."""
+    return _ledger(
+        settings.storage.resolved_database_url(), float(settings.queue.task_time_limit_seconds)
+    )
 
 
 _engines: dict[tuple[str, ...], Engine] = {}
@@ -97,8 +101,8 @@ def analyse_study(
     prior: Sequence[Anchor] = ()
     if version > 1:
         previous = ledger.get_study(study_uid, version - 1)
-        if previous is not None and previous.result:
-            prior = PrereadResult.from_json(previous.result).anchors
+        if previous is not None and previous.result is not None:
+            prior = previous.result.anchors
     return analyse_views(engine, frontal, lateral, prior=prior)
 
 
@@ -188,13 +192,15 @@ def run_preread(
         log.warning("pre-read of %s v%d not started: %s", study_uid, version, exc)
         return "noop"
     if started is None:
-        log.info("study %s v%d already finished: nothing to do", study_uid, version)
+        log.info("study %s v%d finished or running elsewhere: nothing to do", study_uid, version)
         return "noop"
     log.info("pre-read of study %s v%d started", study_uid, version)
     try:
         engine = engine or engine_for(settings.engine)
         result = analyse_study(ledger, settings.storage.spool_path, engine, study_uid, version)
     except TransientPrereadError:
+        # the retry may land in another worker process: it must find the version free
+        ledger.release_run(study_uid, version)
         raise
     except (PrereadFailure, EngineError) as exc:
         ledger.finish(study_uid, version, ok=False, reason=str(exc))
@@ -219,8 +225,8 @@ def run_preread(
         record_fhir(ledger, study_uid, version, settings.fhir)
         return "failed"
     # anchors before done: readers see both
-    ledger.save_anchors(study_uid, version, [a.to_json() for a in result.anchors])
-    ledger.finish(study_uid, version, ok=True, reason="", result=result.to_json())
+    ledger.save_anchors(study_uid, version, result.anchors)
+    ledger.finish(study_uid, version, ok=True, reason="", result=result)
     record_fhir(ledger, study_uid, version, settings.fhir)
     log.info(
         "pre-read of study %s v%d done: %d findings, %d anchors, %s engine %.1f s%s",

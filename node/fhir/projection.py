@@ -10,7 +10,6 @@ so a node started with ``--config FILE`` writes the systems of that file.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -22,6 +21,7 @@ from node.fhir import resources as fr
 from node.fhir.store import FhirStore
 from node.ledger import Study, StudyLedger
 from node.settings import FhirSettings
+from sr_templates.model import PrereadResult
 
 log = logging.getLogger("medgemma.fhir")
 
@@ -69,7 +69,7 @@ def study_facts(ledger: StudyLedger, study_uid: str, version: int) -> fr.StudyFa
                 series.series_description,
                 tuple(by_series.get(series.series_uid, ())),
             )
-    state, patient_id, accession, date, description, result, reason = head
+    state, patient_id, accession, date, description, raw_result, reason = head
     return fr.StudyFacts(
         study_uid=study_uid,
         version=version,
@@ -79,28 +79,13 @@ def study_facts(ledger: StudyLedger, study_uid: str, version: int) -> fr.StudyFa
         study_date=date,
         study_description=description,
         series=tuple(seen.values()),
-        result=result,
+        result=PrereadResult.from_json(raw_result) if raw_result else None,
         reason=reason,
     )
 
 
-def _current_anchors(
-    ledger: StudyLedger, study_uid: str, result: Mapping[str, Any]
-) -> list[dict[str, Any]]:
-    """The result's anchors, each replaced by a newer version from the ledger if refined."""
-    latest = {a["tracking_uid"]: a for a in ledger.anchors_of(study_uid)}
-    out = []
-    for a in result.get("anchors", []):
-        newer = latest.get(a.get("tracking_uid"))
-        if newer is not None and int(newer.get("version", 1)) > int(a.get("version", 1)):
-            out.append(dict(newer))
-        else:
-            out.append(dict(a))
-    return out
-
-
 def build_preread_resources(
-    facts: fr.StudyFacts, anchors: Sequence[Mapping[str, Any]], systems: fr.IdentifierSystems
+    facts: fr.StudyFacts, systems: fr.IdentifierSystems
 ) -> fr.PrereadBundle | None:
     """The resources for a study's state: registered, preliminary/amended, cancelled;
     None for a study that is not read (skipped)."""
@@ -116,16 +101,13 @@ def build_preread_resources(
         )
         return fr.PrereadBundle(imaging_study=study, device=None, report=report)
     result = facts.result
-    is_demo = bool(result.get("is_demo"))
+    is_demo = result.is_demo
     device = fr.build_device(result)
     observations: list[dict[str, Any]] = []
     shown: list[tuple[str, str]] = []
-    amended = False
-    for anchor in anchors:
-        if anchor.get("kind") != "finding":
-            continue
-        refined = anchor.get("refined_turn") is not None
-        amended = amended or refined
+    amended = result.amended
+    for anchor in result.findings:
+        refined = anchor.refined_turn is not None
         obs = fr.build_observation(
             anchor,
             facts=facts,
@@ -136,7 +118,7 @@ def build_preread_resources(
             issued=issued,
         )
         observations.append(obs)
-        shown.append((str(obs["id"]), f"{anchor['anchor_id']} {anchor.get('label', '')}".strip()))
+        shown.append((str(obs["id"]), anchor.tracking_identifier))
     status = "amended" if amended else "preliminary"
     report = fr.build_report(facts, systems, status=status, results=shown, issued=issued)
     provenance = fr.build_provenance(
@@ -179,8 +161,7 @@ def record_preread(
         fhir = _store_on(ledger.engine)
     try:
         facts = study_facts(ledger, study_uid, version)
-        anchors = _current_anchors(ledger, study_uid, facts.result) if facts.result else []
-        bundle = build_preread_resources(facts, anchors, systems)
+        bundle = build_preread_resources(facts, systems)
         if bundle is None:
             log.info("study %s v%d is not read (skipped): no FHIR resources", study_uid, version)
             return

@@ -35,6 +35,7 @@ from node.fhir.resources import ResourceInvalid, now_instant, validate
 from node.fhir.responses import collection_text, json_response
 from node.fhir.search import normalise_reference
 from node.fhir.store import FhirStore, StoredResource, new_id
+from sr_templates import ontology
 
 MAX_QUESTION_CHARS: Final = 4000
 _LANGUAGE: Final = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
@@ -52,6 +53,12 @@ class Question:
 def _check_language(value: str) -> str:
     if value and not _LANGUAGE.match(value):
         raise bad_request(f"language {value[:40]!r} is not a language code (e.g. en, zh, zh-CN)")
+    if value and ontology.answer_language(value) is None:
+        supported = ", ".join(ontology.ANSWER_LANGUAGES)
+        raise unprocessable(
+            f"language {value!r} is not supported: follow-up answers are written in "
+            f"{supported} (zh: Simplified Chinese, e.g. zh-CN)"
+        )
     return value
 
 

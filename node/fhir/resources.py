@@ -23,6 +23,7 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from node.fhir import codes
+from sr_templates.model import Anchor, PrereadResult
 
 AI_NOTICE: Final = "AI-generated, preliminary, not a diagnosis"
 DEMO_NOTICE: Final = "DEMO - not for clinical use"
@@ -127,7 +128,7 @@ class StudyFacts:
     study_date: str  # YYYYMMDD or ""
     study_description: str
     series: tuple[SeriesFacts, ...] = ()
-    result: Mapping[str, Any] | None = None
+    result: PrereadResult | None = None
     reason: str = ""  # why a failed pre-read failed
 
 
@@ -205,14 +206,14 @@ def observation_id(tracking_uid: str) -> str:
     return resource_id("Observation", tracking_uid)
 
 
-def device_id(result: Mapping[str, Any]) -> str:
+def device_id(result: PrereadResult) -> str:
     return resource_id(
         "Device",
-        str(result.get("model_id", "")),
-        str(result.get("model_revision", "")),
-        str(result.get("prompt_version", "")),
-        str(result.get("node_version", "")),
-        str(bool(result.get("is_demo"))),
+        result.model_id,
+        result.model_revision,
+        result.prompt_version,
+        result.node_version,
+        str(result.is_demo),
     )
 
 
@@ -264,16 +265,16 @@ def build_imaging_study(facts: StudyFacts, systems: IdentifierSystems) -> dict[s
     return validate(resource)
 
 
-def build_device(result: Mapping[str, Any]) -> dict[str, Any]:
+def build_device(result: PrereadResult) -> dict[str, Any]:
     """The model as a Device: name, revision, prompt version, node version, safety note."""
-    is_demo = bool(result.get("is_demo"))
-    model_id = str(result.get("model_id") or "unknown model")
+    is_demo = result.is_demo
+    model_id = result.model_id
     versions = [
-        ("model revision", result.get("model_revision")),
-        ("prompt version", result.get("prompt_version")),
-        ("node version", result.get("node_version")),
+        ("model revision", result.model_revision),
+        ("prompt version", result.prompt_version),
+        ("node version", result.node_version),
     ]
-    engine = str(result.get("engine") or "")
+    engine = result.engine
     resource: dict[str, Any] = {
         "resourceType": "Device",
         "id": device_id(result),
@@ -317,7 +318,7 @@ def _quantity(value: float, units: str) -> dict[str, Any]:
 
 
 def build_observation(
-    anchor: Mapping[str, Any],
+    anchor: Anchor,
     *,
     facts: StudyFacts,
     systems: IdentifierSystems,
@@ -328,40 +329,37 @@ def build_observation(
 ) -> dict[str, Any]:
     """One finding anchor as an Observation: code, site + laterality, measurements,
     attributes; identified by the anchor's tracking UID and anchor id."""
-    tracking_uid = str(anchor["tracking_uid"])
-    anchor_id = str(anchor["anchor_id"])
-    label = str(anchor.get("label") or anchor.get("finding") or "finding")
+    tracking_uid = anchor.tracking_uid
+    anchor_id = anchor.anchor_id
+    label = anchor.label or anchor.finding or "finding"
     components: list[dict[str, Any]] = []
-    side = codes.laterality_concept(anchor.get("laterality"))
+    side = codes.laterality_concept(anchor.laterality)
     if side is not None:
         components.append({"code": codes.concept(codes.LATERALITY), "valueCodeableConcept": side})
-    m = anchor.get("measurements") or None
+    m = anchor.measurements
     size_note = ""
-    if m:
-        units = str(m.get("units", "px"))
-        area_units = str(m.get("area_units") or ("mm2" if units == "mm" else "px2"))
-        for key in ("long_axis", "short_axis", "area"):
-            if m.get(key) is None:
-                continue
+    if m is not None:
+        sizes = {"long_axis": m.long_axis, "short_axis": m.short_axis, "area": m.area}
+        for key, size in sizes.items():
             components.append(
                 {
                     "code": codes.concept(codes.MEASUREMENT_CODES[key]),
                     "valueQuantity": _quantity(
-                        float(m[key]), area_units if key == "area" else units
+                        round(size, 2), m.area_units if key == "area" else m.units
                     ),
                 }
             )
-        if units != "mm":
+        if m.units != "mm":
             size_note = (
                 "Sizes are in pixels: the image has no pixel spacing, so no length in "
                 "millimetres can be given."
             )
-    for name, value in sorted((anchor.get("attributes") or {}).items()):
-        name_cc, value_cc = codes.attribute_concepts(str(name), str(value))
+    for name, value in sorted(anchor.attributes.items()):
+        name_cc, value_cc = codes.attribute_concepts(name, value)
         components.append({"code": name_cc, "valueCodeableConcept": value_cc})
 
     notice = notice_text(is_demo)
-    size_text = str(anchor.get("size_text") or "")
+    size_text = anchor.size_text
     resource: dict[str, Any] = {
         "resourceType": "Observation",
         "id": observation_id(tracking_uid),
@@ -380,7 +378,7 @@ def build_observation(
         ],
         "status": status,
         "category": [codes.OBSERVATION_IMAGING],
-        "code": codes.finding_concept(anchor.get("finding"), label),
+        "code": codes.finding_concept(anchor.finding, label),
         "subject": patient_reference(facts.patient_id, systems),
         "issued": issued,
         "derivedFrom": [reference("ImagingStudy", imaging_study_id(facts.study_uid))],
@@ -394,7 +392,7 @@ def build_observation(
     effective = _fhir_date(facts.study_date)
     if effective:
         resource["effectiveDateTime"] = effective
-    site = codes.site_concept(anchor.get("site"))
+    site = codes.site_concept(anchor.site)
     if site is not None:
         resource["bodySite"] = site
     if device:
@@ -406,12 +404,12 @@ def build_observation(
     return validate(resource)
 
 
-def report_conclusion(result: Mapping[str, Any] | None, is_demo: bool) -> str:
+def report_conclusion(result: PrereadResult | None, is_demo: bool) -> str:
     """The narrative of the pre-read (findings, impression) after the safety label."""
     parts = [f"{notice_text(is_demo)}. {NOT_A_REPORT}"]
-    if result:
-        findings = str(result.get("findings_text") or "").strip()
-        impression = str(result.get("impression") or "").strip()
+    if result is not None:
+        findings = result.findings_text.strip()
+        impression = result.impression.strip()
         if findings:
             parts.append(f"Findings: {findings}")
         if impression:
@@ -435,7 +433,7 @@ def build_report(
     cancelled (the pre-read failed; ``reason`` says why).
     """
     result = facts.result
-    is_demo = bool(result and result.get("is_demo"))
+    is_demo = bool(result and result.is_demo)
     identifiers: list[dict[str, Any]] = [
         {"system": codes.URI, "value": f"urn:uuid:{report_id(facts.study_uid)}"}
     ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Final, Literal
+from typing import Final
 
 from sr_templates import ontology
 from sr_templates.model import Anchor, AnchorDistance, Measurements
@@ -32,25 +32,9 @@ __all__ = [
     "size_text",
 ]
 
-Language = Literal["en", "zh"]
-SUPPORTED_LANGUAGES: Final = ("en", "zh")
-_HAN: Final = re.compile(r"[\u3400-\u9fff]")
-# Chinese written in Simplified characters; zh-TW/zh-HK readers would get the wrong script.
-_ZH_TAGS: Final = ("zh", "zh-cn", "zh-hans", "zh-sg", "zh-hans-cn")
-
-
-def answer_language(tag: str | None, question: str) -> Language | None:
-    """The language to answer in: the tag given with the question (en, en-US, zh, zh-CN,
-    zh-Hans ...), else the question's script. None: a language the node cannot answer in
-    (the caller refuses the question with a clear error, never a mislabelled answer)."""
-    if tag:
-        t = tag.strip().lower().replace("_", "-")
-        if t == "en" or t.startswith("en-"):
-            return "en"
-        if t in _ZH_TAGS:
-            return "zh"
-        return None
-    return "zh" if _HAN.search(question) else "en"
+Language = ontology.AnswerLanguage
+SUPPORTED_LANGUAGES: Final = ontology.ANSWER_LANGUAGES
+answer_language = ontology.answer_language
 
 
 def _term_name(term: str | None, language: Language) -> str:
@@ -132,7 +116,8 @@ def attributes_text(
             f"{anchor_name(a, 'en')}: the model gave no usable reading of its margin, shape "
             "or density on the full-resolution crop."
             if en
-            else f"{anchor_name(a, 'zh')}：模型未能在全分辨率局部图像上给出可用的边缘、形态或密度判读。"
+            else f"{anchor_name(a, 'zh')}：模型未能在全分辨率局部图像上"
+            "给出可用的边缘、形态或密度判读。"
         )
     parts = []
     for name in ("margin", "shape", "density"):
@@ -159,7 +144,8 @@ def attributes_text(
             f" Its outline was refined on the crop: now {size} (from the new outline and the "
             "pixel spacing); the amended SR and SEG carry it."
             if en
-            else f"病灶轮廓已在局部图像上细化：现为 {size}（由新轮廓和像素间距计算）；已发送修订的 SR 和 SEG。"
+            else f"病灶轮廓已在局部图像上细化：现为 {size}（由新轮廓和像素间距计算）；"
+            "已发送修订的 SR 和 SEG。"
         )
     return text
 
@@ -215,15 +201,14 @@ def relation_text(
     if language == "en":
         text = f"{anchor_name(a, 'en')}: {_CONNECTED_EN[connected]} {anchor_name(structure, 'en')}."
         return text + (f' The model\'s words: "{quoted}"' if quoted else "")
-    tail = "相连。" if connected != "uncertain" else "相连。"
-    text = f"{anchor_name(a, 'zh')}：{_CONNECTED_ZH[connected]}{anchor_name(structure, 'zh')}{tail}"
+    text = f"{anchor_name(a, 'zh')}：{_CONNECTED_ZH[connected]}{anchor_name(structure, 'zh')}相连。"
     return text + (f"模型的英文说明：“{quoted}”" if quoted else "")
 
 
 def size_text(anchors: Sequence[Anchor], language: Language) -> str:
     lines = [finding_line(a, language) for a in anchors if a.measurements is not None]
     if not lines:
-        return "" if language == "en" else ""
+        return ""
     if language == "en":
         return "Sizes from the outlined regions and the pixel spacing: " + "; ".join(lines) + "."
     return "由标出区域和像素间距计算的大小：" + "；".join(lines) + "。"
@@ -238,7 +223,11 @@ def clarify_text(candidates: Sequence[Anchor], reason: str, language: Language) 
                 "refer to; name one by its anchor id (e.g. A1)."
             )
         names = "; ".join(finding_line(a, "en") for a in candidates)
-        return f"Which one do you mean? {reason} Candidates: {names}. Please name one (e.g. {candidates[0].anchor_id})."
+        example = candidates[0].anchor_id
+        return (
+            f"Which one do you mean? {reason} Candidates: {names}. "
+            f"Please name one (e.g. {example})."
+        ).replace("  ", " ")
     if not candidates:
         return "请问您指的是哪个病灶？本检查没有可对应的发现；请用锚点编号（如 A1）指明。"
     names = "；".join(finding_line(a, "zh") for a in candidates)

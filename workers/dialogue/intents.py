@@ -111,7 +111,7 @@ def detect_intents(question: str) -> tuple[Intent, ...]:
         if intent == "checklist":
             hit = signs.find_condition(question) is not None
         if hit:
-            found.append(intent)  # type: ignore[arg-type]
+            found.append(intent)
     if "checklist" in found:
         # "which signs ... how many does this image show" is one checklist, not an overview
         found = [i for i in found if i not in ("overview", "size", "attributes")]

@@ -38,6 +38,7 @@ from workers.dialogue.prompts import (
     FOLLOWUP_PROMPT_VERSION,
     FOLLOWUP_SCHEMAS,
     AnchorFacts,
+    FollowupTask,
     build_describe_prompt,
     build_localise_prompt,
     build_relation_prompt,
@@ -127,7 +128,7 @@ class _Turn:
             self._whole = to_model_image(self.image())
         return self._whole
 
-    def ask(self, task: str, images: tuple[Any, ...], system: str, prompt: str) -> str:
+    def ask(self, task: FollowupTask, images: tuple[Any, ...], system: str, prompt: str) -> str:
         started = time.monotonic()
         request = EngineRequest(
             images=images, prompt=prompt, system=system, json_schema=FOLLOWUP_SCHEMAS[task]
@@ -152,8 +153,8 @@ class _Turn:
             finding=a.finding,
             site=a.site,
             laterality=a.laterality,
-            box_2d_whole=tuple(whole_t.box_to_model(a.region.box)),
-            box_2d_crop=tuple(crop_transform.box_to_model(a.region.box))
+            box_2d_whole=_box4(whole_t.box_to_model(a.region.box)),
+            box_2d_crop=_box4(crop_transform.box_to_model(a.region.box))
             if crop_transform
             else None,
             size_text=a.size_text,
@@ -292,6 +293,11 @@ class _Turn:
         checklist = signs.evaluate(condition, facts)
         head = compose.anchor_name(a, self.lang) + (": " if self.lang == "en" else "：")
         return head + signs.render_checklist(checklist, self.lang)
+
+
+def _box4(box: Sequence[int]) -> tuple[int, int, int, int]:
+    y0, x0, y1, x1 = box
+    return (y0, x0, y1, x1)
 
 
 def _pair_uid(a: Anchor, b: Anchor) -> str:
