@@ -225,10 +225,12 @@ def test_four_turn_conversation_through_fhir_amends_sr_and_seg_in_the_pacs(
     assert all(t.prompt_version.startswith("followup-") for t in turns)
 
     # the PACS: the pre-read SR + SEG, then one amended pair per amending turn (2 and 3)
-    srs = wait_for(lambda: (lambda s: s if len(s) == 3 else None)(orthanc_objects(orthanc, uid, SR_CLASS)),
-                   90, 0.3, "3 SRs in Orthanc")  # fmt: skip
-    segs = wait_for(lambda: (lambda s: s if len(s) == 3 else None)(orthanc_objects(orthanc, uid, SEG_CLASS)),
-                    90, 0.3, "3 SEGs in Orthanc")  # fmt: skip
+    def three(sop_class: str) -> list[Path] | None:
+        found = orthanc_objects(orthanc, uid, sop_class)
+        return found if len(found) == 3 else None
+
+    srs: list[Path] = wait_for(lambda: three(SR_CLASS), 90, 0.3, "3 SRs in Orthanc")
+    segs: list[Path] = wait_for(lambda: three(SEG_CLASS), 90, 0.3, "3 SEGs in Orthanc")
     for path in [*srs, *segs]:
         assert dciodvfy_errors(path) == [], path
     for path in srs:
