@@ -67,8 +67,16 @@ def final_answer(obj: dict[str, Any]) -> str:
 
 
 def turn(result: PrereadResult, image: SyntheticImage, engine: Any, question: str) -> Any:
-    return answer_turn(TurnInput(question=question, language="en", result=result, turn=1,
-                                 engine=engine, image=lambda: load_display_image(image.dataset)))  # fmt: skip
+    return answer_turn(
+        TurnInput(
+            question=question,
+            language="en",
+            result=result,
+            turn=1,
+            engine=engine,
+            image=lambda: load_display_image(image.dataset),
+        )
+    )
 
 
 def rmz_anchor(result: PrereadResult) -> Anchor:
