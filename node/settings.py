@@ -198,7 +198,10 @@ class FhirSettings(BaseModel):
 
 class EngineSettings(BaseModel):
     name: Literal["medgemma", "vllm", "demo"] = "medgemma"
-    model: str = "google/medgemma-4b-it"
+    # MedGemma 1.5: chest X-ray anatomy localisation IoU 38.0 against 3.1 for MedGemma 1 4B
+    # (model cards); anchors and localised regions stand on its boxes. MedGemma 1
+    # (google/medgemma-4b-it) stays selectable.
+    model: str = "google/medgemma-1.5-4b-it"
     revision: str = "main"
     local_files_only: bool = True
     device: str = "auto"  # auto | cuda | cpu

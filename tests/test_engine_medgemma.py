@@ -233,7 +233,7 @@ def test_a_missing_directory_says_how_to_provide_the_model(tmp_path: Path) -> No
         MedGemmaEngine(str(tmp_path / "no-such-model"), "abc123")
     message = str(caught.value)
     assert "does not exist" in message
-    assert "hf download google/medgemma-4b-it --revision abc123" in message
+    assert "hf download google/medgemma-1.5-4b-it --revision abc123" in message
     assert "engine.model" in message
     assert not isinstance(caught.value, TransientEngineError)
 

@@ -6,6 +6,7 @@ torch or transformers.
 
 from __future__ import annotations
 
+from node.settings import EngineSettings
 from workers.engines.base import Engine, EngineError
 
 ENGINE_NAMES = ("medgemma", "vllm", "demo")
@@ -14,7 +15,7 @@ ENGINE_NAMES = ("medgemma", "vllm", "demo")
 def make_engine(
     name: str,
     *,
-    model: str = "google/medgemma-4b-it",
+    model: str = EngineSettings.model_fields["model"].default,
     revision: str = "",
     local_files_only: bool = True,
     device: str = "auto",

@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from node.settings import EngineSettings
 from workers.engines.base import EngineError, EngineInfo, EngineRequest, TransientEngineError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "google/medgemma-4b-it"
+DEFAULT_MODEL: str = EngineSettings.model_fields["model"].default  # one default: settings
 THINKING_MARKERS: tuple[str, ...] = ("<unused94>", "<unused95>")
 """MedGemma 1.5 wraps a thinking trace in these; they stay in the returned text."""
 
