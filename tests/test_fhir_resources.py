@@ -4,6 +4,8 @@ elements), carries the AI/DEMO labels, and follows the study's state."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,8 @@ from node.fhir.resources import build_answer, report_id
 from node.fhir.routers.metadata import ask_operation_definition, capability_statement
 from node.fhir.store import FhirStore
 from node.ledger import InstanceHeader, StudyLedger, StudyState
-from workers.anchors import Anchor
-from workers.geometry import Region, measure
+from sr_templates.model import PrereadResult
+from tests.results import make_anchors, make_result
 
 SYSTEMS_PATIENT = "urn:oid:1.2.840.99999.1"
 SYSTEMS_ACCESSION = "urn:oid:1.2.840.99999.2"
@@ -30,68 +32,13 @@ def r4b_valid(resource: dict[str, Any]) -> None:
     get_fhir_model_class(resource["resourceType"]).model_validate(resource)
 
 
-def make_anchors(*, spacing: tuple[float, float] | None = (0.2, 0.2)) -> list[dict[str, Any]]:
-    """Two finding anchors and one landmark, as workers.anchors writes them."""
-    sop = generate_uid()
-    source = "ImagerPixelSpacing" if spacing else "none"
-
-    def finding(n: int, term: str, site: str, side: str, box: tuple[float, ...]) -> Anchor:
-        region = Region(*box, shape="ellipse")
-        return Anchor(
-            anchor_id=f"A{n}",
-            tracking_uid=generate_uid(),
-            label=f"{site.replace('_', ' ')} {term}",
-            kind="finding",
-            finding=term,
-            site=site,
-            laterality=side,
-            region=region,
-            source_sop_instance_uid=sop,
-            measurements=measure(region, spacing, source),
-            attributes={"margin": "spiculated"} if n == 1 else {},
-        )
-
-    hilum = Anchor(
-        anchor_id="A3",
-        tracking_uid=generate_uid(),
-        label="right hilum",
-        kind="landmark",
-        finding=None,
-        site="right_hilum",
-        laterality="right",
-        region=Region(400, 300, 460, 360, shape="rectangle"),
-        source_sop_instance_uid=sop,
-        measurements=None,
-    )
-    return [
-        finding(1, "nodule", "right_upper_zone", "right", (200, 200, 260, 250)).to_json(),
-        finding(2, "nodule", "left_lower_zone", "left", (700, 600, 740, 640)).to_json(),
-        hilum.to_json(),
-    ]
-
-
-def make_result(anchors: list[dict[str, Any]], *, is_demo: bool = True) -> dict[str, Any]:
-    return {
-        "notice": "DEMO - not for clinical use. AI-generated, preliminary, not a diagnosis",
-        "is_demo": is_demo,
-        "engine": "demo",
-        "model_id": "demo/blob-detector",
-        "model_revision": "1",
-        "prompt_version": "preread-v1",
-        "node_version": "0.1.0",
-        "findings_text": "Two round opacities.",
-        "impression": "Two nodules.",
-        "anchors": anchors,
-    }
-
-
 def add_study(
     ledger: StudyLedger,
     *,
     patient_id: str = "PAT-0001",
     accession: str = "ACC-0001",
     study_date: str = "20250115",
-    result: dict[str, Any] | None = None,
+    result: PrereadResult | None = None,
     state: StudyState = StudyState.DONE,
 ) -> str:
     """A study (one CR instance) moved to ``state`` in the ledger; returns its UID."""
@@ -124,16 +71,16 @@ def add_study(
     if state is StudyState.DONE:
         result = result or make_result(make_anchors())
         ledger.finish(uid, 1, ok=True, result=result)
-        ledger.save_anchors(uid, 1, result["anchors"])
+        ledger.save_anchors(uid, 1, result.anchors)
     elif state is StudyState.FAILED:
         ledger.finish(uid, 1, ok=False, reason="no CR/DX image in the study to read")
     return uid
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> StudyLedger:
+def ledger(tmp_path: Path) -> Iterator[StudyLedger]:
     led = StudyLedger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
-    yield led  # type: ignore[misc]
+    yield led
     led.close()
 
 
@@ -194,11 +141,11 @@ def test_preread_resources_validate_and_say_ai_preliminary_and_demo(ledger: Stud
         f"Observation/{o['id']}" for o in observations
     }
     (device,) = by_type(resources, "Device")
-    anchors = {a["anchor_id"]: a for a in ledger.anchors_of(uid)}
+    anchors = {a.anchor_id: a for a in ledger.anchors_of(uid)}
     for obs in observations:
         anchor_id = next(i["value"] for i in obs["identifier"] if i["use"] == "secondary")
         uid_ident = next(i for i in obs["identifier"] if i["use"] == "official")
-        assert uid_ident["value"] == f"urn:oid:{anchors[anchor_id]['tracking_uid']}"
+        assert uid_ident["value"] == f"urn:oid:{anchors[anchor_id].tracking_uid}"
         assert obs["derivedFrom"] == [{"reference": f"ImagingStudy/{study['id']}"}]
         assert obs["device"] == {"reference": f"Device/{device['id']}"}
         assert obs["code"]["coding"][0]["code"] == "27925004"  # SNOMED CT Nodule (ontology)
@@ -207,8 +154,8 @@ def test_preread_resources_validate_and_say_ai_preliminary_and_demo(ledger: Stud
         assert (long_axis["system"], long_axis["code"]) == ("http://unitsofmeasure.org", "mm")
         assert components["Area"]["valueQuantity"]["code"] == "mm2"
         side = components["Laterality"]["valueCodeableConcept"]["coding"][0]["display"]
-        assert side == anchors[anchor_id]["laterality"].capitalize()
-        assert obs["bodySite"]["text"] == anchors[anchor_id]["site"].replace("_", " ")
+        assert side == anchors[anchor_id].laterality.capitalize()
+        assert obs["bodySite"]["text"] == str(anchors[anchor_id].site).replace("_", " ")
     a1 = next(o for o in observations if "spiculated" in json.dumps(o))
     margin = next(c for c in a1["component"] if c["code"]["text"] == "margin")
     assert margin["valueCodeableConcept"]["coding"][0]["code"] == "112136"  # DCM Spiculated
@@ -242,8 +189,10 @@ def test_unknown_vocabulary_gets_a_text_only_concept_never_a_guessed_code(
     ledger: StudyLedger,
 ) -> None:
     anchors = make_anchors()
-    anchors[0].update(finding="pneumatocele", site="azygos_lobe", label="azygos pneumatocele")
-    anchors[0]["attributes"] = {"texture": "bubbly"}
+    anchors[0] = replace(
+        anchors[0], finding="pneumatocele", site="azygos_lobe", label="azygos pneumatocele",
+        attributes={"texture": "bubbly"},
+    )  # fmt: skip
     uid = add_study(ledger, result=make_result(anchors))
     record(ledger, uid)
     obs = next(o for o in by_type(stored(ledger), "Observation") if "azygos" in json.dumps(o))
@@ -276,10 +225,22 @@ def test_report_status_follows_the_study(ledger: StudyLedger) -> None:
     again = store.get("DiagnosticReport", report_id(uid))
     assert again is not None and again.version_id == first.version_id == 1
 
-    # a follow-up refines A1 (a new anchor version): the report and that finding are amended
-    a1 = next(a for a in ledger.anchors_of(uid) if a["anchor_id"] == "A1")
-    ledger.save_anchors(uid, 1, [{**a1, "version": 2, "refined_turn": 1,
-                                  "attributes": {"margin": "lobulated"}}])  # fmt: skip
+    # a follow-up refines A1 (a new anchor version, result revision 1): the report and
+    # that finding are amended
+    done = ledger.get_study(uid)
+    assert done is not None and done.result is not None and not done.result.amended
+    a1 = done.result.anchor("A1")
+    assert a1 is not None
+    refined = a1.refined(turn=1, attributes={"margin": "lobulated"})
+    amendment = replace(
+        done.result.with_anchors([refined, *(a for a in done.result.anchors if a is not a1)]),
+        revision=1,
+    )
+    assert ledger.amend_result(uid, 1, amendment, [refined])
+    assert not ledger.amend_result(uid, 1, amendment, [refined])  # a redelivered turn
+    assert [(a.anchor_id, a.version) for a in ledger.anchors_of(uid)] == [
+        ("A1", 2), ("A2", 1), ("A3", 1),
+    ]  # fmt: skip
     record(ledger, uid)
     amended = store.get("DiagnosticReport", report_id(uid))
     assert amended is not None and amended.resource["status"] == "amended"

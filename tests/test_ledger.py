@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import text, update
 
-from node.ledger import InstanceHeader, LedgerError, StudyLedger, StudyState
+from node.ledger import AnchorRow, InstanceHeader, LedgerError, Study, StudyLedger, StudyState
+from sr_templates.model import (
+    AnchorDistance,
+    Measurements,
+    OutputRef,
+    PrereadResult,
+    Region,
+    ResultOutputs,
+)
+from tests.results import make_anchors, make_result
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -50,14 +63,26 @@ def record(ledger: StudyLedger, h: InstanceHeader, sha: str = "a" * 64, revision
     return out.study_version
 
 
-def test_backend_is_the_requested_one(request: pytest.FixtureRequest, ledger: StudyLedger) -> None:
+def test_backend_is_the_requested_one(
+    request: pytest.FixtureRequest, ledger: StudyLedger, tmp_path: Path
+) -> None:
+    """The parametrised fixture really runs on each backend: a ledger written through one
+    is read back by the server itself (not a silent fallback to another database)."""
     wanted = request.node.callspec.params["ledger"]
-    assert ledger.engine.dialect.name == wanted
+    record(ledger, header())
     with ledger.engine.connect() as conn:
-        version = conn.execute(
-            text("select sqlite_version()" if wanted == "sqlite" else "select version()")
-        ).scalar_one()
-    assert wanted == "sqlite" or str(version).startswith("PostgreSQL")
+        server = str(
+            conn.execute(
+                text("select sqlite_version()" if wanted == "sqlite" else "select version()")
+            ).scalar_one()
+        )
+        studies = conn.execute(text("select count(*) from studies")).scalar_one()
+    assert studies == 1
+    if wanted == "sqlite":
+        assert server.startswith("3.")
+        assert (tmp_path / "ledger.sqlite3").stat().st_size > 0  # the file the URL names
+    else:
+        assert server.startswith("PostgreSQL")
 
 
 def test_study_walks_the_state_machine(ledger: StudyLedger) -> None:
@@ -67,9 +92,10 @@ def test_study_walks_the_state_machine(ledger: StudyLedger) -> None:
     assert done.instance_count == 2
     ledger.mark_queued("1.2.3", 1, "task-1")
     assert ledger.start_run("1.2.3", 1) is not None
-    ledger.finish("1.2.3", 1, ok=True, result={"anchors": []})
+    result = make_result(make_anchors())
+    ledger.finish("1.2.3", 1, ok=True, result=result)
     study = ledger.get_study("1.2.3")
-    assert study is not None and study.state is StudyState.DONE and study.result == {"anchors": []}
+    assert study is not None and study.state is StudyState.DONE and study.result == result
     # a redelivered task finds nothing to do
     assert ledger.start_run("1.2.3", 1) is None
     assert ledger.counts_by_state() == {"done": 1}
@@ -137,9 +163,10 @@ def test_a_running_version_is_not_started_twice(ledger: StudyLedger) -> None:
     assert [s.study_uid for s in ledger.stuck_studies(0)] == ["1.2.3"]
     assert ledger.start_run("1.2.3", 1, owner="w2") is not None
     assert ledger.start_run("1.2.3", 1, owner="w1") is None
-    done = ledger.finish("1.2.3", 1, ok=True, result={"anchors": []})
+    done = ledger.finish("1.2.3", 1, ok=True, result=make_result())
     # the first run's late finish with the same outcome changes nothing
-    assert ledger.finish("1.2.3", 1, ok=True, result={"anchors": ["late"]}) == done
+    late = ledger.finish("1.2.3", 1, ok=True, result=make_result(make_anchors()))
+    assert late == done and late.result is not None and late.result.anchors == ()
     with pytest.raises(LedgerError, match="done -> failed"):
         ledger.finish("1.2.3", 1, ok=False, reason="late failure")
     assert ledger.start_run("1.2.3", 1, owner="w3") is None
@@ -176,13 +203,129 @@ def test_concurrent_starts_run_a_version_once(ledger: StudyLedger) -> None:
 
 
 def test_saving_anchors_twice_keeps_one_of_each(ledger: StudyLedger) -> None:
-    anchor = {"anchor_id": "A1", "tracking_uid": "2.25.1", "version": 1, "kind": "finding"}
-    anchor["label"] = "nodule"
-    other = {**anchor, "anchor_id": "A2", "tracking_uid": "2.25.2"}
+    anchor, other, _ = make_anchors()
     assert ledger.save_anchors("1.2.3", 1, [anchor, other]) == 2
-    assert ledger.save_anchors("1.2.3", 1, [anchor, {**anchor, "version": 2}]) == 1
-    assert [(a["tracking_uid"], a["version"]) for a in ledger.anchors_of("1.2.3")] == [
-        ("2.25.1", 2),
-        ("2.25.2", 1),
-    ]
-    assert len(ledger.anchors_of("1.2.3", all_versions=True)) == 3
+    refined = anchor.refined(turn=1, attributes={"margin": "lobulated"})
+    assert ledger.save_anchors("1.2.3", 1, [anchor, refined]) == 1
+    assert ledger.anchors_of("1.2.3") == [refined, other]
+    assert ledger.anchors_of("1.2.3", all_versions=True) == [anchor, other, refined]
+
+
+def finished(ledger: StudyLedger, result: PrereadResult) -> None:
+    queued(ledger)
+    assert ledger.start_run("1.2.3", 1) is not None
+    ledger.finish("1.2.3", 1, ok=True, result=result)
+
+
+def full_result() -> PrereadResult:
+    """A result using every part of the model: anchors of each kind with unrounded
+    geometry, a refined anchor, a distance, outputs, a revision, a lateral view."""
+    a1, a2, hilum = make_anchors()
+    a1 = replace(a1, region=Region(200.123456789, 199.5, 260.0000001, 250.25, "ellipse"))
+    a2 = a2.refined(turn=2, attributes={"margin": "lobulated"}, confidence=0.75)
+    distance = AnchorDistance(
+        tracking_uid="2.25.77", from_anchor="A1", from_tracking_uid=a1.tracking_uid,
+        to_anchor="A3", to_tracking_uid=hilum.tracking_uid, to_label="right hilum",
+        centres=43.21987654321, edges=12.5, units="mm", line=((230.0, 224.875), (430.0, 330.0)),
+        source_sop_instance_uid=a1.source_sop_instance_uid, turn=2,
+    )  # fmt: skip
+    sr = OutputRef("/var/results/sr-v1-r2.dcm", "2.25.80", "2.25.81")
+    return replace(
+        make_result([a1, a2, hilum]),
+        lateral=replace(make_result().frontal, reason="ViewPosition LL"),
+        parse_warnings=("finding 3: unknown site 'azygos'",),
+        model_text='{"findings": []}',
+        engine_seconds=1.234567,
+        outputs=ResultOutputs(sr=sr, seg=None),
+        distances=(distance,),
+        revision=2,
+    )
+
+
+def test_result_round_trips_through_json_and_the_ledger(ledger: StudyLedger) -> None:
+    result = full_result()
+    assert PrereadResult.from_json(json.loads(json.dumps(result.to_json()))) == result
+    finished(ledger, result)
+    ledger.save_anchors("1.2.3", 1, result.anchors)
+    study = ledger.get_study("1.2.3")
+    assert study is not None and study.result == result
+    assert study.result.amended and study.result.distances[0].centres == 43.21987654321
+    assert ledger.anchors_of("1.2.3") == list(result.anchors)
+
+
+def old_result_row(sop: str) -> dict[str, Any]:
+    """A result as the node wrote it before the typed model: floats rounded, "size_text"
+    kept, no "distances", "revision" or "outputs", anchors without their turns."""
+    nodule = {
+        "anchor_id": "A1", "tracking_uid": "2.25.11", "label": "right upper zone nodule",
+        "kind": "finding", "finding": "nodule", "site": "right_upper_zone",
+        "laterality": "right",
+        "region": {"row0": 200.12, "col0": 199.5, "row1": 260.0, "col1": 250.25,
+                   "shape": "ellipse"},
+        "source_sop_instance_uid": sop,
+        "measurements": {"long_axis": 12.04, "short_axis": 10.16, "area": 95.3, "units": "mm",
+                         "area_units": "mm2", "spacing_source": "ImagerPixelSpacing"},
+        "size_text": "12.0 x 10.2 mm, area 95 mm2",
+        "attributes": {"margin": "spiculated"}, "confidence": None, "version": 1,
+    }  # fmt: skip
+    hilum = {
+        "anchor_id": "A2", "tracking_uid": "2.25.12", "label": "right hilum",
+        "kind": "landmark", "finding": None, "site": "right_hilum", "laterality": "right",
+        "region": {"row0": 400.0, "col0": 300.0, "row1": 460.0, "col1": 360.0,
+                   "shape": "rectangle"},
+        "source_sop_instance_uid": sop, "measurements": None, "size_text": "",
+        "attributes": {}, "confidence": None, "version": 1,
+    }  # fmt: skip
+    return {
+        "notice": "DEMO - not for clinical use. AI-generated, preliminary, not a diagnosis",
+        "is_demo": True, "engine": "demo", "model_id": "demo/blob-detector",
+        "model_revision": "1", "prompt_version": "preread-v1", "node_version": "0.1.0",
+        "structured": True, "parse_warnings": [], "findings_text": "A round opacity.",
+        "impression": "A nodule.", "model_text": "{}",
+        "frontal": {"sop_instance_uid": sop, "reason": "ViewPosition PA"}, "lateral": None,
+        "pixel_spacing_mm": [0.2, 0.2], "spacing_source": "ImagerPixelSpacing",
+        "engine_seconds": 0.123, "anchors": [nodule, hilum],
+    }  # fmt: skip
+
+
+def test_an_old_ledger_row_still_loads(ledger: StudyLedger) -> None:
+    finished(ledger, make_result())
+    row = old_result_row("1.2.3.1.1")
+    with ledger.db.transaction() as s:  # the rows exactly as the old node wrote them
+        s.execute(update(Study).where(Study.study_uid == "1.2.3").values(result=row))
+        s.add_all(
+            AnchorRow(study_uid="1.2.3", study_version=1, anchor_id=a["anchor_id"],
+                      tracking_uid=a["tracking_uid"], version=1, kind=a["kind"],
+                      label=a["label"], data=a)
+            for a in row["anchors"]
+        )  # fmt: skip
+    study = ledger.get_study("1.2.3")
+    assert study is not None and study.result is not None
+    result = study.result
+    assert (result.revision, result.distances, result.outputs) == (0, (), None)
+    assert not result.amended and result.is_demo and result.pixel_spacing_mm == (0.2, 0.2)
+    nodule, hilum = result.anchors
+    assert nodule.region == Region(200.12, 199.5, 260.0, 250.25, "ellipse")
+    assert nodule.measurements == Measurements(12.04, 10.16, 95.3, "mm", "ImagerPixelSpacing")
+    assert nodule.size_text == row["anchors"][0]["size_text"]
+    assert (nodule.created_turn, nodule.refined_turn, nodule.version) == (0, None, 1)
+    assert dict(nodule.attributes) == {"margin": "spiculated"}
+    assert result.findings == (nodule,) and result.landmarks == (hilum,)
+    assert hilum.measurements is None and hilum.site == "right_hilum"
+    assert ledger.anchors_of("1.2.3") == [nodule, hilum]
+    # written back by the new node, it reads the same
+    assert PrereadResult.from_json(result.to_json()) == result
+
+
+def test_an_unreadable_result_row_is_logged_and_shown_as_none(
+    ledger: StudyLedger, caplog: pytest.LogCaptureFixture
+) -> None:
+    finished(ledger, make_result())
+    broken = {**old_result_row("1.2.3.1.1"), "model_id": None}
+    with ledger.db.transaction() as s:
+        s.execute(update(Study).where(Study.study_uid == "1.2.3").values(result=broken))
+    with caplog.at_level(logging.WARNING, logger="medgemma.ledger"):
+        study = ledger.get_study("1.2.3")
+    assert study is not None and study.state is StudyState.DONE and study.result is None
+    assert "study 1.2.3 v1: stored result unreadable" in caplog.text
+    assert "model_id" in caplog.text

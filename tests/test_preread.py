@@ -11,6 +11,7 @@ from pydicom.uid import JPEG2000Lossless
 from node.runtime import NodeRuntime
 from node.settings import load_settings
 from node.synthetic import SyntheticImage, make_chest_radiograph, make_two_view_study
+from sr_templates.model import PrereadResult
 from tests.conftest import send_study, wait_for_state
 from workers.engines.base import EngineError, EngineInfo, EngineRequest, TransientEngineError
 from workers.geometry import iou
@@ -19,29 +20,18 @@ from workers.preread import TransientPrereadError, run_preread
 SIZE = {"rows": 1250, "cols": 1024}
 
 
-def finding_anchors(result: dict[str, object]) -> list[dict[str, object]]:
-    return [a for a in result["anchors"] if a["kind"] == "finding"]  # type: ignore[attr-defined,index]
-
-
-def assert_matches_phantom(result: dict[str, object], image: SyntheticImage) -> None:
+def assert_matches_phantom(result: PrereadResult, image: SyntheticImage) -> None:
     """Each phantom nodule has one finding anchor with IoU >= 0.5 and the right size."""
-    findings = finding_anchors(result)
+    findings = result.findings
     assert len(findings) == len(image.nodules), findings
     spacing = float(image.dataset.ImagerPixelSpacing[0])
     for nodule in image.nodules:
-        best = max(
-            findings,
-            key=lambda a: iou(
-                tuple(a["region"][k] for k in ("row0", "col0", "row1", "col1")),  # type: ignore[index]
-                nodule.bbox(),
-            ),
-        )
-        box = tuple(best["region"][k] for k in ("row0", "col0", "row1", "col1"))  # type: ignore[index]
-        assert iou(box, nodule.bbox()) >= 0.5, (box, nodule.bbox())  # type: ignore[arg-type]
-        m = best["measurements"]
-        assert m["units"] == "mm"  # type: ignore[index]
+        best = max(findings, key=lambda a: iou(a.region.box, nodule.bbox()))
+        assert iou(best.region.box, nodule.bbox()) >= 0.5, (best.region.box, nodule.bbox())
+        m = best.measurements
+        assert m is not None and m.units == "mm"
         # the size is geometry x spacing: within 20% of the phantom's diameter
-        assert m["long_axis"] == pytest.approx(nodule.diameter_mm(spacing), rel=0.2)  # type: ignore[index]
+        assert m.long_axis == pytest.approx(nodule.diameter_mm(spacing), rel=0.2)
 
 
 @pytest.mark.parametrize(
@@ -61,17 +51,18 @@ def test_preread_anchors_match_the_phantom_nodules(
     assert study.state.value == "done", study.reason
     result = study.result
     assert result is not None
-    assert result["is_demo"] and result["notice"].startswith("DEMO - not for clinical use")
-    assert result["prompt_version"] and result["model_id"]
+    assert result.is_demo and result.notice.startswith("DEMO - not for clinical use")
+    assert result.prompt_version and result.model_id
     assert_matches_phantom(result, image)
     # every landmark the prompt asks for is an anchor too, with its own tracking UID
-    landmarks = {a["site"] for a in result["anchors"] if a["kind"] == "landmark"}
+    landmarks = {a.site for a in result.anchors if a.kind == "landmark"}
     assert {"right_hilum", "left_hilum", "carina"} <= landmarks
-    uids = [a["tracking_uid"] for a in result["anchors"]]
+    uids = [a.tracking_uid for a in result.anchors]
     assert len(set(uids)) == len(uids)
-    # the anchors are in the ledger with their versions
+    # the anchors are in the ledger with their versions, equal to the result's
     stored = node.ledger.anchors_of(image.dataset.StudyInstanceUID)
-    assert [a["tracking_uid"] for a in stored] == uids
+    assert [a.tracking_uid for a in stored] == uids
+    assert stored == list(result.anchors)
 
 
 def test_two_view_study_reads_pa_with_lateral(node: NodeRuntime, tmp_path: Path) -> None:
@@ -79,12 +70,11 @@ def test_two_view_study_reads_pa_with_lateral(node: NodeRuntime, tmp_path: Path)
     send_study(node, tmp_path / "in", [lateral, pa])
     study = wait_for_state(node, pa.dataset.StudyInstanceUID, {"done"}, 60)
     assert study.result is not None
-    assert study.result["frontal"]["sop_instance_uid"] == pa.dataset.SOPInstanceUID
-    assert study.result["lateral"]["sop_instance_uid"] == lateral.dataset.SOPInstanceUID
+    assert study.result.frontal.sop_instance_uid == pa.dataset.SOPInstanceUID
+    assert study.result.lateral is not None
+    assert study.result.lateral.sop_instance_uid == lateral.dataset.SOPInstanceUID
     # anchors are on the frontal image, where the phantom's PA nodules are
-    assert {a["source_sop_instance_uid"] for a in finding_anchors(study.result)} == {
-        pa.dataset.SOPInstanceUID
-    }
+    assert {a.source_sop_instance_uid for a in study.result.findings} == {pa.dataset.SOPInstanceUID}
     assert_matches_phantom(study.result, pa)
 
 
@@ -93,9 +83,10 @@ def test_no_pixel_spacing_gives_pixels_and_says_so(node: NodeRuntime, tmp_path: 
     send_study(node, tmp_path / "in", [image])
     study = wait_for_state(node, image.dataset.StudyInstanceUID, {"done"}, 60)
     assert study.result is not None
-    for anchor in finding_anchors(study.result):
-        assert anchor["measurements"]["units"] == "px"  # type: ignore[index]
-        assert "no pixel spacing" in str(anchor["size_text"])
+    assert study.result.findings
+    for anchor in study.result.findings:
+        assert anchor.measurements is not None and anchor.measurements.units == "px"
+        assert "no pixel spacing" in anchor.size_text
 
 
 def test_new_study_version_keeps_tracking_uids(node: NodeRuntime, tmp_path: Path) -> None:
@@ -106,8 +97,8 @@ def test_new_study_version_keeps_tracking_uids(node: NodeRuntime, tmp_path: Path
     v2 = wait_for_state(node, pa.dataset.StudyInstanceUID, {"done"}, 60)
     assert v2.version == 2
     assert v1.result is not None and v2.result is not None
-    before = {a["anchor_id"]: a["tracking_uid"] for a in v1.result["anchors"]}
-    after = {a["anchor_id"]: (a["tracking_uid"], a["version"]) for a in v2.result["anchors"]}
+    before = {a.anchor_id: a.tracking_uid for a in v1.result.anchors}
+    after = {a.anchor_id: (a.tracking_uid, a.version) for a in v2.result.anchors}
     assert {k: v[0] for k, v in after.items()} == before
     assert {v[1] for v in after.values()} == {2}
     versions = node.ledger.anchors_of(pa.dataset.StudyInstanceUID, all_versions=True)
@@ -149,10 +140,10 @@ def test_unparsable_answer_gives_a_text_only_result(queued_study: tuple[NodeRunt
     assert run_preread(settings, uid, 1, engine=engine) == "done"
     study = node.ledger.get_study(uid)
     assert study is not None and study.result is not None
-    assert study.result["structured"] is False
-    assert study.result["anchors"] == []
-    assert "heart size is normal" in study.result["findings_text"]
-    assert study.result["notice"] == "AI-generated, preliminary, not a diagnosis"
+    assert study.result.structured is False
+    assert study.result.anchors == ()
+    assert "heart size is normal" in study.result.findings_text
+    assert study.result.notice == "AI-generated, preliminary, not a diagnosis"
 
 
 def test_engine_error_fails_the_study_with_the_reason(
@@ -189,4 +180,5 @@ def test_truncated_answer_says_findings_may_be_incomplete(
     assert run_preread(settings, uid, 1, engine=ScriptedEngine(cut)) == "done"
     study = node.ledger.get_study(uid)
     assert study is not None and study.result is not None
-    assert "findings may be incomplete" in study.result["notice"]
+    assert study.result.truncated
+    assert "findings may be incomplete" in study.result.notice

@@ -54,7 +54,7 @@ def test_sr_and_seg_reach_the_pacs_valid_and_in_the_study(
     assert ok, output
 
     # the anchors round-trip: tracking UIDs of the findings in the SR and the SEG
-    findings = {a["tracking_uid"] for a in study.result["anchors"] if a["kind"] == "finding"}
+    findings = {a.tracking_uid for a in study.result.anchors if a.kind == "finding"}
     sr = hd.sr.srread(sr_path)
     groups = sr.content.get_planar_roi_measurement_groups()
     assert {str(g.tracking_uid) for g in groups} == findings
