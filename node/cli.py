@@ -207,10 +207,15 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if outcome.fhir is not None:
         f = outcome.fhir
         print(f"FHIR       {outcome.fhir_base}/DiagnosticReport/{f.report_id} ({f.report_status})")
-        print(f"question   {f.question}")
-        print(f"answer     {f.answer}")
+    for n, turn in enumerate(outcome.turns, 1):
+        print(f"\n[{n}] {turn.language} question: {turn.question}")
+        print(f"    answer ({turn.status}, about {', '.join(turn.about)}):")
+        for line in turn.answer.splitlines():
+            print(f"      {line}" if line.strip() else "")
     print(f"took       {outcome.seconds:.1f} s")
-    return 0 if study.state.value == "done" and outcome.fhir is not None else 1
+    answered = all(t.status == "completed" for t in outcome.turns)
+    ok = study.state.value == "done" and outcome.fhir is not None and answered
+    return 0 if ok and outcome.turns else 1
 
 
 # loaded by name: node/ never imports workers/ (the resolver needs no model)

@@ -2,7 +2,8 @@
 
 Starts a node on embedded defaults with the ``demo`` engine (non-clinical, labelled so),
 sends a synthetic two-view chest study to it over DICOM (C-STORE, like a modality), waits
-for the pre-read and prints where everything is.
+for the pre-read, then holds the anchored follow-up conversation through FHIR as a RIS
+would (four turns in English, the same four in Chinese) and prints where everything is.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts
@@ -19,7 +21,32 @@ from pynetdicom import AE, StoragePresentationContexts
 from node.ledger import StudyState, StudySummary
 from node.runtime import NodeRuntime
 from node.settings import Settings, load_settings
-from node.synthetic import make_two_view_study
+from node.synthetic import Nodule, make_two_view_study
+
+#: The four turns of the anchored dialogue, in English and in Chinese: the findings, the
+#: margin of the right middle lobe's round shadow (a refined anchor: amended SR + new SEG),
+#: its distance from the right hilum (geometry, a line in the SR), and the signs of early
+#: lung cancer checked against what is stored about it.
+CONVERSATION: tuple[tuple[str, str], ...] = (
+    ("en", "Is there anything abnormal in the lungs?"),
+    ("en", "The round shadow in the right middle lobe - is its margin regular?"),
+    ("en", "How far is this lesion from the right hilum? Is it connected to hilar structures?"),
+    (
+        "en",
+        "If this were early lung cancer, which typical X-ray signs should it show, and how "
+        "many does this image show?",
+    ),
+    ("zh", "肺部是否有异常?"),
+    ("zh", "右肺中叶那个圆形影,边缘是否规则?"),
+    ("zh", "这个病灶距离右肺门有多远?是否与肺门结构相连?"),
+    ("zh", "如果这是早期肺癌,典型X线表现应该有哪些?当前影像符合几条?"),
+)
+ROWS, COLS = 2500, 2048
+#: The bundled study's PA nodules: one in the right middle zone, one in the left lower zone.
+DEMO_NODULES = (
+    Nodule(0.50 * ROWS, 0.27 * COLS, 36.9),
+    Nodule(0.56 * ROWS, 0.77 * COLS, 29.5),
+)
 
 
 class DemoError(Exception):
@@ -34,6 +61,7 @@ class DemoOutcome:
     seconds: float
     fhir_base: str = ""
     fhir: FhirExchange | None = None
+    turns: tuple[Turn, ...] = ()
 
 
 def send_datasets(host: str, port: int, called_ae: str, datasets: list[Dataset]) -> list[int]:
@@ -79,45 +107,79 @@ class FhirExchange:
     report_id: str
     report_status: str
     conclusion: str
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question of the demo conversation and the node's answer Communication."""
+
+    language: str
     question: str
+    status: str
     answer: str
+    about: tuple[str, ...]
 
 
-def ask_like_a_ris(base: str, token: str, accession: str, question: str) -> FhirExchange:
-    """Find the pre-read's DiagnosticReport by accession number and ask it a question."""
+def _find_report(client: Any, accession: str) -> dict[str, Any]:
+    found = client.get("/DiagnosticReport", params={"identifier": accession})
+    found.raise_for_status()
+    entries = found.json().get("entry", [])
+    if not entries:
+        raise DemoError(f"no DiagnosticReport with accession {accession}")
+    report: dict[str, Any] = entries[0]["resource"]
+    return report
+
+
+def converse_like_a_ris(
+    base: str, token: str, accession: str, conversation: tuple[tuple[str, str], ...]
+) -> tuple[FhirExchange, tuple[Turn, ...]]:
+    """Find the pre-read's DiagnosticReport by accession and hold the conversation:
+    English questions through $ask, Chinese ones as POST Communication (respond-sync)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"}
-    with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
-        found = client.get("/DiagnosticReport", params={"identifier": accession})
-        found.raise_for_status()
-        entries = found.json().get("entry", [])
-        if not entries:
-            raise DemoError(f"no DiagnosticReport with accession {accession}")
-        report = entries[0]["resource"]
-        asked = client.post(
-            f"/DiagnosticReport/{report['id']}/$ask",
-            json={
-                "resourceType": "Parameters",
-                "parameter": [{"name": "question", "valueString": question}],
-            },
-            headers={"Content-Type": "application/fhir+json", "Prefer": "respond-sync"},
-        )
-        if asked.status_code != 200:
-            raise DemoError(f"$ask answered HTTP {asked.status_code}: {asked.text[:300]}")
-        answers = [
-            e["resource"]
-            for e in asked.json().get("entry", [])
-            if e["resource"]["resourceType"] == "Communication"
-        ]
-        text = " ".join(p.get("contentString", "") for a in answers for p in a.get("payload", []))
-        return FhirExchange(
-            report_id=report["id"],
-            report_status=report["status"],
-            conclusion=report.get("conclusion", ""),
-            question=question,
-            answer=text,
-        )
+    sync = {"Content-Type": "application/fhir+json", "Prefer": "respond-sync"}
+    turns: list[Turn] = []
+    with httpx.Client(base_url=base, headers=headers, timeout=120) as client:
+        report = _find_report(client, accession)
+        first = FhirExchange(report["id"], report["status"], report.get("conclusion", ""))
+        for language, question in conversation:
+            if language == "en":
+                body: dict[str, Any] = {
+                    "resourceType": "Parameters",
+                    "parameter": [
+                        {"name": "question", "valueString": question},
+                        {"name": "language", "valueCode": language},
+                    ],
+                }
+                asked = client.post(
+                    f"/DiagnosticReport/{report['id']}/$ask", json=body, headers=sync
+                )
+            else:
+                body = {
+                    "resourceType": "Communication",
+                    "status": "completed",
+                    "language": language,
+                    "about": [{"reference": f"DiagnosticReport/{report['id']}"}],
+                    "payload": [{"contentString": question}],
+                }
+                asked = client.post("/Communication", json=body, headers=sync)
+            if asked.status_code != 200:
+                raise DemoError(
+                    f"the question answered HTTP {asked.status_code}: {asked.text[:300]}"
+                )
+            answer = asked.json()["entry"][0]["resource"]
+            turns.append(
+                Turn(
+                    language=language,
+                    question=question,
+                    status=str(answer.get("status")),
+                    answer=" ".join(p.get("contentString", "") for p in answer.get("payload", [])),
+                    about=tuple(str(a.get("reference")) for a in answer.get("about", [])),
+                )
+            )
+        after = _find_report(client, accession)
+    return replace(first, report_status=after["status"]), tuple(turns)
 
 
 def run_demo(settings: Settings, token: str, timeout: float = 300.0, seed: int = 7) -> DemoOutcome:
@@ -127,7 +189,7 @@ def run_demo(settings: Settings, token: str, timeout: float = 300.0, seed: int =
         _, port = runtime.start()
         api_host, api_port = runtime.start_api()
         fhir_base = f"http://{api_host}:{api_port}/fhir"
-        images = make_two_view_study(seed=seed)
+        images = make_two_view_study(seed=seed, nodules=DEMO_NODULES)
         statuses = send_datasets(
             "127.0.0.1", port, settings.dicom.ae_title, [i.dataset for i in images]
         )
@@ -149,14 +211,13 @@ def run_demo(settings: Settings, token: str, timeout: float = 300.0, seed: int =
                     f"(state {study.state.value if study else 'absent'})"
                 )
             time.sleep(0.2)
-        exchange = None
+        exchange: FhirExchange | None = None
+        turns: tuple[Turn, ...] = ()
         if study.state is StudyState.DONE:
-            exchange = ask_like_a_ris(
-                fhir_base,
-                token,
-                str(images[0].dataset.AccessionNumber),
-                "Is the margin of A1 regular? 这个结节边缘规则吗？",
+            exchange, turns = converse_like_a_ris(
+                fhir_base, token, str(images[0].dataset.AccessionNumber), CONVERSATION
             )
+            study = runtime.ledger.get_study(uid) or study  # amended by the conversation
         return DemoOutcome(
             study=study,
             spool_dir=runtime.spool.root / uid,
@@ -164,6 +225,7 @@ def run_demo(settings: Settings, token: str, timeout: float = 300.0, seed: int =
             seconds=time.monotonic() - started,
             fhir_base=fhir_base,
             fhir=exchange,
+            turns=turns,
         )
     finally:
         runtime.stop()

@@ -211,9 +211,13 @@ def test_four_turn_conversation_through_fhir_amends_sr_and_seg_in_the_pacs(
 
         answers = [a1, a2, a3, a4]
         for answer in answers:
-            assert "DEMO - not for clinical use" in text_of(answer)
+            text = text_of(answer)
+            # the safety statement in the answer's language, naming model and prompt version
+            notice = "DEMO - not for clinical use" if language == "en" else "演示（DEMO）"
+            assert notice in text and "followup-" in text, text
+            assert ("not a diagnosis" in text) if language == "en" else ("不是诊断" in text)
             if language == "zh":
-                assert_chinese(text_of(answer).split("\n\n(")[0])
+                assert_chinese(text)
 
     # the dialogue log keeps each turn: language, anchors, prompt version, model output
     turns = DialogueLog(runtime.ledger.engine).turns_of(uid)

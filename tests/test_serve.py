@@ -154,9 +154,14 @@ def test_demo_command_runs_the_whole_loop(tmp_path: Path) -> None:
     out = result.stdout
     assert "version 1: done" in out
     assert "DEMO - not for clinical use" in out
-    assert "right upper zone nodule" in out and " mm" in out
+    assert "right middle zone nodule" in out and " mm" in out
     sr = next(line.split()[1] for line in out.splitlines() if line.startswith("SR "))
     seg = next(line.split()[1] for line in out.splitlines() if line.startswith("SEG "))
     assert Path(sr).is_file() and Path(seg).is_file()
-    assert "/fhir/DiagnosticReport/" in out and "(preliminary)" in out
-    assert "answer" in out
+    # the conversation: four turns in English, the same four in Chinese, all answered; the
+    # refined anchor and the measured distance amended the report
+    assert "/fhir/DiagnosticReport/" in out and "(amended)" in out
+    assert out.count("answer (completed, about DiagnosticReport/") == 8
+    assert "between their centres" in out and "中心间" in out
+    assert "4 of 12 signs present" in out and "共 12 条" in out
+    assert "A1 to A3 right hilum distance:" in out

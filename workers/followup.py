@@ -162,6 +162,7 @@ def _answer(
     resolved: tuple[str, ...],
     language: str,
 ) -> dict[str, Any]:
+    """The answer Communication; ``out_text`` is the answer ending with its footer."""
     about = [fr.reference("DiagnosticReport", job.report_id)]
     for anchor_id in resolved:
         a = result.anchor(anchor_id)
@@ -174,13 +175,14 @@ def _answer(
     return fr.build_answer(
         answer_id=fr.resource_id("Communication", "answer", job.id),
         question=question,
-        text=out_text,
+        text=out_text.rsplit("\n\n", 1)[0],
         about=about,
         device=fr.device_id(result),
         status="completed",
         is_demo=result.is_demo,
         language=language,
         sent=fr.now_instant(),
+        footer=out_text.rsplit("\n\n", 1)[-1],
     )
 
 
@@ -243,11 +245,8 @@ def answer_question(
     )
     out = answer_turn(inp)
     result = _amend(settings, ledger, study, out) if out.amends else study.result
-    body = (
-        out.text
-        + "\n"
-        + compose.notice(language, result.is_demo, result.model_id, FOLLOWUP_PROMPT_VERSION)
-    )
+    footer = compose.notice(language, result.is_demo, result.model_id, FOLLOWUP_PROMPT_VERSION)
+    body = f"{out.text}\n\n{footer}"
     dialogue.record(
         Turn(
             study_uid=study_uid,

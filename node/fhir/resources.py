@@ -524,8 +524,13 @@ def build_answer(
     language: str | None,
     sent: str,
     reason: str = "",
+    footer: str = "",
 ) -> dict[str, Any]:
-    """The answer Communication: inResponseTo the question, about the report and anchors."""
+    """The answer Communication: inResponseTo the question, about the report and anchors.
+
+    ``footer`` is the safety statement in the answer's language (it must say AI-generated,
+    preliminary, not a diagnosis, and name the model and prompt version); without one the
+    English statement is appended."""
     notice = notice_text(is_demo)
     resource: dict[str, Any] = {
         "resourceType": "Communication",
@@ -535,7 +540,7 @@ def build_answer(
         "inResponseTo": [reference("Communication", str(question["id"]))],
         "about": list(about),
         "sent": sent,
-        "payload": [{"contentString": f"{text}\n\n({notice}. {NOT_A_REPORT})"}],
+        "payload": [{"contentString": f"{text}\n\n{footer or f'({notice}. {NOT_A_REPORT})'}"}],
         "note": [{"text": notice}],
         "text": narrative(notice, text),
     }

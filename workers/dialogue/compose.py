@@ -247,12 +247,15 @@ def quote_model(text: str, limit: int = 300) -> str:
 
 
 def notice(language: Language, is_demo: bool, model_id: str, prompt_version: str) -> str:
-    """The safety line every answer ends with."""
+    """The safety statement every answer ends with, in the answer's language."""
     if language == "en":
         demo = "DEMO - not for clinical use. " if is_demo else ""
         return (
-            f"{demo}AI-generated, preliminary, not a diagnosis (model {model_id}, "
-            f"prompt {prompt_version})."
+            f"({demo}AI-generated, preliminary, not a diagnosis; it does not replace a "
+            f"radiologist's report. Model {model_id}, prompt {prompt_version}.)"
         )
     demo = "演示（DEMO）- 不可用于临床。" if is_demo else ""
-    return f"{demo}AI 生成的初步结果，不是诊断（模型 {model_id}，提示词版本 {prompt_version}）。"
+    return (
+        f"（{demo}AI 生成的初步结果，不是诊断，不能替代放射科医师的报告。"
+        f"模型 {model_id}，提示词版本 {prompt_version}。）"
+    )

@@ -258,7 +258,9 @@ class _Turn:
             source_sop_instance_uid=self.inp.result.frontal.sop_instance_uid,
             turn=self.inp.turn,
         )
-        self.distances.append(measured)
+        known = {x.tracking_uid: x for x in self.inp.result.distances}.get(measured.tracking_uid)
+        if known is None or (known.centres, known.edges) != (measured.centres, measured.edges):
+            self.distances.append(measured)  # new or changed: the SR is amended
         return compose.distance_text(measured, a, b, self.lang)
 
     def relation(self, a: Anchor, structure: Anchor) -> str:
