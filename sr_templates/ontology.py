@@ -28,6 +28,7 @@ from typing import Final, Literal
 from pydicom.sr.coding import Code
 
 from sr_templates import codes as c
+from sr_templates.model import Laterality
 
 __all__ = [
     "ANSWER_LANGUAGES",
@@ -55,7 +56,7 @@ __all__ = [
 ]
 
 ConceptKind = Literal["finding", "site", "landmark", "attribute", "attribute_value", "laterality"]
-Side = Literal["right", "left", "bilateral", "none"]
+Side = Laterality  # one definition: sr_templates.model
 
 _KINDS: Final = ("finding", "site", "landmark", "attribute", "attribute_value", "laterality")
 _SIDES: Final[tuple[Side, ...]] = ("right", "left", "bilateral", "none")

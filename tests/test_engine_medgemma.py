@@ -37,7 +37,7 @@ from workers.dialogue.answers import parse_describe  # noqa: E402
 from workers.dialogue.prompts import (  # noqa: E402
     DESCRIBE_TASK_LINE,
     FOLLOWUP_SCHEMAS,
-    AnchorFacts,
+    AnchorBrief,
     build_describe_prompt,
 )
 from workers.engines.base import (  # noqa: E402
@@ -153,7 +153,7 @@ def test_two_images_in_one_request(engine: MedGemmaEngine) -> None:
     assert len(engine.generate([request])) == 1
 
 
-DESCRIBE_FACTS = AnchorFacts(
+DESCRIBE_FACTS = AnchorBrief(
     anchor_id="A1",
     label="right upper zone nodule",
     finding="nodule",

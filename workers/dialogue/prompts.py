@@ -4,7 +4,7 @@ judge whether a lesion is connected to a structure.
 Each follow-up is a grounded single turn, not a growing chat (MedGemma was evaluated on
 single-turn tasks): the whole frontal image, for describe and relation a full-resolution
 crop around the anchor (:func:`workers.imaging.crop_source`, resized to the model's input
-size), and the anchor's facts as text (:class:`AnchorFacts`). The model is always asked in
+size), and the anchor's facts as text (:class:`AnchorBrief`). The model is always asked in
 English for one fenced json block after "Final Answer:"; the user-facing answer is composed
 elsewhere from the parsed result (:mod:`workers.dialogue.answers`) in the question's
 language.
@@ -35,7 +35,7 @@ __all__ = [
     "LOCALISE_TASK_LINE",
     "RELATION_TASK_LINE",
     "RELATION_VALUES",
-    "AnchorFacts",
+    "AnchorBrief",
     "FollowupTask",
     "build_describe_prompt",
     "build_localise_prompt",
@@ -101,18 +101,18 @@ def _check_box(name: str, value: Any) -> Box:
         or len(value) != 4
         or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
     ):
-        raise TypeError(f"AnchorFacts.{name} must be 4 ints [y0, x0, y1, x1], got {value!r}")
+        raise TypeError(f"AnchorBrief.{name} must be 4 ints [y0, x0, y1, x1], got {value!r}")
     y0, x0, y1, x1 = value
     if not (0 <= y0 < y1 <= 1000 and 0 <= x0 < x1 <= 1000):
         raise ValueError(
-            f"AnchorFacts.{name} must satisfy 0 <= y0 < y1 <= 1000 and 0 <= x0 < x1 <= 1000, "
+            f"AnchorBrief.{name} must satisfy 0 <= y0 < y1 <= 1000 and 0 <= x0 < x1 <= 1000, "
             f"got {tuple(value)!r}"
         )
     return (y0, x0, y1, x1)
 
 
 @dataclass(frozen=True)
-class AnchorFacts:
+class AnchorBrief:
     """What a follow-up prompt states about one anchor (all of it known to the node).
 
     anchor_id: the anchor's id in the dialogue ("A1").
@@ -143,13 +143,13 @@ class AnchorFacts:
     def __post_init__(self) -> None:
         if not isinstance(self.anchor_id, str) or not self.anchor_id.strip():
             raise ValueError(
-                f"AnchorFacts.anchor_id must be a non-empty str, got {self.anchor_id!r}"
+                f"AnchorBrief.anchor_id must be a non-empty str, got {self.anchor_id!r}"
             )
         if not isinstance(self.label, str):
-            raise TypeError(f"AnchorFacts.label must be a str, got {type(self.label).__name__}")
+            raise TypeError(f"AnchorBrief.label must be a str, got {type(self.label).__name__}")
         if self.finding is not None and self.finding not in ontology.FINDINGS:
             raise ValueError(
-                f"AnchorFacts.finding {self.finding!r} is not a FINDINGS term of the ontology"
+                f"AnchorBrief.finding {self.finding!r} is not a FINDINGS term of the ontology"
             )
         if (
             self.site is not None
@@ -157,18 +157,18 @@ class AnchorFacts:
             and self.site not in ontology.LANDMARKS
         ):
             raise ValueError(
-                f"AnchorFacts.site {self.site!r} is not a SITES or LANDMARKS term of the ontology"
+                f"AnchorBrief.site {self.site!r} is not a SITES or LANDMARKS term of the ontology"
             )
         if self.laterality not in ontology.LATERALITY_TERMS:
             raise ValueError(
-                f"AnchorFacts.laterality {self.laterality!r} is not one of "
+                f"AnchorBrief.laterality {self.laterality!r} is not one of "
                 f"{ontology.LATERALITY_TERMS}"
             )
         object.__setattr__(self, "box_2d_whole", _check_box("box_2d_whole", self.box_2d_whole))
         if self.box_2d_crop is not None:
             object.__setattr__(self, "box_2d_crop", _check_box("box_2d_crop", self.box_2d_crop))
         if not isinstance(self.size_text, str):
-            raise TypeError("AnchorFacts.size_text must be a str")
+            raise TypeError("AnchorBrief.size_text must be a str")
         attributes: dict[str, str] = {}
         for name, value in dict(self.attributes).items():
             ontology.attribute_value(name, value)  # ValueError naming the attribute
@@ -176,7 +176,7 @@ class AnchorFacts:
         object.__setattr__(self, "attributes", MappingProxyType(attributes))
         earlier = tuple(self.earlier)
         if any(not isinstance(e, str) for e in earlier):
-            raise TypeError("AnchorFacts.earlier must hold str answers")
+            raise TypeError("AnchorBrief.earlier must hold str answers")
         object.__setattr__(self, "earlier", earlier)
 
 
@@ -197,7 +197,7 @@ def _site_name(term: str) -> str:
     return concept.en if concept is not None else term.replace("_", " ")
 
 
-def _facts_block(facts: AnchorFacts) -> str:
+def _facts_block(facts: AnchorBrief) -> str:
     """The anchor's facts, one per line, in the wording every follow-up prompt uses."""
     lines = [f"Region {facts.anchor_id}, first labelled {_quoted(facts.label)}:"]
     if facts.finding is not None:
@@ -239,7 +239,7 @@ def _vocabulary(name: str) -> str:
 # ------------------------------------------------------------------------------ describe
 
 
-def build_describe_prompt(facts: AnchorFacts) -> tuple[str, str]:
+def build_describe_prompt(facts: AnchorBrief) -> tuple[str, str]:
     """``(system, prompt)`` asking for the margin, shape and density of the lesion in the
     anchor's region and a tighter ``box_2d`` of it in 0-1000 of the SECOND image (the crop).
 
@@ -335,7 +335,7 @@ def localise_target(prompt: str) -> str | None:
 # ------------------------------------------------------------------------------ relation
 
 
-def build_relation_prompt(facts: AnchorFacts, landmark: str) -> tuple[str, str]:
+def build_relation_prompt(facts: AnchorBrief, landmark: str) -> tuple[str, str]:
     """``(system, prompt)`` asking whether the anchor's lesion is connected to (contiguous
     with) ``landmark``, a LANDMARKS or SITES term ("right_hilum"). Answer: one object
     ``{"connected": "yes" | "no" | "uncertain", "explanation": ...}``.

@@ -37,7 +37,7 @@ from workers.dialogue.intents import Intent, detect_intents
 from workers.dialogue.prompts import (
     FOLLOWUP_PROMPT_VERSION,
     FOLLOWUP_SCHEMAS,
-    AnchorFacts,
+    AnchorBrief,
     FollowupTask,
     build_describe_prompt,
     build_localise_prompt,
@@ -142,12 +142,12 @@ class _Turn:
         self.timings[f"{task}_s"] = self.timings.get(f"{task}_s", 0.0) + seconds
         return text
 
-    def facts(self, a: Anchor, crop_transform: SquareTransform | None) -> AnchorFacts:
+    def facts(self, a: Anchor, crop_transform: SquareTransform | None) -> AnchorBrief:
         _, whole_t = self.whole()
         earlier = tuple(
             f"Q: {t.question} A: {t.answer}" for t in self.inp.earlier if a.anchor_id in t.resolved
         )[-3:]
-        return AnchorFacts(
+        return AnchorBrief(
             anchor_id=a.anchor_id,
             label=a.label,
             finding=a.finding,
