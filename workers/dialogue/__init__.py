@@ -1,2 +1,2 @@
-"""The anchored follow-up dialogue: which anchors a question is about, and (later) the
-grounded single-turn answers about them."""
+"""The anchored follow-up dialogue: resolve (which anchors a question is about), intents,
+prompts and answers of the model, compose (EN/ZH answers), turn (one turn end to end)."""
