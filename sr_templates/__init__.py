@@ -1,6 +1,10 @@
 """DICOM results: coded concepts, the chest sign ontology, TID 1500 SR and SEG builders.
 
+- :mod:`sr_templates.model`: the typed pre-read result (anchors, regions, measurements,
+  distances), shared by the worker, the ledger, the builders and the FHIR projection.
 - :mod:`sr_templates.codes`: every code and UID root (with sources).
+- :mod:`sr_templates.signs`: typical chest X-ray signs of a few conditions, checked
+  against an anchor's facts.
 - :mod:`sr_templates.ontology`: vocabulary terms -> codes, English and Chinese terms,
   lookups by term.
 - :mod:`sr_templates.report`: :func:`build_measurement_report` (TID 1500, Comprehensive 3D SR).
