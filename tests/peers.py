@@ -16,20 +16,21 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import psycopg
 import pytest
 import redis
 from psycopg import sql
 from sqlalchemy.engine import make_url
+
+from bench.nodeproc import free_port, wait_for
 
 __all__ = [
     "DEFAULT_POSTGRES_ADMIN_URL",
@@ -51,7 +52,6 @@ __all__ = [
     "wait_for",
 ]
 
-T = TypeVar("T")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 DEFAULT_POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -118,42 +118,6 @@ def dsrdump_ok(path: str | os.PathLike[str]) -> tuple[bool, str]:
     output = result.stdout + result.stderr
     has_errors = any(line.startswith(("E:", "F:")) for line in output.splitlines())
     return result.returncode == 0 and not has_errors, output
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for(
-    predicate: Callable[[], T],
-    timeout: float = 10.0,
-    interval: float = 0.05,
-    what: str = "condition",
-    ignore: tuple[type[BaseException], ...] = (),
-) -> T:
-    """Call ``predicate`` every ``interval`` seconds until it returns a truthy value; return it.
-
-    Exceptions of the types in ``ignore`` count as "not yet". On timeout raise AssertionError
-    naming ``what`` (and the last ignored exception, if any).
-    """
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            value = predicate()
-        except ignore as exc:
-            last_error = exc
-        else:
-            if value:
-                return value
-        if time.monotonic() >= deadline:
-            detail = f" (last error: {last_error!r})" if last_error is not None else ""
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{detail}")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- Redis

@@ -33,6 +33,7 @@ from node.fhir.subscriptions import SubscriptionNotifier, subscription_status
 from node.ledger import StudyLedger, StudyState
 from node.settings import AuthSettings, Settings, load_settings
 from node.status import collect_status, render_status
+from tests.peers import wait_for
 from tests.test_fhir_resources import add_study, r4b_valid
 from workers.followup import run_followup_by_id
 
@@ -340,14 +341,17 @@ def test_logs_carry_request_ids_never_patient_identifiers(
         r = c.get("/DiagnosticReport", params={"patient.identifier": "PAT-0001",
                                                "identifier": "ACC-0001"})  # fmt: skip
         assert r.status_code == 200
-        time.sleep(0.2)
-    request_id = r.headers["x-request-id"]
-    # the node's own lines (httpx's are this test's client, the RIS side)
-    node_lines = "\n".join(
-        rec.getMessage() for rec in caplog.records if not rec.name.startswith("httpx")
-    )
-    assert request_id in node_lines
-    assert "PAT-0001" not in node_lines and "ACC-0001" not in node_lines
+        request_id = r.headers["x-request-id"]
+
+        def node_lines() -> str:
+            # the node's own lines (httpx's are this test's client, the RIS side)
+            return "\n".join(
+                rec.getMessage() for rec in caplog.records if not rec.name.startswith("httpx")
+            )
+
+        # the access line is written after the response is sent: wait for it
+        wait_for(lambda: request_id in node_lines(), 10, what="the access log line")
+    assert "PAT-0001" not in node_lines() and "ACC-0001" not in node_lines()
 
 
 # ----------------------------------------------------------------------------- follow-ups
@@ -374,7 +378,7 @@ def test_questions_about_unknown_anchors_or_unready_reports_are_refused(api: Api
 def test_respond_sync_answers_with_the_communication_about_the_anchor(api: Api) -> None:
     report = report_id(api.studies["ACC-0001"])
     body = {"resourceType": "Parameters", "parameter": [
-        {"name": "question", "valueString": "How far is A2 from the hilum?"}]}  # fmt: skip
+        {"name": "question", "valueString": "How big is A2?"}]}  # fmt: skip
     with api.client() as c:
         r = c.post(f"/DiagnosticReport/{report}/$ask", json=body,
                    headers={**FHIR, "Prefer": "respond-sync"})  # fmt: skip
@@ -384,7 +388,10 @@ def test_respond_sync_answers_with_the_communication_about_the_anchor(api: Api) 
         answer = bundle["entry"][0]["resource"]
         assert r.headers["location"].endswith(f"/Communication/{answer['id']}")
         assert answer["category"][0]["coding"][0]["code"] == "answer"
-        assert "not supported by this node yet" in answer["payload"][0]["contentString"]
+        # a size is answered from the anchor's geometry and the pixel spacing (40 px x 0.2 mm)
+        text = answer["payload"][0]["contentString"]
+        assert "A2 (left lower zone nodule), 8.0 x 8.0 mm" in text
+        assert "DEMO - not for clinical use" in text
         about = [a["reference"] for a in answer["about"]]
         assert about[0] == f"DiagnosticReport/{report}"
         (a2,) = [
@@ -430,16 +437,6 @@ class Receiver:
         self.httpd.server_close()
 
 
-def wait_until(predicate: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def subscribe(c: httpx.Client, criteria: str, endpoint: str, payload: str = "") -> dict[str, Any]:
     channel = {"type": "rest-hook", "endpoint": endpoint,
                "header": ["Authorization: Bearer ris-inbox"]}  # fmt: skip
@@ -473,12 +470,15 @@ def test_rest_hook_notifies_with_retries_and_dead_deliveries_show_in_status(api:
             uid = add_study(api.ledger, accession="ACC-NEW")
             record_preread(api.ledger, uid, 1, systems=IdentifierSystems("", ""))
             # the first attempt fails (503) and is retried after a backoff
-            wait_until(lambda: len(flaky.calls) >= 2)
+            wait_for(lambda: len(flaky.calls) >= 2, 15, what="a retried notification")
             for method, path, body, headers in flaky.calls:
                 assert (method, path) == ("PUT", f"/ris/hook/DiagnosticReport/{report_id(uid)}")
                 assert headers["Authorization"] == "Bearer ris-inbox"
                 assert json.loads(body)["status"] == "preliminary"
-            wait_until(lambda: c.get(f"/Subscription/{broken['id']}").json()["status"] == "error")
+            wait_for(
+                lambda: c.get(f"/Subscription/{broken['id']}").json()["status"] == "error",
+                15, what="the broken Subscription in error",
+            )  # fmt: skip
             time.sleep(0.3)
             assert len(flaky.calls) == 2  # delivered: no further attempts
             assert len(dead.calls) == 3 and all(x[0] == "POST" and not x[2] for x in dead.calls)
@@ -511,7 +511,7 @@ def test_two_api_processes_send_each_notification_once(tmp_path: Path) -> None:
     for notifier in notifiers:
         notifier.start()
     try:
-        wait_until(lambda: len(receiver.calls) >= len(uids), timeout=30)
+        wait_for(lambda: len(receiver.calls) >= len(uids), 30, what="every notification")
         time.sleep(0.5)  # a duplicate would arrive now
     finally:
         for notifier in notifiers:
@@ -584,9 +584,12 @@ def test_questions_wait_out_a_broker_outage_and_unsent_ones_are_found_again(
     publisher = FollowupPublisher(store, dispatcher, retry_base=0.05, unsent_after=0)
     try:
         publisher.publish(jobs[0].id)
-        wait_until(lambda: sorted(dispatcher.sent) == sorted(j.id for j in jobs))
+        wait_for(
+            lambda: sorted(dispatcher.sent) == sorted(j.id for j in jobs), 15,
+            what="every question sent",
+        )  # fmt: skip
         assert dispatcher.down == 0  # both failed sends were retried
-        wait_until(lambda: unsent_followups(store, 0) == [])
+        wait_for(lambda: unsent_followups(store, 0) == [], 15, what="no unsent question")
     finally:
         publisher.close()
         ledger.close()

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,13 +16,13 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.nodeproc import ServerProcess, http_ok
 from node.fhir import codes
 from node.runtime import NodeRuntime
 from node.synthetic import SyntheticImage, make_chest_radiograph, write_study
 from tests.conftest import make_settings, wait_for_state
-from tests.peers import dcmtk, free_port
-from tests.test_fhir_api import Receiver, subscribe, wait_until
-from tests.test_queue import Worker, queues, worker_factory  # noqa: F401  (fixtures)
+from tests.peers import dcmtk, free_port, wait_for
+from tests.test_fhir_api import Receiver, subscribe
 
 TOKEN = "ris-token-for-tests"
 RIS_SCOPES = ["system/DiagnosticReport.read", "system/Observation.read",
@@ -111,38 +108,20 @@ def find_report(ris: httpx.Client, accession: str, timeout: float = 30.0) -> dic
     return report
 
 
-class ApiProcess:
-    """``medgemma-node api`` as the hospital runs it."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = free_port()
-        env = {**env, "MEDGEMMA_NODE_API__PORT": str(self.port),
-               "MEDGEMMA_NODE_AUTH__TOKENS": json.dumps(TOKENS),
-               "MEDGEMMA_NODE_FHIR__SUBSCRIPTION_POLL_SECONDS": "0.1"}  # fmt: skip
-        self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "api"],
-            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        self.base = f"http://127.0.0.1:{self.port}/fhir"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.base}/metadata", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"medgemma-node api did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+def start_api(
+    node_process: Callable[..., ServerProcess], env: dict[str, str]
+) -> tuple[ServerProcess, str]:
+    """``medgemma-node api`` as the hospital runs it, with the RIS's token; returns the
+    process and its FHIR base URL once ``/fhir/metadata`` answers."""
+    port = free_port()
+    env = {**env, "MEDGEMMA_NODE_API__PORT": str(port),
+           "MEDGEMMA_NODE_AUTH__TOKENS": json.dumps(TOKENS),
+           "MEDGEMMA_NODE_FHIR__SUBSCRIPTION_POLL_SECONDS": "0.1"}  # fmt: skip
+    base = f"http://127.0.0.1:{port}/fhir"
+    proc = node_process(
+        ["api"], env=env, ready=lambda p: http_ok(f"{base}/metadata"), what="the FHIR API"
+    )
+    return proc, base
 
 
 @pytest.fixture
@@ -154,31 +133,31 @@ def receiver() -> Iterator[Receiver]:
 
 def test_ris_reads_the_preread_and_asks_through_a_celery_worker(
     node_factory: Callable[..., NodeRuntime],
-    worker_factory: Callable[[], Worker],  # noqa: F811
+    worker_factory: Callable[[], ServerProcess],
+    node_process: Callable[..., ServerProcess],
     redis_url: str,
-    queues: dict[str, str],  # noqa: F811
+    queues: dict[str, str],
     receiver: Receiver,
     tmp_path: Path,
 ) -> None:
     worker = worker_factory()
     node = node_factory(embedded=False, queue={"broker_url": redis_url, **queues})
-    env = dict(os.environ)
-    env.update(
-        MEDGEMMA_NODE_QUEUE__BROKER_URL=redis_url,
-        MEDGEMMA_NODE_QUEUE__PREREAD_QUEUE=queues["preread_queue"],
-        MEDGEMMA_NODE_QUEUE__FOLLOWUP_QUEUE=queues["followup_queue"],
-        MEDGEMMA_NODE_STORAGE__DATA_DIR=str(tmp_path / "var"),
-        MEDGEMMA_NODE_ENGINE__NAME="demo",
-    )
-    api = ApiProcess(env, tmp_path / "api.log")
+    env = {
+        "MEDGEMMA_NODE_QUEUE__BROKER_URL": redis_url,
+        "MEDGEMMA_NODE_QUEUE__PREREAD_QUEUE": queues["preread_queue"],
+        "MEDGEMMA_NODE_QUEUE__FOLLOWUP_QUEUE": queues["followup_queue"],
+        "MEDGEMMA_NODE_STORAGE__DATA_DIR": str(tmp_path / "var"),
+        "MEDGEMMA_NODE_ENGINE__NAME": "demo",
+    }
+    api, base = start_api(node_process, env)
     try:
-        with httpx.Client(base_url=api.base, headers={"Authorization": f"Bearer {TOKEN}"},
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"},
                           timeout=60) as ris:  # fmt: skip
             subscribe(ris, "Communication?category=answer", receiver.url, "application/fhir+json")
             image = send_study(node.scp.port, tmp_path, seed=61)
             uid = image.dataset.StudyInstanceUID
             study = wait_for_state(node, uid, {"done", "failed"}, timeout=90)
-            assert study.state.value == "done", (study.reason, worker.output())
+            assert study.state.value == "done", (study.reason, worker.describe())
 
             report = find_report(ris, str(image.dataset.AccessionNumber))
             bundle = ask_and_poll(ris, report["id"], "Is A1 larger than 5 mm?")
@@ -190,13 +169,12 @@ def test_ris_reads_the_preread_and_asks_through_a_celery_worker(
             # the Celery worker answered both, by task name, from the follow-up queue
             assert worker.output().count("medgemma.followup[") >= 2
             # the RIS was told of both answers (rest-hook PUT of each Communication)
-            puts = wait_until(lambda: {p for m, p, _, _ in receiver.calls if m == "PUT"} >= {
+            wait_for(lambda: {p for m, p, _, _ in receiver.calls if m == "PUT"} >= {
                 f"/ris/hook/Communication/{answer['id']}",
                 f"/ris/hook/Communication/{sync['id']}",
-            })  # fmt: skip
-            assert puts
+            }, 15, what="rest-hook PUTs of both answers")  # fmt: skip
     finally:
-        api.stop()
+        api.stop()  # the node log is complete once the API has stopped
     log = (tmp_path / "var" / "logs" / "node.log").read_text()
     assert "GET /fhir/DiagnosticReport -> 200" in log
     assert str(image.dataset.PatientID) not in log
@@ -228,7 +206,9 @@ PATIENT_SYSTEM = "urn:oid:2.16.840.1.113883.3.9999.1"
 ACCESSION_SYSTEM = "urn:oid:2.16.840.1.113883.3.9999.2"
 
 
-def test_serve_with_a_config_file_writes_its_identifier_systems(tmp_path: Path) -> None:
+def test_serve_with_a_config_file_writes_its_identifier_systems(
+    node_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
     """``serve --config FILE``: the FHIR resources carry the file's fhir.patient_id_system
     and fhir.accession_system (the registered report when the study completes, and the
     preliminary one after the pre-read), not the built-in empty defaults."""
@@ -258,36 +238,21 @@ patient_id_system = "{PATIENT_SYSTEM}"
 accession_system = "{ACCESSION_SYSTEM}"
 """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_NODE_")}
-    log = tmp_path / "serve.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "--config", str(config), "serve"],
-        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
     base = f"http://127.0.0.1:{api_port}/fhir"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/metadata", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"serve --config did not start:\n{log.read_text()}")
-            time.sleep(0.2)
-        image = send_study(dicom_port, tmp_path, seed=63)
-        accession = str(image.dataset.AccessionNumber)
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"},
-                          timeout=30) as ris:  # fmt: skip
-            # the RIS searches with the hospital's accession system, as configured
-            report = find_report(ris, f"{ACCESSION_SYSTEM}|{accession}", timeout=90)
-            study_id = report["imagingStudy"][0]["reference"].split("/", 1)[1]
-            study = ris.get(f"/ImagingStudy/{study_id}")
-        assert study.status_code == 200, study.text
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(30)
+    serve = node_process(
+        ["serve"], config=config, ready=lambda p: http_ok(f"{base}/metadata"),
+        what="serve --config's FHIR API",
+    )  # fmt: skip
+    image = send_study(dicom_port, tmp_path, seed=63)
+    accession = str(image.dataset.AccessionNumber)
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"},
+                      timeout=30) as ris:  # fmt: skip
+        # the RIS searches with the hospital's accession system, as configured
+        report = find_report(ris, f"{ACCESSION_SYSTEM}|{accession}", timeout=90)
+        study_id = report["imagingStudy"][0]["reference"].split("/", 1)[1]
+        study = ris.get(f"/ImagingStudy/{study_id}")
+    assert study.status_code == 200, study.text
+    serve.stop()
     patient = {"system": PATIENT_SYSTEM, "value": str(image.dataset.PatientID)}
     assert report["subject"]["identifier"] == patient
     assert study.json()["subject"]["identifier"] == patient

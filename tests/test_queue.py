@@ -2,89 +2,27 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
+from bench.nodeproc import ServerProcess
 from node.completion import StudyCoordinator
 from node.dispatch import CeleryDispatcher, preread_task_id
 from node.runtime import NodeRuntime
 from node.synthetic import make_chest_radiograph, write_study
-from tests.conftest import storescu, wait_for_state
-from tests.peers import free_port
+from tests.conftest import node_cli, storescu, wait_for_state
+from tests.peers import free_port, wait_for
 from tests.test_preread import assert_matches_phantom
 
 SMALL = {"rows": 256, "cols": 208}
 
 
-class Worker:
-    def __init__(self, process: subprocess.Popen[str], log: Path) -> None:
-        self.process = process
-        self.log = log
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@pytest.fixture
-def queues(redis_url: str) -> dict[str, str]:
-    """Queue names of this test only, so leftover messages of other tests never interfere."""
-    tag = secrets.token_hex(4)
-    return {"preread_queue": f"preread-{tag}", "followup_queue": f"followup-{tag}"}
-
-
-@pytest.fixture
-def worker_factory(
-    tmp_path: Path, redis_url: str, queues: dict[str, str]
-) -> Iterator[Callable[[], Worker]]:
-    workers: list[Worker] = []
-
-    def start() -> Worker:
-        env = dict(os.environ)
-        env.update(
-            MEDGEMMA_NODE_QUEUE__BROKER_URL=redis_url,
-            MEDGEMMA_NODE_QUEUE__PREREAD_QUEUE=queues["preread_queue"],
-            MEDGEMMA_NODE_QUEUE__FOLLOWUP_QUEUE=queues["followup_queue"],
-            MEDGEMMA_NODE_STORAGE__DATA_DIR=str(tmp_path / "var"),
-            MEDGEMMA_NODE_ENGINE__NAME="demo",
-        )
-        log = tmp_path / f"worker-{len(workers)}.log"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "worker", "--concurrency", "1",
-             "--hostname", f"test-{secrets.token_hex(3)}@%h"],
-            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )  # fmt: skip
-        worker = Worker(process, log)
-        workers.append(worker)
-        deadline = time.monotonic() + 60
-        while "ready" not in worker.output():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"Celery worker did not start:\n{worker.output()}")
-            time.sleep(0.2)
-        return worker
-
-    yield start
-    for w in workers:
-        if w.process.poll() is None:
-            os.killpg(w.process.pid, signal.SIGTERM)
-            try:
-                w.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(w.process.pid, signal.SIGKILL)
-
-
 def test_study_goes_through_redis_to_a_celery_worker(
     node_factory: Callable[..., NodeRuntime],
-    worker_factory: Callable[[], Worker],
+    worker_factory: Callable[[], ServerProcess],
     redis_url: str,
     queues: dict[str, str],
     tmp_path: Path,
@@ -108,7 +46,7 @@ def test_study_goes_through_redis_to_a_celery_worker(
 
 def test_redelivered_task_does_no_double_work(
     node_factory: Callable[..., NodeRuntime],
-    worker_factory: Callable[[], Worker],
+    worker_factory: Callable[[], ServerProcess],
     redis_url: str,
     queues: dict[str, str],
     tmp_path: Path,
@@ -123,20 +61,21 @@ def test_redelivered_task_does_no_double_work(
     node.dispatcher.send_preread(uid, 1)
     worker = worker_factory()
     done = wait_for_state(node, uid, {"done"}, timeout=90)
-    deadline = time.monotonic() + 30
-    while worker.output().count("succeeded") < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert worker.output().count("started") == 1, worker.output()
-    assert "already finished: nothing to do" in worker.output()
+    # the second delivery is taken and acknowledged too, without running the pre-read again
+    wait_for(lambda: worker.output().count("succeeded") >= 2, 30, 0.2, "both deliveries handled")
+    assert worker.output().count("started") == 1, worker.describe()
+    assert f"study {uid} v1 finished or running elsewhere: nothing to do" in worker.output()
+    assert "succeeded in" in worker.output() and ": 'noop'" in worker.output()
     assert node.ledger.get_study(uid) == done  # unchanged by the second delivery
 
 
 def test_broker_down_then_reconciler_requeues(
     node_factory: Callable[..., NodeRuntime],
-    worker_factory: Callable[[], Worker],
+    worker_factory: Callable[[], ServerProcess],
     redis_url: str,
     queues: dict[str, str],
     tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     dead_broker = f"redis://127.0.0.1:{free_port()}/0"
     node = node_factory(embedded=False, queue={"broker_url": dead_broker, **queues})
@@ -146,7 +85,10 @@ def test_broker_down_then_reconciler_requeues(
     assert sent.returncode == 0, sent.stderr  # storing never depends on the broker
     uid = image.dataset.StudyInstanceUID
     stuck = wait_for_state(node, uid, {"queued"})
-    time.sleep(1.5)  # the broker send was attempted and failed; still queued
+    wait_for(
+        lambda: f"study {uid} v1 stays queued, the reconciler will re-send it" in caplog.text,
+        10, 0.1, "the failed broker send to be logged",
+    )  # fmt: skip
     assert node.ledger.get_study(uid).state.value == "queued"  # type: ignore[union-attr]
 
     # the broker is back (the real one) and a worker runs: the reconciler re-sends
@@ -180,27 +122,19 @@ def test_reconciler_gives_up_after_max_attempts(
 
 
 def test_worker_with_a_missing_model_refuses_to_start(tmp_path: Path, redis_url: str) -> None:
-    env = dict(os.environ)
-    env.update(
-        MEDGEMMA_NODE_QUEUE__BROKER_URL=redis_url,
-        MEDGEMMA_NODE_STORAGE__DATA_DIR=str(tmp_path / "var"),
-        MEDGEMMA_NODE_ENGINE__NAME="medgemma",
-        MEDGEMMA_NODE_ENGINE__MODEL=str(tmp_path / "no-such-model"),
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "worker"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    env = {
+        "MEDGEMMA_NODE_QUEUE__BROKER_URL": redis_url,
+        "MEDGEMMA_NODE_STORAGE__DATA_DIR": str(tmp_path / "var"),
+        "MEDGEMMA_NODE_ENGINE__NAME": "medgemma",
+        "MEDGEMMA_NODE_ENGINE__MODEL": str(tmp_path / "no-such-model"),
+    }
+    result = node_cli(env, "worker", timeout=120)
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "hf download" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_worker_without_a_broker_says_how_to_set_it(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_NODE_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "worker"],
-        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
-    )  # fmt: skip
+    result = node_cli({}, "worker", cwd=tmp_path)
     assert result.returncode == 2
     assert "MEDGEMMA_NODE_QUEUE__BROKER_URL" in result.stderr

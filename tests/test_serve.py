@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bench.nodeproc import ServerProcess, dicom_echo
 from node.runtime import NodeRuntime
 from node.synthetic import make_two_view_study, write_study
-from tests.conftest import wait_for_state
-from tests.peers import OrthancPeer, dcmtk, free_port
+from tests.conftest import node_cli, wait_for_state
+from tests.peers import OrthancPeer, dcmtk, free_port, wait_for
 
 SMALL = {"rows": 512, "cols": 416}
 
@@ -38,45 +36,34 @@ def test_orthanc_pushes_a_study_to_the_node(
     assert {s.view_position for s in node.ledger.series_of(uid, 1)} == {"PA", "LL"}
 
 
-class ServeProcess:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "serve"],
-            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "node.cli", *args],
-            env=self.env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-
-
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[ServeProcess]:
-    env = dict(os.environ)
+def serve(node_process: Callable[..., ServerProcess], tmp_path: Path) -> ServerProcess:
+    """``medgemma-node serve`` (demo engine), ready when its SCP answers C-ECHO."""
     port = free_port()
-    env.update(
-        MEDGEMMA_NODE_DICOM__PORT=str(port),
-        MEDGEMMA_NODE_DICOM__BIND_ADDRESS="127.0.0.1",
-        MEDGEMMA_NODE_STORAGE__DATA_DIR=str(tmp_path / "var"),
-        MEDGEMMA_NODE_COMPLETION__QUIET_SECONDS="1",
-        MEDGEMMA_NODE_ENGINE__NAME="demo",
+    env = {
+        "MEDGEMMA_NODE_DICOM__PORT": str(port),
+        "MEDGEMMA_NODE_DICOM__BIND_ADDRESS": "127.0.0.1",
+        "MEDGEMMA_NODE_API__HOST": "127.0.0.1",
+        "MEDGEMMA_NODE_API__PORT": str(free_port()),
+        "MEDGEMMA_NODE_STORAGE__DATA_DIR": str(tmp_path / "var"),
+        "MEDGEMMA_NODE_COMPLETION__QUIET_SECONDS": "1",
+        "MEDGEMMA_NODE_ENGINE__NAME": "demo",
+    }
+    proc: ServerProcess = node_process(
+        ["serve"], env=env, ready=lambda p: dicom_echo(port), what="serve's SCP to answer C-ECHO"
     )
-    proc = ServeProcess(env, tmp_path / "serve.log")
-    deadline = time.monotonic() + 60
-    while proc.cli("status").returncode != 0:
-        if proc.process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"serve did not start:\n{proc.log.read_text()}")
-        time.sleep(0.3)
-    yield proc
-    os.killpg(proc.process.pid, signal.SIGTERM)
-    proc.process.wait(30)
+    return proc
 
 
-def test_serve_storescu_then_status_shows_done(serve: ServeProcess, tmp_path: Path) -> None:
+def status_of(serve: ServerProcess) -> dict[str, Any]:
+    """``medgemma-node status --json`` against the serve process's settings."""
+    result = node_cli(serve.env, "status", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
+
+
+def test_serve_storescu_then_status_shows_done(serve: ServerProcess, tmp_path: Path) -> None:
     images = make_two_view_study(seed=32, **SMALL)
     paths = write_study(tmp_path / "in", images)
     port = serve.env["MEDGEMMA_NODE_DICOM__PORT"]
@@ -86,18 +73,20 @@ def test_serve_storescu_then_status_shows_done(serve: ServeProcess, tmp_path: Pa
     )  # fmt: skip
     assert sent.returncode == 0, sent.stderr
     uid = images[0].dataset.StudyInstanceUID
-    deadline = time.monotonic() + 60
-    while True:
-        status = json.loads(serve.cli("status", "--json").stdout)
+
+    def done() -> dict[str, Any] | None:
+        status = status_of(serve)
         states = {row["study_uid"]: row["state"] for row in status["latest"]}
-        if states.get(uid) == "done" or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert states.get(uid) == "done", serve.log.read_text()
+        return status if states.get(uid) == "done" else None
+
+    try:
+        status = wait_for(done, 60, 0.5, f"status to show study {uid} done")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {serve.describe()}") from None
     assert status["scp"]["listening"] is True
     assert status["counts"]["done"] == 1
 
-    text = serve.cli("status", "--study", uid)
+    text = node_cli(serve.env, "status", "--study", uid)
     assert text.returncode == 0
     assert "LISTENING" in text.stdout
     assert f"done     v1    2 inst  {uid}" in text.stdout
@@ -111,45 +100,35 @@ def test_serve_storescu_then_status_shows_done(serve: ServeProcess, tmp_path: Pa
 
 
 def test_status_says_when_the_scp_is_down(tmp_path: Path) -> None:
-    env = dict(os.environ)
-    env.update(
-        MEDGEMMA_NODE_DICOM__PORT=str(free_port()),
-        MEDGEMMA_NODE_STORAGE__DATA_DIR=str(tmp_path / "var"),
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "status"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    env = {
+        "MEDGEMMA_NODE_DICOM__PORT": str(free_port()),
+        "MEDGEMMA_NODE_STORAGE__DATA_DIR": str(tmp_path / "var"),
+    }
+    result = node_cli(env, "status")
     assert result.returncode == 1
     assert "SCP:      DOWN" in result.stdout
     assert "no ledger at" in result.stdout
 
 
 def test_serve_refuses_a_busy_port_clearly(tmp_path: Path) -> None:
-    env = dict(os.environ)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        env.update(
-            MEDGEMMA_NODE_DICOM__PORT=str(s.getsockname()[1]),
-            MEDGEMMA_NODE_DICOM__BIND_ADDRESS="127.0.0.1",
-            MEDGEMMA_NODE_STORAGE__DATA_DIR=str(tmp_path / "var"),
-        )
-        result = subprocess.run(
-            [sys.executable, "-m", "node.cli", "serve"],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        env = {
+            "MEDGEMMA_NODE_DICOM__PORT": str(s.getsockname()[1]),
+            "MEDGEMMA_NODE_DICOM__BIND_ADDRESS": "127.0.0.1",
+            "MEDGEMMA_NODE_API__PORT": str(free_port()),
+            "MEDGEMMA_NODE_STORAGE__DATA_DIR": str(tmp_path / "var"),
+        }
+        result = node_cli(env, "serve")
     assert result.returncode == 2
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_demo_command_runs_the_whole_loop(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_NODE_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "node.cli", "--log-level", "WARNING", "demo",
-         "--data-dir", str(tmp_path / "demo")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = node_cli(
+        {}, "--log-level", "WARNING", "demo", "--data-dir", str(tmp_path / "demo"), timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "version 1: done" in out
