@@ -35,10 +35,7 @@ import platform
 import random
 import secrets
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,37 +50,35 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.nodeproc import (  # noqa: E402
+    NotReady,
+    ServerProcess,
+    free_port,
+    http_ok,
+    start_node,
+)
+from sr_templates.model import Anchor, Measurements, PrereadResult, Region, ViewRef  # noqa: E402
+
 TOKEN = "bench-" + secrets.token_hex(8)
 PATIENTS_PER_STUDY = 4  # each patient has this many reports (a search returns them all)
 #: (method, host, port, target, headers, body) of one request of the load
 Request_ = tuple[str, str, int, str, dict[str, str], bytes]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 # --------------------------------------------------------------------------------------
 # Data
 
 
-def _anchor(n: int, uid: str, sop: str) -> dict[str, Any]:
-    """A finding anchor as workers.anchors writes it (JSON)."""
-    return {
-        "anchor_id": f"A{n}", "tracking_uid": uid, "label": "right upper zone nodule",
-        "kind": "finding", "finding": "nodule", "site": "right_upper_zone",
-        "laterality": "right",
-        "region": {"row0": 100.0 * n, "col0": 100.0, "row1": 100.0 * n + 40, "col1": 140.0,
-                   "shape": "ellipse"},
-        "source_sop_instance_uid": sop,
-        "measurements": {"long_axis": 8.0, "short_axis": 7.5, "area": 47.1, "units": "mm",
-                         "area_units": "mm2", "spacing_source": "ImagerPixelSpacing"},
-        "size_text": "8.0 x 7.5 mm, area 47 mm2", "attributes": {"margin": "smooth"},
-        "confidence": None, "version": 1, "created_turn": 0, "refined_turn": None,
-    }  # fmt: skip
+def _anchor(n: int, uid: str, sop: str) -> Anchor:
+    """Finding anchor ``A<n>``: an 8.0 x 7.5 mm right upper zone nodule (0.2 mm pixels)."""
+    return Anchor(
+        anchor_id=f"A{n}", tracking_uid=uid, label="right upper zone nodule", kind="finding",
+        finding="nodule", site="right_upper_zone", laterality="right",
+        region=Region(100.0 * n, 100.0, 100.0 * n + 40, 140.0, "ellipse"),
+        source_sop_instance_uid=sop,
+        measurements=Measurements(8.0, 7.5, 47.1, "mm", "ImagerPixelSpacing"),
+        attributes={"margin": "smooth"},
+    )  # fmt: skip
 
 
 def seed_store(url: str, studies: int) -> tuple[list[str], list[str]]:
@@ -123,13 +118,14 @@ def seed_store(url: str, studies: int) -> tuple[list[str], list[str]]:
         ledger.mark_queued(uid, 1, "bench")
         ledger.start_run(uid, 1)
         anchors = [_anchor(1, generate_uid(), sop), _anchor(2, generate_uid(), sop)]
-        result = {
-            "notice": "AI-generated, preliminary, not a diagnosis", "is_demo": False,
-            "engine": "bench", "model_id": "google/medgemma-4b-it", "model_revision": "main",
-            "prompt_version": "bench", "node_version": "0.1.0",
-            "findings_text": "Two small nodules in the right upper zone.",
-            "impression": "Two nodules.", "anchors": anchors,
-        }  # fmt: skip
+        result = PrereadResult(
+            notice="AI-generated, preliminary, not a diagnosis", is_demo=False,
+            engine="bench", model_id="google/medgemma-4b-it", model_revision="main",
+            prompt_version="bench", node_version="0.1.0", frontal=ViewRef(sop, "ViewPosition PA"),
+            anchors=tuple(anchors), findings_text="Two small nodules in the right upper zone.",
+            impression="Two nodules.", pixel_spacing_mm=(0.2, 0.2),
+            spacing_source="ImagerPixelSpacing",
+        )  # fmt: skip
         ledger.finish(uid, 1, ok=True, result=result)
         ledger.save_anchors(uid, 1, anchors)
         record_preread(ledger, uid, 1, systems=systems, store=store)
@@ -164,37 +160,6 @@ def peer_main(port: int, get_size: int, post_size: int) -> None:
         return Response(ask_body, status_code=202, media_type="application/fhir+json")
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-class Server:
-    """A server subprocess, ready when ``ready_url`` answers."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], ready_url: str, log: Path) -> None:
-        self.log = log
-        self.process = subprocess.Popen(
-            argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=REPO,
-        )  # fmt: skip
-        import httpx
-
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(ready_url, timeout=2).status_code < 500:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start: {argv}\n{log.read_text()[-2000:]}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------
@@ -352,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="fhir-bench-"))
     queue = f"bench-followup-{secrets.token_hex(4)}"
-    servers: list[Server] = []
+    servers: list[ServerProcess] = []
     try:
         url = f"sqlite:///{work / 'var' / 'ledger.sqlite3'}"
         (work / "var").mkdir()
@@ -362,20 +327,20 @@ def main(argv: list[str] | None = None) -> int:
               f"in {time.monotonic() - t0:.1f} s", flush=True)  # fmt: skip
 
         ours_port, peer_port = free_port(), free_port()
-        env = dict(os.environ)
         tokens = [{"name": "bench", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
                    "scopes": ["system/*.*"]}]  # fmt: skip
-        env.update(
-            MEDGEMMA_NODE_STORAGE__DATA_DIR=str(work / "var"),
-            MEDGEMMA_NODE_API__PORT=str(ours_port),
-            MEDGEMMA_NODE_QUEUE__BROKER_URL=args.redis,
-            MEDGEMMA_NODE_QUEUE__FOLLOWUP_QUEUE=queue,
-            MEDGEMMA_NODE_AUTH__TOKENS=json.dumps(tokens),
-            MEDGEMMA_NODE_FHIR__PATIENT_ID_SYSTEM="urn:oid:1.2.840.99999.1",
-        )
+        env = {
+            "MEDGEMMA_NODE_STORAGE__DATA_DIR": str(work / "var"),
+            "MEDGEMMA_NODE_API__PORT": str(ours_port),
+            "MEDGEMMA_NODE_QUEUE__BROKER_URL": args.redis,
+            "MEDGEMMA_NODE_QUEUE__FOLLOWUP_QUEUE": queue,
+            "MEDGEMMA_NODE_AUTH__TOKENS": json.dumps(tokens),
+            "MEDGEMMA_NODE_FHIR__PATIENT_ID_SYSTEM": "urn:oid:1.2.840.99999.1",
+        }
         base = f"http://127.0.0.1:{ours_port}/fhir"
-        servers.append(Server([sys.executable, "-m", "node.cli", "api"], env,
-                              f"{base}/metadata", work / "ours.log"))  # fmt: skip
+        servers.append(start_node(["api"], log=work / "ours.log", env=env,
+                                  ready=lambda p: http_ok(f"{base}/metadata"),
+                                  what="our FHIR API"))  # fmt: skip
         auth = {"Authorization": f"Bearer {TOKEN}"}
         ask_body = json.dumps({"resourceType": "Parameters", "parameter": [
             {"name": "question", "valueString": "How large is A1?"}]}).encode()  # fmt: skip
@@ -389,11 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         assert sample.status_code == 200 and sample.json()["total"] == PATIENTS_PER_STUDY
         assert accepted.status_code == 202, accepted.text
         get_size, post_size = len(sample.content), len(accepted.content)
-        servers.append(Server(
+        peer = ServerProcess(
             [sys.executable, str(Path(__file__).resolve()), "--peer", str(peer_port),
              str(get_size), str(post_size)],
-            dict(os.environ), f"http://127.0.0.1:{peer_port}/search", work / "peer.log",
-        ))  # fmt: skip
+            log=work / "peer.log", name="FastAPI peer",
+        )  # fmt: skip
+        servers.append(peer)
+        peer.wait_ready(http_ok(f"http://127.0.0.1:{peer_port}/search"), "the FastAPI peer")
 
         ours_host, query = "127.0.0.1", urllib.parse.urlencode
 
@@ -441,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.json}")
         errors = sum(r.errors for r in runs)
         return 0 if errors == 0 else 1
+    except NotReady as exc:
+        print(f"fhir_api bench: a server did not start: {exc}", file=sys.stderr)
+        return 1
     finally:
         for server in servers:
             server.stop()

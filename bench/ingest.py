@@ -28,8 +28,9 @@ flipping each repeat) to spread drift; the summary is the median of the repeats.
 Usage:
   python bench/ingest.py [--count 200] [--syntax explicit j2k] [--associations 1 4]
       [--repeat 1] [--data-dir bench/out/data] [--json bench/out/ingest.json]
-Needs dcmtk 3.6 (``/usr/bin/storescu``, ``storescp``, ``echoscu``; pynetdicom installs
-scripts of the same names in the venv, so the dcmtk paths are explicit).
+Needs dcmtk 3.6 (``/usr/bin/storescu``, ``storescp``; pynetdicom installs scripts of the
+same names in the venv, so the dcmtk paths are explicit). Receivers are started and
+stopped with bench/nodeproc.py and are ready when they answer C-ECHO.
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -53,10 +52,20 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.nodeproc import (  # noqa: E402
+    NotReady,
+    ServerProcess,
+    dicom_echo,
+    free_port,
+    start_node,
+)
+
 DCMTK_BIN = Path(os.environ.get("DCMTK_BIN", "/usr/bin"))
 STORESCU = DCMTK_BIN / "storescu"
 STORESCP = DCMTK_BIN / "storescp"
-ECHOSCU = DCMTK_BIN / "echoscu"
 
 OUR_AE = "MEDGEMMA"
 PEER_AE = "STORESCP"
@@ -198,42 +207,10 @@ def dcmtk_environment(nagle: bool) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_echo(port: int, ae_title: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    """Return once the receiver answers C-ECHO (60 s at most)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"receiver exited with {proc.returncode} before answering; see {log}")
-        argv = [str(ECHOSCU), "-aet", CALLING_AE, "-aec", ae_title, "-to", "2"]
-        ok = subprocess.run(
-            [*argv, "127.0.0.1", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        if ok.returncode == 0:
-            return
-        time.sleep(0.2)
-    raise BenchError(f"receiver on port {port} did not answer C-ECHO within 60 s; see {log}")
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class Receiver:
     name: str
     ae_title: str
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ServerProcess | None = None
 
     def start(self, run_dir: Path, log: Path) -> int:
         """Start listening; return the port once C-ECHO is answered."""
@@ -245,7 +222,7 @@ class Receiver:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc)
+            self.proc.stop(timeout=30)
             self.proc = None
 
     @property
@@ -254,14 +231,13 @@ class Receiver:
 
 
 class OurScp(Receiver):
-    """``python -m node.cli serve`` with the demo engine and completion pushed out of reach."""
+    """``medgemma-node serve`` with the demo engine and completion pushed out of reach."""
 
     name = "ours"
     ae_title = OUR_AE
 
-    def __init__(self, argv: Sequence[str] = ("-m", "node.cli", "serve")) -> None:
-        self.argv = [sys.executable, *argv]
-        self.proc: subprocess.Popen[bytes] | None = None
+    def __init__(self) -> None:
+        self.proc: ServerProcess | None = None
         self.data_dir: Path | None = None
 
     def start(self, run_dir: Path, log: Path) -> int:
@@ -269,31 +245,28 @@ class OurScp(Receiver):
         self.data_dir = run_dir / "node"
         tmp = run_dir / "tmp"  # pynetdicom's chunked temp files: same disk, so a rename
         tmp.mkdir(parents=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MEDGEMMA_NODE_")}
-        env.update(
-            {
-                "MEDGEMMA_NODE_DICOM__PORT": str(port),
-                "MEDGEMMA_NODE_DICOM__BIND_ADDRESS": "127.0.0.1",
-                "MEDGEMMA_NODE_DICOM__AE_TITLE": OUR_AE,
-                "MEDGEMMA_NODE_STORAGE__DATA_DIR": str(self.data_dir),
-                "MEDGEMMA_NODE_STORAGE__MIN_FREE_MB": "0",
-                # no study completes (and no pre-read competes) during the run
-                "MEDGEMMA_NODE_COMPLETION__QUIET_SECONDS": "3600",
-                "MEDGEMMA_NODE_COMPLETION__ON_ASSOCIATION_RELEASE": "false",
-                "MEDGEMMA_NODE_ENGINE__NAME": "demo",
-                "MEDGEMMA_NODE_QUEUE__BROKER_URL": "",
-                "TMPDIR": str(tmp),
-            }
-        )
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                self.argv,
-                cwd=REPO,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        wait_for_echo(port, OUR_AE, self.proc, log)
+        env = {
+            "MEDGEMMA_NODE_DICOM__PORT": str(port),
+            "MEDGEMMA_NODE_DICOM__BIND_ADDRESS": "127.0.0.1",
+            "MEDGEMMA_NODE_DICOM__AE_TITLE": OUR_AE,
+            "MEDGEMMA_NODE_API__HOST": "127.0.0.1",
+            "MEDGEMMA_NODE_API__PORT": str(free_port()),
+            "MEDGEMMA_NODE_STORAGE__DATA_DIR": str(self.data_dir),
+            "MEDGEMMA_NODE_STORAGE__MIN_FREE_MB": "0",
+            # no study completes (and no pre-read competes) during the run
+            "MEDGEMMA_NODE_COMPLETION__QUIET_SECONDS": "3600",
+            "MEDGEMMA_NODE_COMPLETION__ON_ASSOCIATION_RELEASE": "false",
+            "MEDGEMMA_NODE_ENGINE__NAME": "demo",
+            "MEDGEMMA_NODE_QUEUE__BROKER_URL": "",
+            "TMPDIR": str(tmp),
+        }
+        try:
+            self.proc = start_node(
+                ["serve"], log=log, env=env, ready=lambda p: dicom_echo(port, OUR_AE),
+                what=f"our SCP on port {port} to answer C-ECHO",
+            )  # fmt: skip
+        except NotReady as exc:
+            raise BenchError(str(exc)) from None
         return port
 
     def received(self) -> int:
@@ -320,7 +293,7 @@ class DcmtkStorescp(Receiver):
     def __init__(self, extra_args: Sequence[str], env: dict[str, str]) -> None:
         self.extra_args = list(extra_args)
         self.env = env
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: ServerProcess | None = None
         self.out_dir: Path | None = None
 
     def start(self, run_dir: Path, log: Path) -> int:
@@ -328,11 +301,12 @@ class DcmtkStorescp(Receiver):
         self.out_dir = run_dir / "storescp"
         self.out_dir.mkdir(parents=True)
         argv = [str(STORESCP), *self.extra_args, "-aet", PEER_AE, "-od", str(self.out_dir)]
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [*argv, str(port)], env=self.env, stdout=out, stderr=subprocess.STDOUT
-            )
-        wait_for_echo(port, PEER_AE, self.proc, log)
+        self.proc = ServerProcess([*argv, str(port)], log=log, env=self.env, name="storescp")
+        try:
+            self.proc.wait_ready(dicom_echo(port, PEER_AE), f"storescp on port {port}")
+        except NotReady as exc:
+            self.stop()
+            raise BenchError(str(exc)) from None
         return port
 
     def received(self) -> int:
@@ -635,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.count < 1 or args.repeat < 1 or min(args.associations) < 1:
         parser.error("--count, --repeat and --associations must be at least 1")
-    for tool in (STORESCU, STORESCP, ECHOSCU):
+    for tool in (STORESCU, STORESCP):
         if not tool.is_file():
             print(f"ingest: {tool} not found; install dcmtk or set DCMTK_BIN", file=sys.stderr)
             return 2

@@ -23,7 +23,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import platform
@@ -32,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid  # noqa: E402
 
 from node.synthetic import make_chest_radiograph, write_study  # noqa: E402
+from sr_templates.model import PrereadResult  # noqa: E402
 from sr_templates.report import build_measurement_report  # noqa: E402
 from sr_templates.segmentation import build_segmentation  # noqa: E402
 from sr_templates.series import derived_uid, series_number  # noqa: E402
@@ -55,33 +56,37 @@ from workers.preread import analyse_views  # noqa: E402
 SYNTAXES = {"explicit": ExplicitVRLittleEndian, "j2k": JPEG2000Lossless}
 
 
-def preread_result(path: Path) -> dict[str, Any]:
+def preread_result(path: Path) -> PrereadResult:
     """The pre-read result of one frontal image, made by workers.preread.analyse_views."""
     frontal, _ = choose_views([path])
     assert frontal is not None, f"{path} is not a CR/DX image"
     return analyse_views(DemoEngine(), frontal)
 
 
-def with_findings(result: dict[str, Any], count: int, rows: int, cols: int) -> dict[str, Any]:
+def with_findings(result: PrereadResult, count: int, rows: int, cols: int) -> PrereadResult:
     """``result`` with ``count`` finding anchors: the pipeline's, then shifted copies."""
-    findings = [a for a in result["anchors"] if a["kind"] == "finding"]
+    findings = list(result.findings)
     if not findings:
         raise SystemExit("the pipeline found no findings on the benchmark image")
-    out = [copy.deepcopy(a) for a in findings[:count]]
+    out = findings[:count]
     step = 0
     while len(out) < count:
         step += 1
-        base = copy.deepcopy(findings[len(out) % len(findings)])
-        region = base["region"]
+        base = findings[len(out) % len(findings)]
         dr = (step * 97) % max(1, rows // 4)
-        for key in ("row0", "row1"):
-            region[key] = min(rows - 1.0, region[key] + dr)
-        base["anchor_id"] = f"A{100 + len(out)}"
-        base["tracking_uid"] = generate_uid()
-        base["label"] = f"copy {step} of {base['label']}"
-        out.append(base)
-    landmarks = [a for a in result["anchors"] if a["kind"] != "finding"]
-    return dict(result, anchors=out + landmarks)
+        region = replace(
+            base.region,
+            row0=min(rows - 1.0, base.region.row0 + dr),
+            row1=min(rows - 1.0, base.region.row1 + dr),
+        )
+        out.append(
+            replace(
+                base, anchor_id=f"A{100 + len(out)}", tracking_uid=generate_uid(),
+                label=f"copy {step} of {base.label}", region=region,
+            )
+        )  # fmt: skip
+    others = [a for a in result.anchors if a.kind != "finding"]
+    return replace(result, anchors=(*out, *others))
 
 
 def median_seconds(fn: Callable[[], object], repeat: int) -> float:
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         for count in args.findings:
             study = with_findings(result, count, args.rows, args.cols)
 
-            def build(study: dict[str, Any] = study) -> tuple[Dataset, Dataset | None]:
+            def build(study: PrereadResult = study) -> tuple[Dataset, Dataset | None]:
                 sr = build_measurement_report(
                     study, [header], series_number=series_number("sr"), instance_number=1,
                     sop_instance_uid=derived_uid("sr", study_uid, 1),
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
                 return sr, seg
 
-            def build_and_encode(study: dict[str, Any] = study) -> int:
+            def build_and_encode(study: PrereadResult = study) -> int:
                 sr, seg = build(study)
                 return len(to_bytes(sr)) + (len(to_bytes(seg)) if seg is not None else 0)
 

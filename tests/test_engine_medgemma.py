@@ -1,4 +1,6 @@
-"""The medgemma engine on a tiny random Gemma 3 checkpoint, and the vLLM engine on a fake server.
+"""The medgemma engine on a tiny random Gemma 3 checkpoint (needs the worker extra: torch
+and transformers; skipped without them). The vLLM engine's tests, which need neither,
+are in tests/test_engine_vllm.py.
 
 The tiny checkpoint goes through exactly the path real MedGemma weights take
 (``MedGemmaEngine`` -> AutoProcessor / AutoModelForImageTextToText, local_files_only). Its
@@ -8,18 +10,9 @@ on what the text says.
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +22,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from PIL import Image  # noqa: E402
 
 from sr_templates import ontology  # noqa: E402
 from tests.tiny_gemma import TOKEN_ID, build_tiny_gemma3  # noqa: E402
@@ -53,7 +45,6 @@ from workers.engines.medgemma import (  # noqa: E402
     decode_new_tokens,
     get_engine,
 )
-from workers.engines.vllm import VllmEngine  # noqa: E402
 
 MODEL_SIDE = 896  # what workers.imaging hands the engine; the processor resizes to its own size
 
@@ -283,222 +274,3 @@ def test_get_engine_loads_once_per_process(tiny_dir: Path) -> None:
         assert make_engine("medgemma", model=str(tiny_dir), revision="r1", device="cpu") is first
     finally:
         clear_engine_cache()
-
-
-def test_factory_refuses_unknown_engines_and_a_vllm_engine_without_url() -> None:
-    with pytest.raises(EngineError, match="not one of"):
-        make_engine("gpt")
-    with pytest.raises(EngineError, match="server_url"):
-        make_engine("vllm", server_url="")
-
-
-# --------------------------------------------------------------------------- vllm
-
-
-@dataclass
-class FakeServerState:
-    """What the fake OpenAI-compatible server answers, and what it was asked."""
-
-    served: list[str] = field(default_factory=lambda: ["google/medgemma-4b-it"])
-    status: int = 200
-    delay_s: float = 0.0
-    received: list[dict[str, Any]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    refuse_response_format: bool = False  # answer 400 to response_format, as old vLLM does
-
-
-def _handler(state: FakeServerState) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def _send(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            if self.path == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": m} for m in state.served]})
-            else:
-                self._send(404, {"error": "not found"})
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with state.lock:
-                state.received.append(body)
-            time.sleep(state.delay_s)
-            if self.path != "/v1/chat/completions":
-                self._send(404, {"error": "not found"})
-            elif state.status != 200:
-                self._send(state.status, {"error": {"message": "busy"}})
-            elif state.refuse_response_format and "response_format" in body:
-                message = "1 validation error: body.response_format: Extra inputs are not permitted"
-                self._send(400, {"object": "error", "message": message, "code": 400})
-            else:
-                prompt = body["messages"][-1]["content"][-1]["text"]
-                text = f"Final Answer: echo {prompt}<end_of_turn>"
-                self._send(200, {"choices": [{"index": 0, "message": {"content": text}}]})
-
-    return Handler
-
-
-@pytest.fixture
-def fake_vllm() -> Iterator[tuple[str, FakeServerState]]:
-    state = FakeServerState()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_vllm_sends_the_image_as_a_data_url_with_temperature_zero(
-    fake_vllm: tuple[str, FakeServerState],
-) -> None:
-    url, state = fake_vllm
-    engine = VllmEngine(url, "google/medgemma-4b-it", revision="abc")
-    assert isinstance(engine, Engine)
-    assert (engine.info.name, engine.info.model_id, engine.info.revision) == (
-        "vllm",
-        "google/medgemma-4b-it",
-        "abc",
-    )
-    image = radiograph(3)
-    request = EngineRequest(
-        images=(image,), prompt="List findings.", system="Be brief.", max_new_tokens=77
-    )
-    assert engine.generate([request]) == ["Final Answer: echo List findings."]
-
-    (body,) = state.received
-    assert body["model"] == "google/medgemma-4b-it"
-    assert body["temperature"] == 0
-    assert body["max_tokens"] == 77
-    assert body["messages"][0] == {"role": "system", "content": "Be brief."}
-    user = body["messages"][1]
-    assert user["role"] == "user"
-    image_part, text_part = user["content"]
-    assert text_part == {"type": "text", "text": "List findings."}
-    assert image_part["type"] == "image_url"
-    data_url = image_part["image_url"]["url"]
-    assert data_url.startswith("data:image/png;base64,")
-    decoded = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
-    assert np.array_equal(np.asarray(decoded.convert("RGB")), image)  # PNG is lossless
-
-
-def test_vllm_batch_runs_concurrently_and_keeps_order(
-    fake_vllm: tuple[str, FakeServerState],
-) -> None:
-    url, state = fake_vllm
-    engine = VllmEngine(url, "google/medgemma-4b-it")
-    state.delay_s = 0.3
-    requests = [EngineRequest(images=(radiograph(0),), prompt=f"q{i}") for i in range(4)]
-    started = time.perf_counter()
-    texts = engine.generate(requests)
-    elapsed = time.perf_counter() - started
-    assert texts == [f"Final Answer: echo q{i}" for i in range(4)]
-    assert elapsed < 4 * 0.3  # in flight together, not one after another
-
-
-def test_vllm_server_down_is_a_startup_error_that_says_how_to_start_it() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
-    with pytest.raises(EngineError) as caught:
-        VllmEngine(url, "google/medgemma-4b-it", timeout=2)
-    assert type(caught.value) is EngineError
-    assert f"vLLM server at {url} is not reachable" in str(caught.value)
-    assert "vllm serve google/medgemma-4b-it" in str(caught.value)
-
-
-def test_vllm_server_without_the_model_is_a_startup_error(
-    fake_vllm: tuple[str, FakeServerState],
-) -> None:
-    url, state = fake_vllm
-    state.served = ["some/other-model"]
-    with pytest.raises(EngineError, match="serves some/other-model"):
-        VllmEngine(url, "google/medgemma-4b-it")
-
-
-@pytest.mark.parametrize("status", [503, 429])
-def test_vllm_busy_server_is_transient(fake_vllm: tuple[str, FakeServerState], status: int) -> None:
-    url, state = fake_vllm
-    engine = VllmEngine(url, "google/medgemma-4b-it")
-    state.status = status
-    with pytest.raises(TransientEngineError, match=f"HTTP {status}"):
-        engine.generate([EngineRequest(images=(radiograph(0),), prompt="?")])
-
-
-def test_vllm_client_error_is_not_transient(fake_vllm: tuple[str, FakeServerState]) -> None:
-    url, state = fake_vllm
-    engine = VllmEngine(url, "google/medgemma-4b-it")
-    state.status = 400
-    with pytest.raises(EngineError) as caught:
-        engine.generate([EngineRequest(images=(radiograph(0),), prompt="?")])
-    assert not isinstance(caught.value, TransientEngineError)
-
-
-def test_vllm_timeout_is_transient(fake_vllm: tuple[str, FakeServerState]) -> None:
-    url, state = fake_vllm
-    engine = VllmEngine(url, "google/medgemma-4b-it", timeout=0.2)
-    state.delay_s = 1.0
-    with pytest.raises(TransientEngineError, match="timed out"):
-        engine.generate([EngineRequest(images=(radiograph(0),), prompt="?")])
-
-
-def test_vllm_sends_the_json_schema_as_response_format(
-    fake_vllm: tuple[str, FakeServerState],
-) -> None:
-    url, state = fake_vllm
-    engine = VllmEngine(url, "google/medgemma-4b-it")
-    schema = FOLLOWUP_SCHEMAS["describe"]
-    engine.generate([EngineRequest(images=(radiograph(0),), prompt="d", json_schema=schema)])
-    engine.generate([EngineRequest(images=(radiograph(0),), prompt="plain")])
-    with_schema, without = state.received
-    assert with_schema["response_format"] == {
-        "type": "json_schema",
-        "json_schema": {"name": "followup_describe", "schema": json.loads(json.dumps(schema))},
-    }
-    assert "guided_json" not in with_schema
-    assert "response_format" not in without
-
-
-def test_vllm_old_server_refusing_response_format_gets_the_request_without_it(
-    fake_vllm: tuple[str, FakeServerState], caplog: pytest.LogCaptureFixture
-) -> None:
-    url, state = fake_vllm
-    state.refuse_response_format = True
-    engine = VllmEngine(url, "google/medgemma-4b-it")
-    schema = FOLLOWUP_SCHEMAS["relation"]
-    request = EngineRequest(images=(radiograph(0),), prompt="r", json_schema=schema)
-    with caplog.at_level("WARNING", logger="workers.engines.vllm"):
-        assert engine.generate([request]) == ["Final Answer: echo r"]
-    refused, retried = state.received
-    assert "response_format" in refused and "response_format" not in retried
-    assert {k: v for k, v in refused.items() if k != "response_format"} == retried
-    assert "refused response_format" in caplog.text and url in caplog.text
-    # later requests leave it out at once
-    assert engine.generate([request]) == ["Final Answer: echo r"]
-    assert len(state.received) == 3 and "response_format" not in state.received[2]
-
-
-def test_vllm_other_client_errors_are_not_retried_without_the_schema(
-    fake_vllm: tuple[str, FakeServerState],
-) -> None:
-    url, state = fake_vllm
-    engine = VllmEngine(url, "google/medgemma-4b-it")
-    state.status = 400
-    request = EngineRequest(
-        images=(radiograph(0),), prompt="r", json_schema=FOLLOWUP_SCHEMAS["relation"]
-    )
-    with pytest.raises(EngineError, match="HTTP 400"):
-        engine.generate([request])
-    assert len(state.received) == 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from node.ledger import StudyLedger
 from node.outbox import DeliveryError, DeliveryState, Outbox, OutboxSender, send_dicom
 from node.settings import Destination, OutboxSettings
 from node.synthetic import make_secondary_capture, write_study
-from tests.peers import OrthancFactory, OrthancPeer, free_port
+from tests.peers import OrthancFactory, OrthancPeer, free_port, wait_for
 
 
 @pytest.fixture
@@ -68,8 +67,8 @@ def test_pacs_down_then_back_delivers_once_without_duplicates(
     assert outbox.deliveries()[0].attempts == 1
 
     pacs = orthanc_factory(aet="PACS", extra_config={"DicomPort": port})
-    time.sleep(0.6)
-    assert sender.deliver_due() == 1
+    # due again once its backoff (0.2 s) has passed; calls before that attempt nothing
+    wait_for(lambda: sender.deliver_due() == 1, 10, 0.05, "the retry after the backoff")
     # the worker enqueues the same result again (a redelivered task): nothing new is sent
     assert enqueue(outbox, path, study, sop, cls, dest) == 0
     assert sender.deliver_due() == 0
@@ -85,8 +84,12 @@ def test_failures_end_in_the_dead_letter_state(ledger: StudyLedger, tmp_path: Pa
     path, study, sop, cls = result_file(tmp_path)
     enqueue(outbox, path, study, sop, cls, dest)
     sender.deliver_due()
-    time.sleep(0.1)
-    sender.deliver_due()
+
+    def retried() -> bool:
+        sender.deliver_due()  # attempts nothing until the backoff (0.05 s) has passed
+        return outbox.deliveries()[0].attempts == 2
+
+    wait_for(retried, 10, 0.02, "the second attempt after the backoff")
     (dead,) = outbox.deliveries()
     assert dead.state is DeliveryState.DEAD and dead.attempts == 2
     assert outbox.counts() == {"pending": 0, "delivered": 0, "dead": 1}
