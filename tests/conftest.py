@@ -69,7 +69,9 @@ def wait_for_state(
         return study if study is not None and study.state.value in states else None
 
     try:
-        return wait_for(reached, timeout, 0.1, f"study {study_uid} in {sorted(states)}")
+        study = wait_for(reached, timeout, 0.1, f"study {study_uid} in {sorted(states)}")
+        assert study is not None  # wait_for returns only a truthy value
+        return study
     except AssertionError as exc:
         seen = last[0]
         raise AssertionError(

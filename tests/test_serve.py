@@ -83,6 +83,7 @@ def test_serve_storescu_then_status_shows_done(serve: ServerProcess, tmp_path: P
         status = wait_for(done, 60, 0.5, f"status to show study {uid} done")
     except AssertionError as exc:
         raise AssertionError(f"{exc}: {serve.describe()}") from None
+    assert status is not None  # wait_for returns only a truthy value
     assert status["scp"]["listening"] is True
     assert status["counts"]["done"] == 1
 
