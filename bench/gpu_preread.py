@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import transformers
 
-    from tests.tiny_gemma import TINY_MM_TOKENS, TINY_TEXT, TINY_VISION, save_gemma3_checkpoint
+    from bench.tiny_gemma import TINY_MM_TOKENS, TINY_TEXT, TINY_VISION, save_gemma3_checkpoint
     from workers.engines.base import EngineRequest, TransientEngineError
     from workers.engines.medgemma import MedGemmaEngine
 

@@ -177,3 +177,28 @@ def test_a_failed_follow_up_is_stored_not_done_with_the_reason(
     study_now = node.ledger.get_study(uid)
     assert study_now is not None and study_now.result is not None
     assert study_now.result.revision == 0
+
+
+def test_an_amendment_whose_image_left_the_spool_is_not_done_and_not_stored(
+    node: NodeRuntime, tmp_path: Path
+) -> None:
+    image = make_chest_radiograph(seed=97, rows=ROWS, cols=COLS, pixel_spacing_mm=0.3)
+    uid = str(image.dataset.StudyInstanceUID)
+    send_study(node, tmp_path / "in", [image])
+    assert wait_for_state(node, uid, {"done", "failed"}, 120).state.value == "done"
+    for path in (node.settings.storage.spool_path / uid).rglob("*.dcm"):
+        path.unlink()  # e.g. removed by hand: the SR can no longer refer to its image
+    store = FhirStore(node.ledger)
+    report = store.get("DiagnosticReport", fr.report_id(uid))
+    assert report is not None
+    question = {"resourceType": "Communication", "id": "q-spool-gone", "status": "in-progress",
+                "about": [{"reference": f"DiagnosticReport/{report.id}"}],
+                "payload": [{"contentString": "How far is A1 from the right hilum?"}]}  # fmt: skip
+    create_followup(store, question, report_id=report.id, study_uid=uid, language="en",
+                    anchor_ref="")  # fmt: skip
+    assert run_followup(node.settings, "q-spool-gone", store, DemoEngine()) == "failed"
+    job = followup(store, "q-spool-gone")
+    assert job is not None and "no longer readable in the spool" in job.error
+    study_now = node.ledger.get_study(uid)
+    assert study_now is not None and study_now.result is not None
+    assert study_now.result.revision == 0 and study_now.result.distances == ()

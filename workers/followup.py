@@ -131,8 +131,13 @@ def _amend(
     settings: Settings, ledger: StudyLedger, study: StudySummary, out: TurnOutput
 ) -> PrereadResult:
     """Store the turn's anchors and distances as the next result revision, then send the
-    amended SR and the new SEG and update the FHIR resources."""
-    from workers.results import publish_results
+    amended SR and the new SEG and update the FHIR resources.
+
+    The SR/SEG are built first (in memory): a result that cannot be written to the PACS is
+    never stored as amended. The ledger then takes the revision (refused when another turn
+    took it first), and only then are files written and queued.
+    """
+    from workers.results import ResultsError, build_results, store_results
 
     assert study.result is not None
     current = study.result
@@ -143,12 +148,15 @@ def _amend(
         distances=_merge_distances(current.distances, out.distances),
         revision=current.revision + 1,
     )
+    try:
+        built = build_results(settings, ledger, study.study_uid, study.version, amended)
+    except ResultsError as exc:
+        raise TurnFailed(f"the amended SR/SEG could not be built: {exc}") from exc
     if not ledger.amend_result(study.study_uid, study.version, amended, out.anchors):
         raise TurnFailed(
             "another follow-up changed this study at the same moment; please ask again"
         )
-    outputs = publish_results(settings, ledger, study.study_uid, study.version, amended)
-    amended = replace(amended, outputs=outputs)
+    amended = replace(amended, outputs=store_results(settings, ledger, built))
     ledger.record_outputs(study.study_uid, study.version, amended)
     record_fhir(ledger, study.study_uid, study.version, settings.fhir)
     return amended

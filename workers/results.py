@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
@@ -35,6 +36,10 @@ def _save(ds: Dataset, path: Path) -> None:
     write_file_atomically(path, lambda f: ds.save_as(f, enforce_file_format=True))
 
 
+class ResultsError(Exception):
+    """The SR/SEG of a result cannot be built (e.g. its image is no longer in the spool)."""
+
+
 def _source_headers(
     settings: Settings, ledger: StudyLedger, study_uid: str, version: int, wanted: set[str]
 ) -> list[Dataset]:
@@ -43,7 +48,13 @@ def _source_headers(
     for inst in ledger.instances_of(study_uid, up_to_version=version):
         if inst.sop_instance_uid in wanted:
             path = settings.storage.spool_path / inst.path
-            out.append(dcmread(path, stop_before_pixels=True))
+            try:
+                out.append(dcmread(path, stop_before_pixels=True))
+            except OSError as exc:
+                raise ResultsError(
+                    f"image {inst.sop_instance_uid} is no longer readable in the spool "
+                    f"({type(exc).__name__})"
+                ) from exc
     return out
 
 
@@ -70,15 +81,26 @@ def _predecessor(directory: Path, version: int, revision: int) -> Dataset | None
     return dcmread(max(earlier)[2], stop_before_pixels=True)
 
 
-def publish_results(
+@dataclass(frozen=True)
+class BuiltResults:
+    """The SR (always) and SEG (None without findings) of one result revision, not yet
+    written anywhere."""
+
+    study_uid: str
+    version: int
+    revision: int
+    sr: Dataset
+    seg: Dataset | None
+
+
+def build_results(
     settings: Settings, ledger: StudyLedger, study_uid: str, version: int, result: PrereadResult
-) -> ResultOutputs:
-    """Build, store and queue the SR (always) and SEG (when there are findings).
+) -> BuiltResults:
+    """Build the SR and SEG of ``result`` in memory; nothing is written.
 
     ``result.revision`` 0 is the pre-read of study ``version``; a follow-up amendment
-    (revision 1, 2, ...) gets its own SOP Instance UIDs and files and names the SR it
-    amends in the Predecessor Documents Sequence. Returns each file's path and UIDs, for
-    the study's result record.
+    (revision 1, 2, ...) gets its own SOP Instance UIDs and names the SR it amends in the
+    Predecessor Documents Sequence. Raises ResultsError with a sentence for the user.
     """
     node = settings.dicom.ae_title
     revision = result.revision
@@ -86,31 +108,45 @@ def publish_results(
     wanted = {frontal} | ({result.lateral.sop_instance_uid} if result.lateral else set())
     sources = _source_headers(settings, ledger, study_uid, version, wanted)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
+    if frontal not in by_uid:
+        raise ResultsError(
+            f"the image the findings are drawn on ({frontal}) is not among the study's "
+            "instances in the spool, so no SR or SEG can refer to it"
+        )
     ordered = [by_uid[frontal]] + [ds for uid, ds in by_uid.items() if uid != frontal]
     directory = results_dir(settings, study_uid)
+    try:
+        sr = build_measurement_report(
+            result,
+            ordered,
+            series_number=series_number("sr"),
+            instance_number=instance_number(version, revision),
+            sop_instance_uid=derived_uid("sr", study_uid, version, node=node, revision=revision),
+            series_instance_uid=series_uid("sr", study_uid, node=node),
+            predecessor=_predecessor(directory, version, revision),
+            node=node,
+        )
+        seg = build_segmentation(
+            result,
+            by_uid[frontal],
+            series_number=series_number("seg"),
+            instance_number=instance_number(version, revision),
+            sop_instance_uid=derived_uid("seg", study_uid, version, node=node, revision=revision),
+            series_instance_uid=series_uid("seg", study_uid, node=node),
+            node=node,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ResultsError(f"the SR/SEG cannot be built: {exc}") from exc
+    return BuiltResults(study_uid, version, revision, sr, seg)
 
-    sr = build_measurement_report(
-        result,
-        ordered,
-        series_number=series_number("sr"),
-        instance_number=instance_number(version, revision),
-        sop_instance_uid=derived_uid("sr", study_uid, version, node=node, revision=revision),
-        series_instance_uid=series_uid("sr", study_uid, node=node),
-        predecessor=_predecessor(directory, version, revision),
-        node=node,
-    )
-    seg = build_segmentation(
-        result,
-        by_uid[frontal],
-        series_number=series_number("seg"),
-        instance_number=instance_number(version, revision),
-        sop_instance_uid=derived_uid("seg", study_uid, version, node=node, revision=revision),
-        series_instance_uid=series_uid("seg", study_uid, node=node),
-        node=node,
-    )
+
+def store_results(settings: Settings, ledger: StudyLedger, built: BuiltResults) -> ResultOutputs:
+    """Write the built SR and SEG durably and queue them for every destination."""
+    study_uid, version, revision = built.study_uid, built.version, built.revision
+    directory = results_dir(settings, study_uid)
     outbox = Outbox(ledger, settings.outbox)
     written: dict[str, OutputRef] = {}
-    for kind, ds in (("sr", sr), ("seg", seg)):
+    for kind, ds in (("sr", built.sr), ("seg", built.seg)):
         if ds is None:
             continue
         path = directory / result_file_name(kind, version, revision)
@@ -127,11 +163,24 @@ def publish_results(
         written[kind] = OutputRef(str(path), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
     outputs = ResultOutputs(sr=written.get("sr"), seg=written.get("seg"))
     log.info(
-        "study %s v%d: SR %s%s written, %d destination(s)",
+        "study %s v%d r%d: SR %s%s written, %d destination(s)",
         study_uid,
         version,
+        revision,
         outputs.sr.sop_instance_uid if outputs.sr else "-",
         f", SEG {outputs.seg.sop_instance_uid}" if outputs.seg else " (no findings: no SEG)",
         len(settings.destinations),
     )
     return outputs
+
+
+def publish_results(
+    settings: Settings, ledger: StudyLedger, study_uid: str, version: int, result: PrereadResult
+) -> ResultOutputs:
+    """Build, store and queue the SR (always) and SEG (when there are findings).
+
+    Returns each file's path and UIDs, for the study's result record.
+    """
+    return store_results(
+        settings, ledger, build_results(settings, ledger, study_uid, version, result)
+    )
