@@ -23,8 +23,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 
-from sr_templates import ontology  # noqa: E402
 from bench.tiny_gemma import TOKEN_ID, build_tiny_gemma3  # noqa: E402
+from sr_templates import ontology  # noqa: E402
 from workers.dialogue.answers import parse_describe  # noqa: E402
 from workers.dialogue.prompts import (  # noqa: E402
     DESCRIBE_TASK_LINE,

@@ -45,7 +45,7 @@ class _Ledger:
 
     def __init__(self) -> None:
         self.paths: list[tuple[int, Path]] = []
-        self.results: dict[int, dict[str, Any]] = {}
+        self.results: dict[int, PrereadResult] = {}
 
     def instances_of(self, study_uid: str, up_to_version: int) -> list[SimpleNamespace]:
         return [SimpleNamespace(path=p) for v, p in self.paths if v <= up_to_version]
@@ -74,7 +74,7 @@ def preread(tmp_path: Path) -> Preread:
         typed = analyse_study(ledger, tmp_path, engine, study_uid, version)  # type: ignore[arg-type]
         result = typed.to_json()
         assert PrereadResult.from_json(result) == typed  # the ledger's JSON loses nothing
-        ledger.results[version] = result
+        ledger.results[version] = typed  # the ledger returns typed results
         return result
 
     return run

@@ -47,10 +47,12 @@ def measure(
     height = (region.row1 - region.row0) * sr
     width = (region.col1 - region.col0) * sc
     area = width * height * (math.pi / 4 if region.shape == "ellipse" else 1.0)
+    # 0.01 mm (or px): far below what a radiograph resolves; the SR, FHIR and viewers then
+    # all show the same digits
     return Measurements(
-        long_axis=max(width, height),
-        short_axis=min(width, height),
-        area=area,
+        long_axis=round(max(width, height), 2),
+        short_axis=round(min(width, height), 2),
+        area=round(area, 2),
         units=units,
         spacing_source=spacing_source if spacing_mm is not None else "none",
     )
