@@ -17,10 +17,8 @@ from sr_templates import ontology
 from sr_templates.model import Anchor, AnchorDistance, Measurements
 
 __all__ = [
-    "SUPPORTED_LANGUAGES",
     "Language",
     "anchor_name",
-    "answer_language",
     "attributes_text",
     "clarify_text",
     "distance_text",
@@ -33,8 +31,6 @@ __all__ = [
 ]
 
 Language = ontology.AnswerLanguage
-SUPPORTED_LANGUAGES: Final = ontology.ANSWER_LANGUAGES
-answer_language = ontology.answer_language
 
 
 def _term_name(term: str | None, language: Language) -> str:

@@ -35,7 +35,6 @@ from workers.dialogue import compose
 from workers.dialogue.answers import parse_describe, parse_localise, parse_relation
 from workers.dialogue.intents import Intent, detect_intents
 from workers.dialogue.prompts import (
-    FOLLOWUP_PROMPT_VERSION,
     FOLLOWUP_SCHEMAS,
     AnchorBrief,
     FollowupTask,
@@ -331,16 +330,17 @@ def answer_turn(inp: TurnInput) -> TurnOutput:
         resolution = Anchors((inp.anchor_hint,))
     if isinstance(resolution, Clarify):
         candidates = [t.current(i) for i in resolution.candidates if i in t.anchors]
-        text = compose.clarify_text(candidates, _reason(resolution, inp.language), inp.language)
+        # the resolver's reason is English: a Chinese clarifying question lists candidates only
+        reason = resolution.reason if inp.language == "en" else ""
+        text = compose.clarify_text(candidates, reason, inp.language)
         return _output(t, "clarify", text, tuple(resolution.candidates), focus, intents, started)
 
     ids = tuple(i for i in resolution.ids if i in t.anchors or i in t.changed)
     named = [t.current(i) for i in ids]
     findings = [a for a in named if a.kind == "finding"]
-    others = [a for a in named if a.kind != "finding"]
     primary = findings[0] if findings else (named[0] if named else None)
     parts: list[str] = []
-    overview = "overview" in intents or getattr(resolution, "scope", "") == "all"
+    overview = "overview" in intents or resolution.scope == "all"
     if overview and not (set(intents) - {"overview", "size"}):
         result_findings = [a for a in t.all_anchors() if a.kind == "finding"]
         parts.append(compose.overview_text(result_findings, inp.language, inp.result.truncated))
@@ -378,7 +378,6 @@ def answer_turn(inp: TurnInput) -> TurnOutput:
     if not text:
         names = ", ".join(compose.anchor_name(a, inp.language) for a in named)
         text = names
-    _ = others
     return _output(t, "answered", text, ids, primary.anchor_id, intents, started)
 
 
@@ -387,10 +386,6 @@ def _last_focus(earlier: Sequence[EarlierTurn]) -> str | None:
         if e.focus:
             return e.focus
     return None
-
-
-def _reason(c: Clarify, language: compose.Language) -> str:
-    return str(getattr(c, "reason", "") or "") if language == "en" else ""
 
 
 def _output(
@@ -414,6 +409,3 @@ def _output(
         model_outputs=t.outputs,
         timings=t.timings,
     )
-
-
-PROMPT_VERSION = FOLLOWUP_PROMPT_VERSION
