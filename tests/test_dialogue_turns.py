@@ -19,8 +19,8 @@ from node.synthetic import Nodule, SyntheticImage, make_chest_radiograph
 from sr_templates.model import Anchor, PrereadResult
 from tests.conftest import send_study, wait_for_state
 from workers.dialogue.prompts import followup_task
-from workers.dialogue.turn import TurnFailed, TurnInput, answer_turn
-from workers.engines.base import EngineError, EngineInfo, EngineRequest
+from workers.dialogue.turn import TransientTurnError, TurnFailed, TurnInput, answer_turn
+from workers.engines.base import EngineError, EngineInfo, EngineRequest, TransientEngineError
 from workers.engines.demo import DemoEngine
 from workers.followup import run_followup
 from workers.imaging import choose_views, crop_source, load_display_image
@@ -45,15 +45,21 @@ class ScriptedEngine:
 
     info = EngineInfo(name="demo", model_id="scripted", revision="t1", is_demo=True)
 
-    def __init__(self, answers: dict[str, str] | None = None, fail: bool = False) -> None:
+    def __init__(
+        self, answers: dict[str, str] | None = None, fail: bool = False, busy: int = 0
+    ) -> None:
         self.answers = answers or {}
         self.fail = fail
+        self.busy = busy  # this many calls answer "server busy" first
         self.requests: list[EngineRequest] = []
         self.demo = DemoEngine()
 
     def generate(self, requests: list[EngineRequest]) -> list[str]:
         if self.fail:
             raise EngineError("CUDA error: device-side assert triggered")
+        if self.busy:
+            self.busy -= 1
+            raise TransientEngineError("503 Service Unavailable")
         self.requests.extend(requests)
         out = []
         for r in requests:
@@ -202,3 +208,30 @@ def test_an_amendment_whose_image_left_the_spool_is_not_done_and_not_stored(
     study_now = node.ledger.get_study(uid)
     assert study_now is not None and study_now.result is not None
     assert study_now.result.revision == 0 and study_now.result.distances == ()
+
+
+def test_a_busy_engine_is_retried_and_the_question_stays_open_until_answered(
+    node: NodeRuntime, tmp_path: Path
+) -> None:
+    image = make_chest_radiograph(seed=98, rows=ROWS, cols=COLS, pixel_spacing_mm=0.3)
+    uid = str(image.dataset.StudyInstanceUID)
+    send_study(node, tmp_path / "in", [image])
+    assert wait_for_state(node, uid, {"done", "failed"}, 120).state.value == "done"
+    store = FhirStore(node.ledger)
+    report = store.get("DiagnosticReport", fr.report_id(uid))
+    assert report is not None
+    question = {"resourceType": "Communication", "id": "q-busy", "status": "in-progress",
+                "about": [{"reference": f"DiagnosticReport/{report.id}"}],
+                "payload": [{"contentString": "Is the margin of A1 regular?"}]}  # fmt: skip
+    create_followup(store, question, report_id=report.id, study_uid=uid, language="en",
+                    anchor_ref="")  # fmt: skip
+    engine = ScriptedEngine(busy=1)
+    with pytest.raises(TransientTurnError):
+        run_followup(node.settings, "q-busy", store, engine)
+    job = followup(store, "q-busy")
+    assert job is not None and not job.finished  # not answered, not failed: retried
+    assert run_followup(node.settings, "q-busy", store, engine) == "answered"
+    job = followup(store, "q-busy")
+    assert job is not None and job.finished and not job.error
+    answer = store.get("Communication", job.answer_id)
+    assert answer is not None and answer.resource["status"] == "completed"

@@ -16,6 +16,7 @@ never as completed. Questions and answers are patient data: never logged.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import lru_cache
@@ -33,7 +34,14 @@ from sr_templates import ontology
 from sr_templates.model import AnchorDistance, PrereadResult
 from workers.dialogue import compose
 from workers.dialogue.prompts import FOLLOWUP_PROMPT_VERSION
-from workers.dialogue.turn import EarlierTurn, TurnFailed, TurnInput, TurnOutput, answer_turn
+from workers.dialogue.turn import (
+    EarlierTurn,
+    TransientTurnError,
+    TurnFailed,
+    TurnInput,
+    TurnOutput,
+    answer_turn,
+)
 from workers.engines.base import Engine
 from workers.imaging import DisplayImage, load_display_image
 from workers.preread import engine_for, ledger_for, record_fhir
@@ -296,7 +304,9 @@ def run_followup(
     """Answer one follow-up question and store the answer.
 
     Returns "answered", "failed" (the answer says why, status not-done) or "noop" when
-    the question is unknown or already answered (a redelivered task).
+    the question is unknown or already answered (a redelivered task). Raises
+    TransientTurnError when the engine is busy: the caller retries, then gives up with
+    :func:`fail_followup`.
     """
     store = store or store_for(settings)
     job = start_followup(store, question_id)
@@ -305,6 +315,8 @@ def run_followup(
         return "noop"
     try:
         answer = answer_question(settings, store, job, engine)
+    except TransientTurnError:
+        raise  # the job stays running; the task (or the in-process handler) tries again
     except TurnFailed as exc:
         reason = str(exc)
         log.warning("follow-up %s not answered: %s", question_id, reason)
@@ -343,6 +355,15 @@ def run_followup_by_id(settings: Settings) -> Callable[[str], str]:
     """The in-process worker's entry point (``serve``): bound to the node's settings."""
 
     def handler(question_id: str) -> str:
-        return run_followup(settings, question_id)
+        for attempt in range(3):
+            try:
+                return run_followup(settings, question_id)
+            except TransientTurnError as exc:
+                log.warning(
+                    "follow-up %s: transient error (attempt %d): %s", question_id, attempt + 1, exc
+                )
+                time.sleep(2**attempt)
+        fail_followup(settings, question_id, "the model kept failing (transient errors)")
+        return "failed"
 
     return handler

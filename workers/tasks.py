@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from node.settings import get_settings
 from workers.celery_app import app
+from workers.dialogue.turn import TransientTurnError
 from workers.followup import fail_followup, run_followup
 from workers.preread import TransientPrereadError, fail_study, run_preread
 
@@ -32,11 +34,23 @@ def preread(self: object, study_uid: str, version: int) -> str:
         return "failed"
 
 
+FOLLOWUP_RETRIES = 3
+
+
 @app.task(name="medgemma.followup", bind=True, acks_late=True)
-def followup(self: object, question_id: str) -> str:
-    """Answer one follow-up question; idempotent (an answered question is not redone)."""
+def followup(self: Task, question_id: str) -> str:
+    """Answer one follow-up question; idempotent (an answered question is not redone).
+
+    A busy engine is retried with backoff, then the question is answered not-done."""
     try:
         return run_followup(get_settings(), str(question_id))
+    except TransientTurnError as exc:
+        if self.request.retries >= FOLLOWUP_RETRIES:
+            fail_followup(
+                get_settings(), str(question_id), "the model kept failing (transient errors)"
+            )
+            return "failed"
+        raise self.retry(exc=exc, countdown=min(120, 5 * 2**self.request.retries)) from exc
     except SoftTimeLimitExceeded:
         fail_followup(get_settings(), str(question_id), "timed out in the worker")
         return "failed"

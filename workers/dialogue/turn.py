@@ -43,11 +43,11 @@ from workers.dialogue.prompts import (
     build_relation_prompt,
 )
 from workers.dialogue.resolve import Anchors, Clarify, NewRegion, resolve
-from workers.engines.base import Engine, EngineError, EngineRequest
+from workers.engines.base import Engine, EngineError, EngineRequest, TransientEngineError
 from workers.geometry import ROUND_FINDINGS, iou, measure, region_distance
 from workers.imaging import DisplayImage, SquareTransform, crop_source, to_model_image
 
-__all__ = ["TurnFailed", "TurnInput", "TurnOutput", "answer_turn"]
+__all__ = ["TransientTurnError", "TurnFailed", "TurnInput", "TurnOutput", "answer_turn"]
 
 # A box the model returns on the crop replaces the anchor's outline only when it is
 # really different (IoU below this) and still on the same lesion (IoU above the floor).
@@ -57,6 +57,10 @@ REFINE_MIN_IOU = 0.3
 
 class TurnFailed(Exception):
     """The turn could not produce an answer (engine error, nothing to localise)."""
+
+
+class TransientTurnError(Exception):
+    """The engine is busy or out of memory for now: the turn is worth running again."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ class _Turn:
         )
         try:
             (text,) = self.inp.engine.generate([request])
+        except TransientEngineError as exc:
+            raise TransientTurnError(f"the model is busy ({task}): {exc}") from exc
         except EngineError as exc:
             raise TurnFailed(f"the model could not answer ({task}): {exc}") from exc
         seconds = round(time.monotonic() - started, 3)
