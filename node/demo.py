@@ -134,7 +134,8 @@ def converse_like_a_ris(
     base: str, token: str, accession: str, conversation: tuple[tuple[str, str], ...]
 ) -> tuple[FhirExchange, tuple[Turn, ...]]:
     """Find the pre-read's DiagnosticReport by accession and hold the conversation:
-    English questions through $ask, Chinese ones as POST Communication (respond-sync)."""
+    English questions through $ask, Chinese ones as POST Communication (respond-sync: the
+    201 comes once answered, and the answer is found by in-response-to)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {token}", "Accept": "application/fhir+json"}
@@ -163,8 +164,17 @@ def converse_like_a_ris(
                     "about": [{"reference": f"DiagnosticReport/{report['id']}"}],
                     "payload": [{"contentString": question}],
                 }
-                asked = client.post("/Communication", json=body, headers=sync)
-            if asked.status_code != 200:
+                created = client.post("/Communication", json=body, headers=sync)
+                if created.status_code != 201:
+                    raise DemoError(
+                        f"the question answered HTTP {created.status_code}: {created.text[:300]}"
+                    )
+                # a create: the 201 came once answered (respond-sync); search the answer
+                asked = client.get(
+                    "/Communication",
+                    params={"in-response-to": f"Communication/{created.json()['id']}"},
+                )
+            if asked.status_code != 200 or not asked.json().get("entry"):
                 raise DemoError(
                     f"the question answered HTTP {asked.status_code}: {asked.text[:300]}"
                 )

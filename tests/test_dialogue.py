@@ -96,7 +96,8 @@ def find_report(ris: httpx.Client, accession: str) -> dict[str, Any]:
 
 
 def ask(ris: httpx.Client, report_id: str, question: str, language: str) -> dict[str, Any]:
-    """English through $ask, Chinese as a POST Communication; both respond-sync."""
+    """English through $ask, Chinese as a POST Communication (a create: 201, then the
+    answer by in-response-to); both respond-sync."""
     sync = {**FHIR, "Prefer": "respond-sync"}
     if language == "en":
         body: dict[str, Any] = {"resourceType": "Parameters", "parameter": [
@@ -107,7 +108,11 @@ def ask(ris: httpx.Client, report_id: str, question: str, language: str) -> dict
         body = {"resourceType": "Communication", "status": "completed", "language": "zh-CN",
                 "about": [{"reference": f"DiagnosticReport/{report_id}"}],
                 "payload": [{"contentString": question}]}  # fmt: skip
-        response = ris.post("/Communication", json=body, headers=sync)
+        created = ris.post("/Communication", json=body, headers=sync)
+        assert created.status_code == 201, created.text
+        # respond-sync: the 201 came once the question was answered; search its answer
+        question_ref = f"Communication/{created.json()['id']}"
+        response = ris.get("/Communication", params={"in-response-to": question_ref})
     assert response.status_code == 200, response.text
     answer: dict[str, Any] = response.json()["entry"][0]["resource"]
     get_fhir_model_class("Communication").model_validate(answer)

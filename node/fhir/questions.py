@@ -9,10 +9,19 @@ committed in groups: :class:`node.fhir.followups.QuestionWriter`), then sent by 
 :class:`node.fhir.followups.FollowupPublisher`, which retries through a broker outage: a
 stored question is never refused or lost because the queue is down, only answered later.
 
-Asynchronous by default, the FHIR way: 202 Accepted with ``Content-Location`` to poll
-(``GET /fhir/_async/{id}``: 202 while queued or running, then 200 with a collection
+``$ask`` is asynchronous by default, the FHIR way: 202 Accepted with ``Content-Location``
+to poll (``GET /fhir/_async/{id}``: 202 while queued or running, then 200 with a collection
 Bundle). ``Prefer: respond-sync`` waits up to ``fhir.respond_sync_timeout_seconds`` (or a
 shorter ``wait=N``) and answers 200 with the Bundle, or 202 if the answer is not ready.
+
+``POST Communication`` is a FHIR create (:func:`create_question`): 201 Created with the
+question Communication, ``Location`` (its version 1), ``ETag`` and ``Content-Location``,
+the body as ``Prefer: return=`` asks (``representation``, the default; ``minimal``: no
+body; ``OperationOutcome``: how to find the answer). The answer is a Communication
+``inResponseTo`` the question (``Communication?in-response-to=Communication/{id}``, or a
+Subscription). ``Prefer: respond-sync`` keeps its meaning there in a create's terms: the
+201 waits for the answer (up to the same timeout), so the question comes back
+``completed`` and its answer is there to search at once; it is never a Bundle.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from fastapi import Request, Response
 
@@ -32,7 +41,7 @@ from node.fhir.deps import ApiContext, Call, base_url
 from node.fhir.errors import FhirError, bad_request, not_found, operation_outcome, unprocessable
 from node.fhir.followups import FollowupJob, NewQuestion, followup
 from node.fhir.resources import ResourceInvalid, now_instant, validate
-from node.fhir.responses import collection_text, json_response
+from node.fhir.responses import FhirResponse, collection_text, json_response, resource_response
 from node.fhir.search import normalise_reference
 from node.fhir.store import FhirStore, StoredResource, new_id
 from sr_templates import ontology
@@ -192,10 +201,27 @@ def build_question(
         raise bad_request(str(exc)) from None
 
 
+ReturnPreference = Literal["representation", "minimal", "operationoutcome"]
+
+
+def _prefer_tokens(request: Request) -> list[str]:
+    """The Prefer header's preferences and parameters, lower case, quotes dropped."""
+    prefer = request.headers.get("prefer", "").lower()
+    return [t.strip().replace('"', "") for t in prefer.replace(";", ",").split(",")]
+
+
+def return_preference(request: Request) -> ReturnPreference:
+    """What the body of a create holds (Prefer: return=...; representation by default, and
+    for a value FHIR does not define: an unknown preference is ignored, RFC 7240)."""
+    for token in _prefer_tokens(request):
+        if token in ("return=minimal", "return=operationoutcome"):
+            return "minimal" if token == "return=minimal" else "operationoutcome"
+    return "representation"
+
+
 def preference(request: Request, cap: float) -> float | None:
     """Seconds to wait for the answer (Prefer: respond-sync[, wait=N]); None = async."""
-    prefer = request.headers.get("prefer", "").lower()
-    tokens = [t.strip() for t in prefer.replace(";", ",").split(",")]
+    tokens = _prefer_tokens(request)
     if "respond-sync" not in tokens:
         return None
     for t in tokens:
@@ -253,22 +279,23 @@ def job_response(request: Request, call: Call, job: FollowupJob) -> Response:
                 "Retry-After": "1",
             },
         )
-    resources = result_resources(call.store, job)
-    call.access.entities = [f"{r.resource_type}/{r.id}" for r in resources]
+    disclosed = call.readable(result_resources(call.store, job))  # scope-checked like reads
+    call.access.returned(disclosed.resources)
     headers = {"Content-Location": location}
     if job.answer_id:
         headers["Location"] = f"{base}/Communication/{job.answer_id}"
-    return json_response(collection_text(base, resources), status=200, headers=headers)
+    text = collection_text(base, disclosed.resources, disclosed.warning)
+    return json_response(text, status=200, headers=headers)
 
 
-async def ask(
+async def _accept(
     request: Request,
     call: Call,
     report_id: str,
     q: Question,
     extra: Mapping[str, Any] | None = None,
-) -> Response:
-    """Accept a question about a report: store + queue, then answer sync or async."""
+) -> FollowupJob:
+    """Store and queue a question about a report; wait for its answer when Prefer asks to."""
     ctx = call.ctx
     assert call.principal is not None
     wait = preference(request, call.settings.respond_sync_timeout_seconds)
@@ -287,6 +314,53 @@ async def ask(
         waited = await wait_for(ctx, job.id, wait)
         if waited is not None:
             job = waited
+    return job
+
+
+async def ask(
+    request: Request,
+    call: Call,
+    report_id: str,
+    q: Question,
+    extra: Mapping[str, Any] | None = None,
+) -> Response:
+    """``$ask``: store + queue, then answer sync (the Bundle) or async (202 + poll)."""
+    job = await _accept(request, call, report_id, q, extra)
     if not job.finished:  # no database work left: answer from here
         return job_response(request, call, job)
-    return await ctx.db(job_response, request, call, job)
+    return await call.ctx.db(job_response, request, call, job)
+
+
+def _stored_question(store: FhirStore, question_id: str) -> StoredResource:
+    stored = store.get("Communication", question_id)
+    if stored is None:  # only if deleted in between: the create still happened
+        raise not_found(f"Communication/{question_id} is gone")
+    return stored
+
+
+async def create_question(
+    request: Request, call: Call, report_id: str, q: Question, extra: Mapping[str, Any]
+) -> Response:
+    """``POST Communication``: 201 Created with the question (as Prefer: return= asks),
+    Location of its first version and ETag of the version served."""
+    returning = return_preference(request)
+    job = await _accept(request, call, report_id, q, extra)
+    stored = await call.ctx.read(_stored_question, call.ctx.store, job.id)
+    base = base_url(request, call.settings)
+    url = f"{base}/Communication/{stored.id}"
+    headers = {"Location": f"{url}/_history/1", "ETag": stored.etag}
+    if returning == "minimal":
+        return FhirResponse(content=b"", status_code=201, headers=headers)
+    if returning == "operationoutcome":
+        outcome = operation_outcome(
+            f"Communication/{stored.id} created ({job.state.value}); its answer will be a "
+            f"Communication found by GET {base}/Communication?in-response-to="
+            f"Communication/{stored.id}",
+            code="informational",
+            severity="information",
+        )
+        return json_response(outcome, status=201, headers=headers)
+    response = resource_response(stored, 201, base=base)
+    response.headers["Location"] = headers["Location"]  # the created version
+    response.headers["Content-Location"] = f"{url}/_history/{stored.version_id}"  # the body's
+    return response

@@ -9,7 +9,9 @@ parameters instead).
 
 Subjects are identifier references (the node keeps no Patient resources), so
 ``subject:identifier`` / ``patient:identifier`` and the chains ``subject.identifier`` /
-``patient.identifier`` all search the subject reference's identifier.
+``patient.identifier`` all search the subject reference's identifier, and
+``subject=Patient/[id]`` / ``patient=[id]`` match the subjects whose identifier value
+(DICOM PatientID, any system) is ``[id]``; a subject of another type is a 400.
 """
 
 from __future__ import annotations
@@ -59,25 +61,30 @@ class Condition:
     alternatives: tuple[tuple[str, str, str], ...]  # (prefix or system, value, kind)
 
 
+#: The index of the subject's identifier; ``subject`` and ``patient`` references read it.
+SUBJECT_IDENTIFIER: Final = "subject-identifier"
+
+
 def _subject_params() -> list[SearchParam]:
     return [
         SearchParam(
             "subject",
             "reference",
-            "subject",
-            "The subject as a reference (Patient/[id]); the node's subjects are identifier "
-            "references, so use subject:identifier",
+            SUBJECT_IDENTIFIER,
+            "The patient as Patient/[id], where [id] is the patient's identifier value "
+            "(DICOM PatientID): the node keeps no Patient resources, its subjects are "
+            "identifier references; subject:identifier takes a system too",
         ),
         SearchParam(
             "patient",
             "reference",
-            "subject",
-            "Same as subject (Patient/[id])",
+            SUBJECT_IDENTIFIER,
+            "Same as subject (Patient/[id], [id] the DICOM PatientID)",
         ),
         SearchParam(
             "subject:identifier",
             "token",
-            "subject-identifier",
+            SUBJECT_IDENTIFIER,
             "The patient's identifier (DICOM PatientID), [system]|[value]; also as "
             "patient:identifier, patient.identifier and subject.identifier",
             aliases=("patient:identifier", "patient.identifier", "subject.identifier"),
@@ -264,7 +271,7 @@ def _date(param: str, text: Any) -> Iterator[IndexValue]:
 def _subject(resource: Mapping[str, Any]) -> Iterator[IndexValue]:
     subject = resource.get("subject")
     if isinstance(subject, dict):
-        yield from _references("subject", [subject], "subject-identifier")
+        yield from _references("subject", [subject], SUBJECT_IDENTIFIER)
 
 
 def _status(resource: Mapping[str, Any]) -> Iterator[IndexValue]:
@@ -447,6 +454,8 @@ def _parse_value(param: SearchParam, key: str, value: str) -> tuple[str, str, st
                 f"for identifiers use {param.name}:identifier"
             )
         ref = normalise_reference(value)
+        if param.index == SUBJECT_IDENTIFIER:
+            return _patient_reference(key, ref)
         return ("", ref, "reference") if "/" in ref else ("", ref, "id")
     if param.type == "special":
         return "", value, "id"
@@ -454,6 +463,19 @@ def _parse_value(param: SearchParam, key: str, value: str) -> tuple[str, str, st
         system, _, code = value.partition("|")
         return system, code, "system" if code else "system-only"
     return "", value, "any-system"
+
+
+def _patient_reference(key: str, ref: str) -> tuple[str, str, str]:
+    """``Patient/[id]`` (or ``[id]``) as the patient identifier value it names: the node's
+    subjects are logical references by PatientID, so that is what a patient's id means."""
+    kind, _, patient_id = ref.rpartition("/")
+    if kind not in ("", "Patient"):
+        raise bad_request(
+            f"search parameter {key!r}: {ref[:80]!r} is not a Patient; this node's subjects "
+            "are patients, searched as Patient/[DICOM PatientID] or "
+            f"{key}:identifier=[system]|[PatientID]"
+        )
+    return "", patient_id, "any-system"
 
 
 def parse_count(raw: str | None, default: int, maximum: int) -> int:

@@ -41,11 +41,14 @@ SECURITY_TEXT: Final = (
 )
 DOCUMENTATION: Final = (
     "medgemma-node: AI-generated, preliminary chest radiograph pre-reads (MedGemma), not a "
-    "diagnosis. Follow-up questions: POST DiagnosticReport/[id]/$ask or POST Communication; "
-    "asynchronous (202 + Content-Location [base]/_async/[id]: 202 while running, then 200 "
-    "with a collection Bundle: the answer Communication and what it is about), or "
-    "Prefer: respond-sync to wait. Searches answer searchset Bundles paged with _count and "
-    "next links; unknown parameters are a 400 unless Prefer: handling=lenient."
+    "diagnosis. Follow-up questions: POST DiagnosticReport/[id]/$ask, asynchronous (202 + "
+    "Content-Location [base]/_async/[id]: 202 while running, then 200 with a collection "
+    "Bundle: the answer Communication and what it is about), or Prefer: respond-sync to "
+    "wait; or POST Communication, a create (201 + Location; Prefer: return=minimal | "
+    "representation | OperationOutcome; respond-sync waits for the answer), answered by a "
+    "Communication found by Communication?in-response-to=Communication/[id]. Searches "
+    "answer searchset Bundles paged with _count and next links; unknown parameters are a "
+    "400 unless Prefer: handling=lenient."
 )
 
 
