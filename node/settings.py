@@ -7,6 +7,7 @@ given with ``--config`` (or ``MEDGEMMA_NODE_CONFIG``), then the defaults below, 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -174,7 +175,10 @@ class AuthSettings(BaseModel):
 class FhirSettings(BaseModel):
     """The FHIR R4 endpoint: identifiers, limits, follow-up waiting and subscriptions."""
 
-    base_url: str = ""  # public base, e.g. https://node.example/fhir; empty = from the request
+    base_url: str = ""  # public base, e.g. https://node.example/fhir; empty = see trusted_proxies
+    # proxies (IPs/CIDRs) whose X-Forwarded-Host/-Proto or Forwarded headers set the links'
+    # base when base_url is empty; empty = none: links use the address the API listens on
+    trusted_proxies: list[str] = Field(default_factory=list)
     patient_id_system: str = ""  # Identifier.system of DICOM PatientID (e.g. urn:oid:...)
     accession_system: str = ""  # Identifier.system of AccessionNumber
     max_request_bytes: int = Field(default=1_048_576, ge=1024)
@@ -187,6 +191,19 @@ class FhirSettings(BaseModel):
     subscription_poll_seconds: float = Field(default=1.0, gt=0)
     subscription_timeout_seconds: float = Field(default=10.0, gt=0)
     subscription_allowed_endpoints: list[str] = Field(default_factory=list)  # URL prefixes
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"fhir.trusted_proxies entry {entry!r} is not an IP address or network "
+                    "(e.g. 10.0.0.7 or 10.20.0.0/16)"
+                ) from None
+        return [e.strip() for e in v]
 
     @field_validator("base_url")
     @classmethod

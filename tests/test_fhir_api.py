@@ -325,7 +325,7 @@ def test_audit_events_record_accesses_and_need_the_admin_scope(api: Api) -> None
     search = next(
         e for e in resources
         if e["agent"][0]["who"].get("identifier", {}).get("value") == "reader"
-        and e["subtype"][0]["code"] == "search-type"
+        and e["subtype"][0]["code"] == "search-type" and e["outcomeDesc"] == "HTTP 200"
     )  # fmt: skip
     assert search["outcome"] == "0"
     assert any(x.get("what", {}).get("reference", "").startswith("DiagnosticReport/")

@@ -6,28 +6,35 @@ background thread, so an access costs the request no database write. Stopping th
 writes what is left; a crash can lose the last batch (at most ``flush_seconds`` of
 events). AuditEvents are readable only with the admin scope ``system/AuditEvent.read``.
 
-An AuditEvent may name the patient (the query of a search); logs never do.
+Each AuditEvent names every resource returned (matches and included resources) or tried
+(a failed read: 401, 403, 404), and the patients of the resources returned as entities of
+type Person, role Patient, so ``AuditEvent?patient:identifier=<system>|<PatientID>``
+answers "who saw this patient". An AuditEvent may name the patient (also in the query of
+a search); logs never do.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from node.fhir import codes
 from node.fhir.resources import fast_id, now_instant
-from node.fhir.store import FhirStore
+from node.fhir.store import FhirStore, StoredResource
 
 log = logging.getLogger("medgemma.fhir.audit")
 
 _ACTIONS: Final = {
     "read": "R",
     "vread": "R",
+    "history-instance": "R",
     "search-type": "E",
     "create": "C",
     "update": "U",
@@ -52,10 +59,42 @@ class AccessRecord:
     client_address: str = ""
     query: str = ""
     status: int = 0
+    #: the resources served (their subjects are the patients the AuditEvent names)
+    served: list[StoredResource] = field(default_factory=list)
+
+    def returned(self, resources: Iterable[StoredResource]) -> None:
+        """Record the resources a response carries: entities, and their patients."""
+        self.served = list(resources)
+        self.entities = list(dict.fromkeys(f"{r.resource_type}/{r.id}" for r in self.served))
+
+
+def _patients(served: Iterable[StoredResource]) -> list[dict[str, Any]]:
+    """The patients (subject references) of served resources, each once."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in served:
+        subject = r.resource.get("subject")
+        if not isinstance(subject, dict) or subject.get("type", "Patient") != "Patient":
+            continue
+        what = {k: subject[k] for k in ("reference", "identifier") if k in subject}
+        if what:
+            seen.setdefault(json.dumps(what, sort_keys=True), what)
+    return list(seen.values())
+
+
+def _patient_entity(what: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "what": {"type": "Patient", **what},
+        "type": {"system": codes.AUDIT_ENTITY_TYPE, "code": "1", "display": "Person"},
+        "role": {"system": codes.OBJECT_ROLE, "code": "1", "display": "Patient"},
+    }
 
 
 def audit_event(rec: AccessRecord, recorded: str | None = None) -> dict[str, Any]:
-    """The AuditEvent (R4) of one access."""
+    """The AuditEvent (R4) of one access.
+
+    Outcome (AuditEventOutcome): 0 success, 4 minor failure (a 4xx: the request was
+    refused or named nothing known), 8 serious failure (a 5xx).
+    """
     outcome = "0" if rec.status < 400 else ("4" if rec.status < 500 else "8")
     agent: dict[str, Any] = {
         "requestor": True,
@@ -67,13 +106,14 @@ def audit_event(rec: AccessRecord, recorded: str | None = None) -> dict[str, Any
     }
     if rec.client_address:
         agent["network"] = {"address": rec.client_address, "type": "2"}
-    entities: list[dict[str, Any]] = [{"what": {"reference": ref}} for ref in rec.entities[:50]]
+    entities: list[dict[str, Any]] = [{"what": {"reference": ref}} for ref in rec.entities]
+    entities += [_patient_entity(what) for what in _patients(rec.served)]
     detail = [{"type": "request-id", "valueString": rec.request_id}]
     if rec.query:
         entities.append(
             {
                 "type": {
-                    "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                    "system": codes.AUDIT_ENTITY_TYPE,
                     "code": "2",
                     "display": "System Object",
                 },
@@ -110,14 +150,15 @@ class AuditTrail:
         self.store = store
         self.flush_seconds = flush_seconds
         self.batch = batch
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=100_000)
+        # (access, when): the AuditEvent is built in the thread, off the request path
+        self._queue: queue.Queue[tuple[AccessRecord, str] | None] = queue.Queue(maxsize=100_000)
         self._thread = threading.Thread(target=self._run, name="fhir-audit", daemon=True)
         self._thread.start()
         self.dropped = 0
 
     def record(self, rec: AccessRecord) -> None:
         try:
-            self._queue.put_nowait(audit_event(rec))
+            self._queue.put_nowait((rec, now_instant()))
         except queue.Full:  # the database is far behind; say so rather than block requests
             self.dropped += 1
             if self.dropped % 1000 == 1:
@@ -134,20 +175,29 @@ class AuditTrail:
                 if item is None:
                     stop = True
                 else:
-                    events.append(item)
+                    events.append(self._event(*item))
                 while not stop and len(events) < self.batch:
                     item = self._queue.get_nowait()
                     taken += 1
                     if item is None:
                         stop = True
                     else:
-                        events.append(item)
+                        events.append(self._event(*item))
             except queue.Empty:
                 pass
             if events:
                 self._write(events)
             for _ in range(taken):
                 self._queue.task_done()
+
+    @staticmethod
+    def _event(rec: AccessRecord, recorded: str) -> dict[str, Any]:
+        try:
+            return audit_event(rec, recorded)
+        except ValueError:  # a served body that does not parse: the access is still recorded
+            log.exception("%s: AuditEvent without patients", rec.request_id)
+            rec.served = []
+            return audit_event(rec, recorded)
 
     def _write(self, events: list[dict[str, Any]]) -> None:
         try:

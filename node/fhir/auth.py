@@ -78,9 +78,14 @@ def unauthorized(message: str) -> FhirError:
     return FhirError(401, message, code="login", headers=_challenge(message))
 
 
+def scope_needed(resource_type: str, access: Access) -> str:
+    """The SMART v1 scope that grants ``access`` on ``resource_type`` (for messages)."""
+    return f"system/{resource_type}.read" if access in "rs" else f"system/{resource_type}.write"
+
+
 def forbidden(principal: Principal, resource_type: str, access: Access) -> FhirError:
     words = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
-    need = f"system/{resource_type}.read" if access in "rs" else f"system/{resource_type}.write"
+    need = scope_needed(resource_type, access)
     return FhirError(
         403,
         f"{principal.name} may not {words[access]} {resource_type}: needs the scope {need}"

@@ -42,6 +42,8 @@ PROVENANCE_PARTICIPANT: Final = "http://terminology.hl7.org/CodeSystem/provenanc
 AUDIT_EVENT_TYPE: Final = "http://terminology.hl7.org/CodeSystem/audit-event-type"
 RESTFUL_INTERACTION: Final = "http://hl7.org/fhir/restful-interaction"
 SECURITY_SOURCE_TYPE: Final = "http://terminology.hl7.org/CodeSystem/security-source-type"
+AUDIT_ENTITY_TYPE: Final = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+OBJECT_ROLE: Final = "http://terminology.hl7.org/CodeSystem/object-role"
 TRANSLATION_EXT: Final = "http://hl7.org/fhir/StructureDefinition/translation"
 XHTML: Final = "http://www.w3.org/1999/xhtml"
 

@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 from fastapi import Response
 
 from node.fhir import FHIR_JSON
+from node.fhir.errors import operation_outcome
 from node.fhir.resources import fast_id, now_instant
 from node.fhir.store import StoredResource
 
@@ -18,6 +19,7 @@ __all__ = [
     "FhirResponse",
     "bundle_text",
     "collection_text",
+    "history_text",
     "json_response",
     "resource_response",
 ]
@@ -61,34 +63,75 @@ def bundle_text(
     count: int,
     offset: int,
     included: Sequence[StoredResource] = (),
+    *,
+    links: Sequence[tuple[str, str]] | None = None,
+    warning: str = "",
 ) -> str:
-    """A searchset Bundle as JSON text (stored resource bodies are embedded as they are)."""
-    links = [{"relation": "self", "url": _link(base, rtype, items, count, offset)}]
+    """A searchset Bundle as JSON text (stored resource bodies are embedded as they are).
+
+    ``links``: (relation, url) pairs instead of offset links built from ``items``;
+    ``warning``: an OperationOutcome entry (search mode outcome) saying what was left out."""
+    entries = [_entry(base, r, "match") for r in page]
+    entries += [_entry(base, r, "include") for r in included]
+    if warning:
+        outcome = operation_outcome(warning, code="suppressed", severity="warning")
+        entries.append(
+            json.dumps({"resource": outcome, "search": {"mode": "outcome"}}, ensure_ascii=False)
+        )
+    if links is not None:
+        return _bundle("searchset", [{"relation": r, "url": u} for r, u in links], total, entries)
+    links_ = [{"relation": "self", "url": _link(base, rtype, items, count, offset)}]
     if count > 0:
-        links.append({"relation": "first", "url": _link(base, rtype, items, count, 0)})
+        links_.append({"relation": "first", "url": _link(base, rtype, items, count, 0)})
         if offset + count < total:
-            links.append(
+            links_.append(
                 {"relation": "next", "url": _link(base, rtype, items, count, offset + count)}
             )
         if offset > 0:
             prev = max(0, offset - count)
-            links.append({"relation": "previous", "url": _link(base, rtype, items, count, prev)})
+            links_.append({"relation": "previous", "url": _link(base, rtype, items, count, prev)})
+    return _bundle("searchset", links_, total, entries)
+
+
+def _bundle(kind: str, links: list[dict[str, str]], total: int, entries: list[str]) -> str:
     head = json.dumps(
         {
             "resourceType": "Bundle",
             "id": fast_id(),
             "meta": {"lastUpdated": now_instant()},
-            "type": "searchset",
+            "type": kind,
             "total": total,
             "link": links,
         },
         ensure_ascii=False,
     )
-    entries = [_entry(base, r, "match") for r in page]
-    entries += [_entry(base, r, "include") for r in included]
     if not entries:
         return head
     return head[:-1] + ',"entry":[' + ",".join(entries) + "]}"
+
+
+def history_text(base: str, versions: Sequence[StoredResource]) -> str:
+    """A history Bundle of one resource's versions (newest first), each with the request
+    that made it (create for version 1, update after) and its ETag."""
+    entries = []
+    for r in versions:
+        url = f"{base}/{r.resource_type}/{r.id}"
+        request = (
+            {"method": "POST", "url": r.resource_type}
+            if r.version_id == 1
+            else {"method": "PUT", "url": f"{r.resource_type}/{r.id}"}
+        )
+        response = {
+            "status": "201 Created" if r.version_id == 1 else "200 OK",
+            "etag": r.etag,
+            "lastModified": json.loads(r.body).get("meta", {}).get("lastUpdated", ""),
+        }
+        entries.append(
+            f'{{"fullUrl":{json.dumps(url)},"resource":{r.body},'
+            f'"request":{json.dumps(request)},"response":{json.dumps(response)}}}'
+        )
+    self_url = f"{base}/{versions[0].resource_type}/{versions[0].id}/_history" if versions else ""
+    return _bundle("history", [{"relation": "self", "url": self_url}], len(versions), entries)
 
 
 def _entry(base: str, r: StoredResource, mode: str) -> str:
@@ -98,8 +141,9 @@ def _entry(base: str, r: StoredResource, mode: str) -> str:
     )
 
 
-def collection_text(base: str, resources: Sequence[StoredResource]) -> str:
-    """A collection Bundle of stored resources (the result of a follow-up question)."""
+def collection_text(base: str, resources: Sequence[StoredResource], warning: str = "") -> str:
+    """A collection Bundle of stored resources (the result of a follow-up question);
+    ``warning``: a last entry, an OperationOutcome saying what was left out."""
     head = json.dumps(
         {
             "resourceType": "Bundle",
@@ -108,10 +152,13 @@ def collection_text(base: str, resources: Sequence[StoredResource]) -> str:
             "type": "collection",
         }
     )
-    if not resources:
-        return head
     entries = [
         f'{{"fullUrl":{json.dumps(f"{base}/{r.resource_type}/{r.id}")},"resource":{r.body}}}'
         for r in resources
     ]
+    if warning:
+        outcome = operation_outcome(warning, code="suppressed", severity="warning")
+        entries.append(json.dumps({"resource": outcome}, ensure_ascii=False))
+    if not entries:
+        return head
     return head[:-1] + ',"entry":[' + ",".join(entries) + "]}"

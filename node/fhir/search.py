@@ -183,6 +183,13 @@ _register(
         SearchParam("agent:identifier", "token", "agent-identifier",
                     "Who accessed (token name or JWT subject)"),
         SearchParam("entity", "reference", "entity", "The resource accessed"),
+        SearchParam("patient", "reference", "patient",
+                    "The patient whose data was accessed (Patient/[id]); the node's patients "
+                    "are identifier references, so use patient:identifier"),
+        SearchParam("patient:identifier", "token", "patient-identifier",
+                    "The identifier (DICOM PatientID) of the patient whose data was accessed, "
+                    "[system]|[value]; also as patient.identifier",
+                    aliases=("patient.identifier",)),
     ],
 )  # fmt: skip
 _register(
@@ -337,6 +344,8 @@ def _audit_values(r: Mapping[str, Any]) -> Iterator[IndexValue]:
     for entity in r.get("entity", []):
         if isinstance(entity.get("what"), dict):
             yield from _references("entity", [entity["what"]])
+            if (entity.get("role") or {}).get("code") == "1":  # object-role 1: Patient
+                yield from _references("patient", [entity["what"]], "patient-identifier")
 
 
 def _provenance_values(r: Mapping[str, Any]) -> Iterator[IndexValue]:

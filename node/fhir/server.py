@@ -68,6 +68,8 @@ class ApiServer:
             self.app,
             log_config=None,
             access_log=False,  # its lines carry query strings (patient identifiers)
+            # forwarded headers count only from fhir.trusted_proxies (node.fhir.deps.base_url)
+            proxy_headers=False,
             lifespan="on",
             timeout_graceful_shutdown=5,
         )

@@ -131,16 +131,20 @@ def searchset(
     includes = [v for k, v in items if k == "_include"]
     total, page = store.search(resource_type, conditions, count=count, offset=offset)
     included = include_targets(store, resource_type, includes, page) if includes else []
+    # what is added to the matches is scope-checked like a direct read
+    disclosed = call.readable(included)
     if transform is not None:
         page = [transform(p) for p in page]
     access.interaction = "search-type"
     access.resource_type = resource_type
     access.query = str(request.url.query)
-    access.entities = [f"{resource_type}/{p.id}" for p in page]
+    access.returned([*page, *disclosed.resources])
     base = base_url(request, settings)
-    return json_response(
-        bundle_text(base, resource_type, items, total, page, count, offset, included)
-    )
+    text = bundle_text(
+        base, resource_type, items, total, page, count, offset, disclosed.resources,
+        warning=disclosed.warning,
+    )  # fmt: skip
+    return json_response(text)
 
 
 def search_parameters_openapi(resource_type: str) -> list[dict[str, Any]]:
@@ -222,7 +226,7 @@ def resource_router(
         call.access.interaction = "read"
         call.access.resource_type = resource_type
         stored = await call.ctx.read(read, call.store, resource_type, resource_id)
-        call.access.entities = [f"{resource_type}/{stored.id}"]
+        call.access.returned([stored])
         return resource_response(transform(stored) if transform else stored)
 
     read_route.__doc__ = f"Read a {resource_type} by id."
