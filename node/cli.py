@@ -13,6 +13,7 @@ import threading
 from collections.abc import Sequence
 
 from node import __version__
+from node.datadir import PRIVATE_UMASK, create_private_file, private_dirs, warn_wide_modes
 from node.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("medgemma.cli")
@@ -22,8 +23,8 @@ def _setup_logging(settings: Settings | None, level: str, to_file: bool) -> None
     fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings is not None and to_file:
-        logs = settings.storage.data_path / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        logs = private_dirs(settings.storage.data_path / "logs")
+        create_private_file(logs / "node.log")  # rotated ones: the umask set in main()
         handlers.append(
             logging.handlers.RotatingFileHandler(
                 logs / "node.log", maxBytes=10 * 2**20, backupCount=5, encoding="utf-8"
@@ -50,9 +51,27 @@ def _api_busy(settings: Settings, exc: OSError) -> None:
     )
 
 
+def _start_checks(settings: Settings, *, api: bool) -> bool:
+    """Before a node starts: warn about a data directory others may read; with the FHIR
+    API, refuse anonymous access on a network address (False: exit 2)."""
+    warn_wide_modes(settings.storage.data_path)
+    if not api:
+        return True
+    from node.fhir.auth import check_anonymous_bind
+
+    try:
+        check_anonymous_bind(settings)
+    except ConfigError as exc:
+        print(f"medgemma-node: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def _run_node(settings: Settings, *, embedded: bool) -> int:
     from node.runtime import NodeRuntime
 
+    if not _start_checks(settings, api=embedded):
+        return 2
     # serve runs everything in one process: the FHIR API too
     try:
         runtime = NodeRuntime(settings, embedded=embedded, api=embedded)
@@ -104,6 +123,8 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from node.fhir.server import ApiServer
     from node.runtime import make_dispatcher
 
+    if not _start_checks(settings, api=True):
+        return 2
     try:
         dispatcher = make_dispatcher(settings, embedded=False)
     except ValueError as exc:
@@ -327,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"medgemma-node: {exc}", file=sys.stderr)
         return 2
+    # what the node and its workers create holds patient data: never readable by others
+    os.umask(PRIVATE_UMASK)
     _setup_logging(settings, args.log_level, args.to_file)
     try:
         return int(args.func(args, settings))

@@ -13,13 +13,16 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import Column, Table, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from node.datadir import create_private_file
 
 __all__ = [
     "Base",
@@ -46,11 +49,16 @@ def make_engine(url: str, pool_size: int = 0) -> Engine:
     """A SQLAlchemy engine; SQLite gets WAL, full fsync and a busy timeout.
 
     pool_size > 0 keeps that many connections (and as many overflow) for threaded servers.
+    A new SQLite file is created 0600 first (its directory 0700): SQLite gives its WAL and
+    SHM files the database file's mode.
     """
     pool: dict[str, int] = (
         {"pool_size": pool_size, "max_overflow": pool_size} if pool_size > 0 else {}
     )
     if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            create_private_file(Path(database))
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 30}, **pool
         )

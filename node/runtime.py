@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from node.completion import StudyCoordinator
+from node.datadir import private_dirs
 from node.dispatch import (
     INPROCESS_FOLLOWUP,
     INPROCESS_PREREAD,
@@ -45,7 +46,7 @@ class NodeRuntime:
     def __init__(self, settings: Settings, *, embedded: bool, api: bool = False) -> None:
         self.settings = settings
         data = settings.storage.data_path
-        data.mkdir(parents=True, exist_ok=True)
+        private_dirs(data)  # patient data: 0700
         self.spool = Spool(settings.storage.spool_path, settings.storage.min_free_mb * 2**20)
         removed = self.spool.remove_orphan_parts()
         if removed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import urllib.parse
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -28,6 +29,18 @@ def _check_ae_title(value: str, what: str) -> str:
     if not value or len(value) > AE_TITLE_MAX or not value.isascii() or "\\" in value:
         raise ValueError(f"{what} {value!r} must be 1-16 ASCII characters without backslash")
     return value
+
+
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    return host.strip("[]").lower() == "localhost" or _is_loopback_ip(host.strip("[]"))
 
 
 class TlsSettings(BaseModel):
@@ -157,6 +170,9 @@ class AuthSettings(BaseModel):
     """Who may use the FHIR API: static tokens and/or JWTs from one issuer (SMART scopes)."""
 
     required: bool = True  # false only on a closed test network; accesses are still audited
+    # with required = false: anonymous callers get system/*.*; serve/api refuse to start on a
+    # non-loopback api.host unless this says so as well
+    allow_anonymous_on_network: bool = False
     tokens: list[StaticToken] = Field(default_factory=list)
     jwt_issuer: str = ""  # empty = no JWTs accepted
     jwt_audience: str = ""  # empty = the aud claim is not checked
@@ -190,7 +206,44 @@ class FhirSettings(BaseModel):
     subscription_backoff_max_seconds: float = Field(default=600.0, gt=0)
     subscription_poll_seconds: float = Field(default=1.0, gt=0)
     subscription_timeout_seconds: float = Field(default=10.0, gt=0)
-    subscription_allowed_endpoints: list[str] = Field(default_factory=list)  # URL prefixes
+    # URL prefixes a Subscription may call (https; http only to a loopback IP); empty = none
+    subscription_allowed_endpoints: list[str] = Field(default_factory=list)
+    # private/loopback/link-local networks (CIDR) an endpoint may resolve to; empty = none
+    subscription_allowed_networks: list[str] = Field(default_factory=list)
+    # key that encrypts channel.header values at rest; empty = <data_dir>/secrets/subscription.key
+    subscription_key_file: str = ""
+
+    @field_validator("subscription_allowed_endpoints")
+    @classmethod
+    def _endpoints(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            parts = urllib.parse.urlsplit(entry.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"fhir.subscription_allowed_endpoints entry {entry!r} must be an "
+                    "https://host[:port]/path prefix"
+                )
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(f"fhir.subscription_allowed_endpoints entry {entry!r} has a user")
+            if parts.scheme == "http" and not _is_loopback_ip(parts.hostname):
+                raise ValueError(
+                    f"fhir.subscription_allowed_endpoints entry {entry!r}: plain http is "
+                    "allowed only to a loopback IP address (127.0.0.1, ::1); use https"
+                )
+        return [e.strip() for e in v]
+
+    @field_validator("subscription_allowed_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"fhir.subscription_allowed_networks entry {entry!r} is not a network "
+                    "(CIDR, e.g. 10.20.0.0/16)"
+                ) from None
+        return [e.strip() for e in v]
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -281,6 +334,13 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     destinations: list[Destination] = Field(default_factory=list)
+
+    @property
+    def subscription_key_path(self) -> Path:
+        """The key file that encrypts Subscription channel headers at rest."""
+        if self.fhir.subscription_key_file:
+            return Path(self.fhir.subscription_key_file).expanduser().resolve()
+        return self.storage.data_path / "secrets" / "subscription.key"
 
     @classmethod
     def settings_customise_sources(

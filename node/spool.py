@@ -4,6 +4,7 @@ Layout: ``<data_dir>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUI
 a later revision of the same SOP instance (different bytes) is ``<SOP>.r<N>.dcm``. A file
 is first written as ``*.part``, fsynced, then renamed over its final name, and the
 directory is fsynced: after a crash a file either exists complete or not at all.
+Directories are created 0700 and files 0600 (:mod:`node.datadir`): they hold patient data.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from node.datadir import PRIVATE_FILE, open_private, private_dirs
 
 # PS3.5 9.1: components of digits separated by dots, no leading zeros, at most 64 chars.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -64,11 +67,12 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def write_file_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` through ``<path>.part`` + fsync + rename + directory fsync."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``path`` (mode 0600, its new directories 0700) through ``<path>.part`` + fsync +
+    rename + directory fsync."""
+    private_dirs(path.parent)
     part = path.with_name(path.name + ".part")
     try:
-        with part.open("wb") as f:
+        with os.fdopen(open_private(part), "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -83,7 +87,7 @@ class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.root)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -115,7 +119,7 @@ class Spool:
         """
         self.check_space(size)
         final = self.root / relative_path
-        final.parent.mkdir(parents=True, exist_ok=True)
+        private_dirs(final.parent)
         part = final.with_name(final.name + ".part")
         try:
             try:
@@ -123,9 +127,10 @@ class Spool:
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-                with source.open("rb") as src, part.open("wb") as dst:
+                with source.open("rb") as src, os.fdopen(open_private(part), "wb") as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
             with part.open("rb+") as f:
+                os.fchmod(f.fileno(), PRIVATE_FILE)  # a moved file keeps its old mode
                 os.fsync(f.fileno())
             os.replace(part, final)
             _fsync_dir(final.parent)

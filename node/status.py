@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.datadir import wide_mode_warnings
+from node.fhir.auth import anonymous_access_warning
 from node.ledger import StudyLedger, StudySummary
 from node.settings import Settings
 from sr_templates.model import PrereadResult
@@ -44,6 +46,8 @@ class NodeStatus:
     # FHIR Subscription notifications: counts by state and the latest dead ones
     notifications: dict[str, int] = field(default_factory=dict)
     dead_notifications: list[dict[str, Any]] = field(default_factory=list)
+    # configuration and file modes that expose patient data (anonymous API, wide modes)
+    warnings: list[str] = field(default_factory=list)
 
 
 def probe_scp(settings: Settings, timeout: float = 5.0) -> ScpProbe:
@@ -133,6 +137,8 @@ def collect_status(
         except Exception as exc:
             ledger_detail = f"cannot read the ledger ({type(exc).__name__}: {exc})"
     depth, detail = queue_depth(settings)
+    warnings = [w for w in [anonymous_access_warning(settings)] if w]
+    warnings.extend(wide_mode_warnings(data_dir))
     usage = shutil.disk_usage(data_dir if data_dir.exists() else Path.cwd())
     return NodeStatus(
         scp=probe(settings),
@@ -151,6 +157,7 @@ def collect_status(
         study=study,
         notifications=notifications,
         dead_notifications=dead_notifications,
+        warnings=warnings,
     )
 
 
@@ -251,7 +258,7 @@ def _log_tail(path: Path, lines: int) -> list[str]:
 
 
 def render_status(status: NodeStatus) -> str:
-    out: list[str] = []
+    out: list[str] = [f"WARNING:  {w}" for w in status.warnings]
     scp = status.scp
     echo = f" ({scp.echo_ms:.0f} ms)" if scp.echo_ms is not None else ""
     out.append(f"SCP:      {'LISTENING' if scp.listening else 'DOWN'} - {scp.detail}{echo}")

@@ -455,6 +455,7 @@ def subscribe(c: httpx.Client, criteria: str, endpoint: str, payload: str = "") 
 def test_rest_hook_notifies_with_retries_and_dead_deliveries_show_in_status(api: Api) -> None:
     flaky = Receiver(fail=1)
     dead = Receiver(fail=100, status=500)
+    api.settings.fhir.subscription_allowed_endpoints[:] = [flaky.url, dead.url]
     try:
         with api.client() as c:
             subscribe(c, "DiagnosticReport?status=preliminary", flaky.url, "application/fhir+json")
@@ -506,7 +507,10 @@ def test_two_api_processes_send_each_notification_once(tmp_path: Path) -> None:
     uids = [add_study(ledger, accession=f"ACC-{n:04d}") for n in range(30)]
     for uid in uids:
         record_preread(ledger, uid, 1, systems=IdentifierSystems())
-    settings = load_settings(None, fhir={"subscription_poll_seconds": 0.01}).fhir
+    settings = load_settings(
+        None,
+        fhir={"subscription_poll_seconds": 0.01, "subscription_allowed_endpoints": [receiver.url]},
+    ).fhir
     notifiers = [SubscriptionNotifier(store, settings) for store in stores]
     for notifier in notifiers:
         notifier.start()

@@ -28,7 +28,7 @@ from typing import Any, Final, Literal
 import jwt
 
 from node.fhir.errors import FhirError
-from node.settings import AuthSettings, ConfigError
+from node.settings import AuthSettings, ConfigError, Settings, is_loopback_host
 
 log = logging.getLogger("medgemma.fhir.auth")
 
@@ -63,6 +63,31 @@ class Principal:
             if what not in ("read", "write") and access in what:
                 return True
         return False
+
+
+def anonymous_access_warning(settings: Settings) -> str | None:
+    """The warning for ``auth.required = false`` (anonymous callers get every scope), or
+    None when requests need a credential."""
+    if settings.auth.required:
+        return None
+    return (
+        "auth.required is false: ANONYMOUS callers of the FHIR API on "
+        f"{settings.api.host}:{settings.api.port} get every scope (system/*.*): patient data "
+        "for anyone who can connect. Set auth.required = true outside a closed test network."
+    )
+
+
+def check_anonymous_bind(settings: Settings) -> None:
+    """ConfigError when anonymous access would be reachable beyond this machine (a
+    non-loopback api.host) without ``auth.allow_anonymous_on_network = true``."""
+    if settings.auth.required or settings.auth.allow_anonymous_on_network:
+        return
+    if not is_loopback_host(settings.api.host):
+        raise ConfigError(
+            f"auth.required = false gives anonymous callers every scope, and api.host "
+            f"{settings.api.host} is not loopback: set auth.required = true (with tokens), "
+            "api.host = 127.0.0.1, or auth.allow_anonymous_on_network = true to accept it"
+        )
 
 
 def _challenge(description: str) -> dict[str, str]:
@@ -113,6 +138,11 @@ class Authenticator:
                 self._jwks_client = jwt.PyJWKClient(
                     settings.jwks_url, cache_keys=True, lifespan=300, timeout=10
                 )
+        if not settings.required:
+            log.warning(
+                "!!! auth.required is false: ANONYMOUS callers get every scope (system/*.*) "
+                "on this FHIR API; use this only on a closed test network !!!"
+            )
         if settings.required and not self._tokens and not settings.jwt_issuer:
             log.warning(
                 "auth.required is true but no tokens or JWT issuer are configured: "

@@ -52,6 +52,8 @@ XHTML: Final = "http://www.w3.org/1999/xhtml"
 PRIVATE_CHEST_SYSTEM: Final = f"urn:oid:{sr_codes.UID_ROOT}1"
 #: Private code system of Communication.category: "question" (from the RIS) or "answer".
 COMMUNICATION_KIND_SYSTEM: Final = f"urn:oid:{sr_codes.UID_ROOT}2"
+#: meta.tag system of a Subscription's owner (code: token:<name> or jwt:<subject>); not served
+SUBSCRIPTION_OWNER_SYSTEM: Final = f"urn:oid:{sr_codes.UID_ROOT}3"
 
 SCHEME_SYSTEMS: Final[dict[str, str]] = {
     "SCT": SNOMED,

@@ -329,6 +329,8 @@ def _subscription_values(r: Mapping[str, Any]) -> Iterator[IndexValue]:
     channel = r.get("channel") or {}
     if channel.get("type"):
         yield IndexValue("type", "", str(channel["type"]))
+    # meta.tag: the client that created it (the server's owner condition reads it)
+    yield from _tokens("_tag", (r.get("meta") or {}).get("tag", []))
 
 
 def _audit_values(r: Mapping[str, Any]) -> Iterator[IndexValue]:

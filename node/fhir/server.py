@@ -14,11 +14,12 @@ import time
 
 import uvicorn
 
+from node.datadir import private_dirs
 from node.dispatch import Dispatcher
 from node.fhir.deps import DB_THREADS
 from node.fhir.main import create_app
 from node.fhir.store import FhirStore
-from node.fhir.subscriptions import SubscriptionNotifier
+from node.fhir.subscriptions import SubscriptionNotifier, channel_cipher
 from node.settings import Settings
 
 log = logging.getLogger("medgemma.fhir.server")
@@ -35,11 +36,15 @@ class ApiServer:
         notify: bool = True,
     ) -> None:
         self.settings = settings
-        settings.storage.data_path.mkdir(parents=True, exist_ok=True)
+        private_dirs(settings.storage.data_path)  # patient data: 0700
         # its own engine (even in serve): a pool as large as the API's database threads
         self.store = FhirStore(settings.storage.resolved_database_url(), pool_size=DB_THREADS + 2)
         self.app = create_app(settings, store=self.store, dispatcher=dispatcher)
-        self.notifier = SubscriptionNotifier(self.store, settings.fhir) if notify else None
+        self.notifier = (
+            SubscriptionNotifier(self.store, settings.fhir, cipher=channel_cipher(settings))
+            if notify
+            else None
+        )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None

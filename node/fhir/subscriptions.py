@@ -12,7 +12,10 @@ lease whose holder died runs out and another takes the delivery), and sends:
 * empty payload: an empty ``POST`` to the endpoint (the RIS then reads or searches);
 * ``application/fhir+json``: ``PUT [endpoint]/[type]/[id]`` with the resource.
 
-The channel's headers go with every request. A 2xx is delivered; anything else is retried
+Before each request the endpoint is checked again (allow-list, https, the addresses its host
+resolves to now: :func:`node.fhir.channel.check_endpoint`) and the request goes to the
+address that was checked. The channel's headers (stored encrypted) go with every request,
+decrypted with the node's key file. A 2xx is delivered; anything else is retried
 with exponential backoff (``fhir.subscription_*``) and, after the last attempt, dead: the
 Subscription goes to ``error`` with the reason, and ``medgemma-node status`` lists it.
 Logs name the subscription, resource ids and the endpoint's host, never patient data.
@@ -31,6 +34,8 @@ import urllib.parse
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Final, Protocol
 
 import httpx
@@ -40,11 +45,19 @@ from sqlalchemy.orm import Session
 from node import delivery
 from node.db import Database, process_owner, utcnow
 from node.delivery import DeliveryState
+from node.fhir.channel import (
+    ChannelKeyError,
+    EndpointRefused,
+    HeaderCipher,
+    Resolver,
+    check_endpoint,
+    resolve_host,
+)
 from node.fhir.errors import FhirError, bad_request
 from node.fhir.models import FhirIndexRow, FhirResourceRow, SubscriptionDeliveryRow
 from node.fhir.search import Condition, parse_query
 from node.fhir.search_sql import condition_clause
-from node.settings import FhirSettings
+from node.settings import FhirSettings, Settings
 
 log = logging.getLogger("medgemma.fhir.notify")
 
@@ -229,20 +242,40 @@ def _host(url: str) -> str:
     return urllib.parse.urlsplit(url).netloc or url[:40]
 
 
+@lru_cache(maxsize=8)
+def _cipher_at(path: Path) -> HeaderCipher:
+    return HeaderCipher(path)
+
+
+def channel_cipher(settings: Settings) -> HeaderCipher:
+    """The cipher of channel header values: the node's key file (one per path and process)."""
+    return _cipher_at(settings.subscription_key_path)
+
+
 class SubscriptionNotifier:
     """Delivers due notifications every ``fhir.subscription_poll_seconds``.
 
-    ``owner`` names this notifier's leases (default: host, process id and a random suffix).
+    ``owner`` names this notifier's leases (default: host, process id and a random suffix);
+    ``cipher`` opens the channel headers (without one, a Subscription with headers cannot
+    be notified); ``resolve`` answers DNS (tests).
     """
 
     #: Deliveries leased at once (sent one after another).
     BATCH: Final = 20
 
     def __init__(
-        self, store: SubscriptionResources, settings: FhirSettings, *, owner: str | None = None
+        self,
+        store: SubscriptionResources,
+        settings: FhirSettings,
+        *,
+        owner: str | None = None,
+        cipher: HeaderCipher | None = None,
+        resolve: Resolver = resolve_host,
     ) -> None:
         self.store = store
         self.settings = settings
+        self.cipher = cipher
+        self.resolve = resolve
         self.owner = owner or f"{process_owner()}/{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -315,10 +348,20 @@ class SubscriptionNotifier:
             raise DeliveryFailed(f"the Subscription is {data.get('status')}")
         channel: dict[str, Any] = data.get("channel") or {}
         endpoint = str(channel.get("endpoint", ""))
-        headers = {}
-        for line in channel.get("header", []):
-            name, _, value = str(line).partition(":")
-            headers[name.strip()] = value.strip()
+        try:  # again at every delivery: settings and DNS answers change
+            checked = check_endpoint(endpoint, self.settings, self.resolve)
+        except EndpointRefused as exc:
+            raise DeliveryFailed(f"{_host(endpoint)} refused: {exc}") from None
+        lines = [str(h) for h in channel.get("header", [])]
+        try:
+            if lines and self.cipher is None:
+                raise ChannelKeyError("this notifier has no key for the channel headers")
+            headers = self.cipher.open(lines) if self.cipher is not None else {}
+        except ChannelKeyError as exc:
+            raise DeliveryFailed(str(exc)) from None
+        # connect to the checked address; the host stays in Host and the TLS server name
+        headers["Host"] = checked.host_header
+        extensions = {"sni_hostname": checked.host} if checked.scheme == "https" else {}
         payload = str(channel.get("payload") or "")
         try:
             if payload:
@@ -327,9 +370,16 @@ class SubscriptionNotifier:
                     raise DeliveryFailed(f"{d.resource_type}/{d.resource_id} no longer exists")
                 url = f"{endpoint.rstrip('/')}/{d.resource_type}/{d.resource_id}"
                 headers["Content-Type"] = payload
-                response = self._client.put(url, content=resource.body.encode(), headers=headers)
+                response = self._client.put(
+                    checked.pinned_url(url),
+                    content=resource.body.encode(),
+                    headers=headers,
+                    extensions=extensions,
+                )
             else:
-                response = self._client.post(endpoint, headers=headers)
+                response = self._client.post(
+                    checked.pinned_url(endpoint), headers=headers, extensions=extensions
+                )
         except httpx.HTTPError as exc:
             raise DeliveryFailed(f"{_host(endpoint)}: {type(exc).__name__}: {exc}") from exc
         if not 200 <= response.status_code < 300:
@@ -411,6 +461,7 @@ __all__ = [
     "StoredBody",
     "SubscriptionNotifier",
     "SubscriptionResources",
+    "channel_cipher",
     "deliveries",
     "delivery_counts",
     "drop_pending",

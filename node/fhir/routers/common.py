@@ -16,6 +16,7 @@ from node.fhir.responses import FhirResponse, bundle_text, json_response, resour
 from node.fhir.search import (
     CONTROL_PARAMS,
     SEARCH_PARAMS,
+    Condition,
     parse_count,
     parse_offset,
     parse_query,
@@ -110,15 +111,17 @@ def searchset(
     call: Call,
     resource_type: str,
     transform: Callable[[StoredResource], StoredResource] | None = None,
+    where: Sequence[Condition] = (),
 ) -> Response:
     """Run a search from the query string and answer a searchset Bundle with paging links
     (blocking: call it in a database thread).
 
-    ``transform`` rewrites each match before it is served (Subscription header masking).
+    ``transform`` rewrites each match before it is served (Subscription header masking);
+    ``where`` are conditions the server adds (a Subscription: its owner's only).
     """
     store, settings, access = call.store, call.settings, call.access
     items = _query_items(request)
-    conditions = parse_query(resource_type, items, lenient=_lenient(request))
+    conditions = [*parse_query(resource_type, items, lenient=_lenient(request)), *where]
     single = {k: v for k, v in items if k in CONTROL_PARAMS}
     for key in ("_count", "_offset"):
         if sum(1 for k, _ in items if k == key) > 1:
