@@ -178,6 +178,7 @@ class AuthSettings(BaseModel):
     jwt_audience: str = ""  # empty = the aud claim is not checked
     jwks_file: str = ""  # a JWKS JSON file, or
     jwks_url: str = ""  # the issuer's JWKS URL (keys cached)
+    token_endpoint: str = ""  # the issuer's token URL, for SMART discovery (empty = not shown)
     jwt_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"])
     leeway_seconds: float = Field(default=30.0, ge=0)
 

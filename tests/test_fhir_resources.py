@@ -269,7 +269,7 @@ def test_capability_statement_and_ask_definition_validate() -> None:
     definition = report["operation"][0]["definition"]
     assert definition == f"{base}/OperationDefinition/DiagnosticReport-ask"
     assert {i["code"] for i in served["Communication"]["interaction"]} == {
-        "read", "search-type", "create",
+        "read", "search-type", "create", "vread", "history-instance",
     }  # fmt: skip
     assert {p["name"] for p in served["Observation"]["searchParam"]} >= {
         "derived-from", "subject", "code",

@@ -52,7 +52,11 @@ from node.settings import Settings
 log = logging.getLogger("medgemma.fhir.api")
 
 PREFIX: Final = "/fhir"
-NOT_AUDITED: Final = (f"{PREFIX}/metadata", f"{PREFIX}/openapi.json")
+NOT_AUDITED: Final = (
+    f"{PREFIX}/metadata",
+    f"{PREFIX}/openapi.json",
+    f"{PREFIX}/.well-known/smart-configuration",
+)
 _REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ACCEPTABLE: Final = ("*/*", "application/*", FHIR_JSON, "application/json",
                       "application/json+fhir", "application/fhir+*")  # fmt: skip
@@ -160,7 +164,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         return _error(404, f"nothing is served at {request.url.path}", "not-found")
     if exc.status_code == 405:
         return _error(405, f"{request.method} is not supported on {request.url.path}",
-                      "not-supported")  # fmt: skip
+                      "not-supported", dict(exc.headers or {}))  # fmt: skip
     return _error(exc.status_code, str(exc.detail), "processing")
 
 
@@ -261,6 +265,12 @@ def create_app(
         fallback,
     ):
         app.include_router(module.router, prefix=PREFIX)
+    app.add_api_route(  # SMART discovery at the root too (clients look in both places)
+        "/.well-known/smart-configuration",
+        metadata.smart_configuration_route,
+        methods=["GET"],
+        include_in_schema=False,
+    )
     handlers: dict[Any, Any] = {
         FhirError: _fhir_error,
         StarletteHTTPException: _http_error,

@@ -1,8 +1,10 @@
 """Tables of the FHIR store, on :class:`node.db.Base` (same database as the ledger).
 
 ``fhir_resources`` keeps the current version of every resource as the JSON that is
-served; ``fhir_search_index`` holds its search parameter values (rewritten with every
-version); ``fhir_followups`` is the durable state of each follow-up question;
+served; ``fhir_resource_history`` the versions a resource had before its current one
+(vread and ``_history``: a report's registered and preliminary versions once amended);
+``fhir_search_index`` holds its search parameter values (rewritten with every version);
+``fhir_followups`` is the durable state of each follow-up question;
 ``fhir_subscription_deliveries`` the durable rest-hook notifications (retried with backoff).
 Timestamps are naive UTC like the ledger's.
 """
@@ -29,6 +31,22 @@ class FhirResourceRow(Base):
     version_id: Mapped[int] = mapped_column(Integer, default=1)
     last_updated: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     body: Mapped[str] = mapped_column(Text)  # the resource's JSON, meta included
+
+
+class FhirHistoryRow(Base):
+    """An earlier version of a resource, copied here when a new version replaces it."""
+
+    __tablename__ = "fhir_resource_history"
+    __table_args__ = (
+        UniqueConstraint("resource_type", "resource_id", "version_id", name="uq_fhir_history"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    resource_type: Mapped[str] = mapped_column(String(40))
+    resource_id: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(Integer)
+    last_updated: Mapped[datetime] = mapped_column(DateTime)
+    body: Mapped[str] = mapped_column(Text)  # the version's JSON as it was served
 
 
 class FhirIndexRow(Base):
@@ -97,6 +115,7 @@ class SubscriptionDeliveryRow(DeliveryColumns, Base):
 #: The store's tables (created by FhirStore on the ledger's database).
 FHIR_TABLES: tuple[type[Base], ...] = (
     FhirResourceRow,
+    FhirHistoryRow,
     FhirIndexRow,
     FollowupRow,
     SubscriptionDeliveryRow,

@@ -16,6 +16,8 @@ Subjects are identifier references (the node keeps no Patient resources), so
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,8 +28,14 @@ from node.fhir.errors import bad_request
 
 ParamType = Literal["token", "reference", "date", "special"]
 
-#: Result parameters (not filters) a search accepts.
-CONTROL_PARAMS: Final = ("_count", "_offset", "_format", "_include")
+#: Result parameters (not filters) a search accepts. ``_cursor`` is the server's own paging
+#: token (in next links): the snapshot time and the last resource seen (:class:`Cursor`).
+CONTROL_PARAMS: Final = (
+    "_count", "_offset", "_format", "_include", "_revinclude", "_sort", "_summary", "_cursor",
+)  # fmt: skip
+
+#: ``_sort`` keys: a search parameter of type date, or ``_lastUpdated``; ``-`` = descending.
+SORT_KEYS: Final = ("_lastUpdated", "date")
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,9 @@ def _subject_params() -> list[SearchParam]:
 
 _COMMON = [
     SearchParam("_id", "special", "_id", "Logical id of the resource"),
-]
+    SearchParam("_lastUpdated", "date", "_lastUpdated",
+                "When the resource last changed (meta.lastUpdated); eq/ge/le/gt/lt"),
+]  # fmt: skip
 
 SEARCH_PARAMS: Final[dict[str, dict[str, SearchParam]]] = {}
 
@@ -504,3 +514,101 @@ def parse_offset(raw: str | None) -> int:
     if not raw.isdigit() or int(raw) > 10**9:
         raise bad_request(f"_offset must be a non-negative integer, not {raw!r}")
     return int(raw)
+
+
+def applied_items(resource_type: str, items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The query items a search applies (what its self link shows): known search
+    parameters and result parameters; what ``Prefer: handling=lenient`` ignored is left out."""
+    table = SEARCH_PARAMS.get(resource_type, {})
+    return [(k, v) for k, v in items if k in CONTROL_PARAMS or k in table]
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """One ``_sort`` key: ``_lastUpdated`` or a date parameter's index name."""
+
+    name: str
+    descending: bool
+
+
+def parse_sort(resource_type: str, raw: str | None) -> tuple[SortKey, ...]:
+    """The ``_sort`` keys (comma-separated, ``-`` for descending); 400 for one this type
+    cannot sort by. No ``_sort``: newest change first (``-_lastUpdated``)."""
+    if raw is None:
+        return (SortKey("_lastUpdated", True),)
+    table = SEARCH_PARAMS.get(resource_type, {})
+    allowed = [k for k in SORT_KEYS if k == "_lastUpdated" or k in table]
+    keys = []
+    for part in raw.split(","):
+        name = part.strip().removeprefix("-")
+        if name not in allowed:
+            raise bad_request(
+                f"_sort={part!r} is not supported for {resource_type}; supported: "
+                + ", ".join(allowed)
+                + " (prefix - for descending)"
+            )
+        keys.append(SortKey(table[name].index if name in table else name, part.startswith("-")))
+    return tuple(keys)
+
+
+def parse_summary(raw: str | None) -> bool:
+    """True for ``_summary=count`` (only the total); ``false`` or none is a normal search."""
+    if raw is None or raw == "false":
+        return False
+    if raw == "count":
+        return True
+    raise bad_request(f"_summary={raw!r} is not supported; supported: count, false")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the next page of a search starts: the snapshot bound (resources changed after
+    the first page are left out, so pages neither repeat nor skip) and the sort values and
+    row of the last resource served."""
+
+    snapshot: datetime
+    values: tuple[str | None, ...]  # ISO datetimes of the sort keys (None: no value)
+    row: int
+
+    def encode(self) -> str:
+        data = [self.snapshot.isoformat(), list(self.values), self.row]
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str, keys: int) -> Cursor:
+        """400 for a token this server did not write (or written for another _sort)."""
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            snapshot, values, row = json.loads(raw)
+            if not isinstance(row, int) or not isinstance(values, list) or len(values) != keys:
+                raise ValueError("wrong shape")
+            for v in values:
+                if v is not None:
+                    datetime.fromisoformat(v)
+            return cls(datetime.fromisoformat(snapshot), tuple(values), row)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise bad_request(
+                "_cursor is not a paging token of this search: follow the next link as given"
+            ) from None
+
+
+#: ``_revinclude`` values per searched type: ``[source type]:[its reference parameter]``,
+#: the resources that point at a match (Provenance of what the model wrote; answers).
+REVINCLUDES: Final[dict[str, tuple[str, ...]]] = {
+    "DiagnosticReport": ("Provenance:target", "Communication:about"),
+    "Observation": ("Provenance:target", "DiagnosticReport:result", "Communication:about"),
+    "ImagingStudy": ("DiagnosticReport:imaging-study", "Observation:derived-from"),
+    "Communication": ("Communication:in-response-to",),
+}
+
+
+def parse_revinclude(resource_type: str, value: str) -> tuple[str, str]:
+    """(source type, index name) of one ``_revinclude`` value; 400 for one not supported."""
+    supported = REVINCLUDES.get(resource_type, ())
+    if value not in supported:
+        raise bad_request(
+            f"_revinclude={value!r} is not supported for {resource_type}; supported: "
+            + (", ".join(supported) or "none")
+        )
+    source, _, name = value.partition(":")
+    return source, SEARCH_PARAMS[source][name].index

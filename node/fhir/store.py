@@ -23,16 +23,22 @@ from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from node.db import Database, make_engine, utcnow
-from node.fhir.models import FHIR_TABLES, FhirIndexRow, FhirResourceRow
-from node.fhir.search import Condition, IndexValue, index_values
-from node.fhir.search_sql import condition_clause
+from node.fhir.models import FHIR_TABLES, FhirHistoryRow, FhirIndexRow, FhirResourceRow
+from node.fhir.search import Condition, Cursor, IndexValue, SortKey, index_values
+from node.fhir.search_sql import NO_DATE, after_clause, condition_clause, sort_column
 from node.fhir.subscriptions import drop_pending, queue_notifications
 from node.ledger import StudyLedger
 
 #: Elements that change on every write without changing the content (kept when equal).
 _VOLATILE: Final = ("meta", "issued", "recorded")
+
+#: Types whose earlier versions are not kept (vread serves only the current version): a
+#: Subscription's versions are the server's status bookkeeping, and its channel headers
+#: (credentials) should not be copied.
+NO_HISTORY: Final = frozenset({"Subscription"})
 
 
 #: The columns of a StoredResource, in its field order (reads skip ORM objects).
@@ -42,6 +48,13 @@ _COLUMNS: Final = (
     FhirResourceRow.version_id,
     FhirResourceRow.last_updated,
     FhirResourceRow.body,
+)
+_HISTORY_COLUMNS: Final = (
+    FhirHistoryRow.resource_type,
+    FhirHistoryRow.resource_id,
+    FhirHistoryRow.version_id,
+    FhirHistoryRow.last_updated,
+    FhirHistoryRow.body,
 )
 
 
@@ -110,7 +123,12 @@ class StoreWrite:
         old = None
         if not new:
             old = s.execute(
-                select(FhirResourceRow.id, FhirResourceRow.version_id, FhirResourceRow.body)
+                select(
+                    FhirResourceRow.id,
+                    FhirResourceRow.version_id,
+                    FhirResourceRow.last_updated,
+                    FhirResourceRow.body,
+                )
                 .where(FhirResourceRow.resource_type == rtype, FhirResourceRow.resource_id == rid)
                 .with_for_update()
             ).first()
@@ -139,6 +157,17 @@ class StoreWrite:
             ).scalar_one()
         else:
             row_id = old.id
+            if rtype not in NO_HISTORY:
+                s.execute(
+                    insert(FhirHistoryRow),
+                    {
+                        "resource_type": rtype,
+                        "resource_id": rid,
+                        "version_id": old.version_id,
+                        "last_updated": old.last_updated,
+                        "body": old.body,
+                    },
+                )
             s.execute(
                 update(FhirResourceRow)
                 .where(FhirResourceRow.id == row_id)
@@ -191,6 +220,43 @@ class FhirStore:
                 )
             ).first()
             return StoredResource(*row) if row else None
+
+    def version(self, resource_type: str, resource_id: str, version: int) -> StoredResource | None:
+        """One version of a resource (vread): the current one or a kept earlier one."""
+        current = self.get(resource_type, resource_id)
+        if current is None or current.version_id == version:
+            return current
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(*_HISTORY_COLUMNS).where(
+                    FhirHistoryRow.resource_type == resource_type,
+                    FhirHistoryRow.resource_id == resource_id,
+                    FhirHistoryRow.version_id == version,
+                )
+            ).first()
+            return StoredResource(*row) if row else None
+
+    def history(self, resource_type: str, resource_id: str) -> list[StoredResource]:
+        """Every kept version of a resource, newest first (empty: no such resource)."""
+        with self.db.transaction() as s:
+            current = s.execute(
+                select(*_COLUMNS).where(
+                    FhirResourceRow.resource_type == resource_type,
+                    FhirResourceRow.resource_id == resource_id,
+                )
+            ).first()
+            if current is None:
+                return []
+            older = s.execute(
+                select(*_HISTORY_COLUMNS)
+                .where(
+                    FhirHistoryRow.resource_type == resource_type,
+                    FhirHistoryRow.resource_id == resource_id,
+                    FhirHistoryRow.version_id < current.version_id,
+                )
+                .order_by(FhirHistoryRow.version_id.desc())
+            ).all()
+        return [StoredResource(*current), *(StoredResource(*r) for r in older)]
 
     def put(self, resource: Mapping[str, Any]) -> StoredResource:
         """Create or update one resource (it must have an id); see :meth:`put_many`."""
@@ -271,6 +337,12 @@ class FhirStore:
             if row is None:
                 return False
             s.execute(delete(FhirIndexRow).where(FhirIndexRow.row_id == row.id))
+            s.execute(
+                delete(FhirHistoryRow).where(
+                    FhirHistoryRow.resource_type == resource_type,
+                    FhirHistoryRow.resource_id == resource_id,
+                )
+            )
             s.delete(row)
             if resource_type == "Subscription":
                 drop_pending(s, resource_id)
@@ -287,19 +359,45 @@ class FhirStore:
         offset: int = 0,
     ) -> tuple[int, list[StoredResource]]:
         """(total, one page of matches), newest first."""
-        where = [FhirResourceRow.resource_type == resource_type]
+        page = self.search_page(resource_type, conditions, count=count, offset=offset)
+        return page.total, page.resources
+
+    def search_page(
+        self,
+        resource_type: str,
+        conditions: Sequence[Condition],
+        *,
+        count: int,
+        sort: Sequence[SortKey] = (SortKey("_lastUpdated", True),),
+        offset: int = 0,
+        after: Cursor | None = None,
+    ) -> SearchPage:
+        """One page of matches in ``sort`` order (ties: by row), from ``offset`` or after
+        the ``after`` cursor, within its snapshot: resources changed after the first page
+        was served are left out, so following the cursors never repeats or skips one."""
+        snapshot = after.snapshot if after is not None else utcnow()
+        where = [
+            FhirResourceRow.resource_type == resource_type,
+            FhirResourceRow.last_updated <= snapshot,
+        ]
         where.extend(condition_clause(resource_type, c) for c in conditions)
+        keys: list[tuple[ColumnElement[Any], bool]]
+        keys = [(sort_column(resource_type, k), k.descending) for k in sort]
+        keys.append((FhirResourceRow.id.expression, sort[-1].descending if sort else True))
+        order = [c.desc() if d else c.asc() for c, d in keys]
         with self.db.transaction() as s:
             rows: Sequence[Any] = []
             if count > 0:
-                rows = s.execute(
-                    select(*_COLUMNS)
-                    .where(*where)
-                    .order_by(FhirResourceRow.last_updated.desc(), FhirResourceRow.id.desc())
-                    .offset(offset)
-                    .limit(count)
-                ).all()
-            if 0 < len(rows) < count or (offset == 0 and count > 0 and not rows):
+                query = select(*_COLUMNS, *(c for c, _ in keys)).where(*where)
+                if after is not None:
+                    values = [_cursor_value(v) for v in after.values]
+                    query = query.where(after_clause(keys, [*values, after.row]))
+                else:
+                    query = query.offset(offset)
+                rows = s.execute(query.order_by(*order).limit(count + 1)).all()
+            more = len(rows) > count
+            rows = rows[:count]
+            if after is None and count > 0 and not more:
                 total = offset + len(rows)  # the last page: nothing to count
             else:
                 total = int(
@@ -307,7 +405,12 @@ class FhirStore:
                         select(func.count()).select_from(FhirResourceRow).where(*where)
                     ).scalar_one()
                 )
-            return total, [StoredResource(*r) for r in rows]
+        cursor = None
+        if more:
+            last = rows[-1]
+            sort_values = tuple(_cursor_text(v) for v in last[len(_COLUMNS) : -1])
+            cursor = Cursor(snapshot, sort_values, int(last[-1]))
+        return SearchPage(total, [StoredResource(*r[: len(_COLUMNS)]) for r in rows], cursor)
 
     def get_many(self, refs: Iterable[tuple[str, str]]) -> list[StoredResource]:
         """Stored resources for (type, id) pairs, in the given order; missing ones skipped."""
@@ -331,6 +434,31 @@ class FhirStore:
             found = {(r.resource_type, r.resource_id): StoredResource(*r) for r in rows}
         return [found[k] for k in wanted if k in found]
 
+    def referencing(
+        self, source_type: str, param: str, targets: Sequence[StoredResource]
+    ) -> list[StoredResource]:
+        """The resources of ``source_type`` whose reference parameter ``param`` (an index
+        name) points at one of ``targets``: what ``_revinclude`` adds."""
+        if not targets:
+            return []
+        refs = sorted({f"{t.resource_type}/{t.id}" for t in targets})
+        with self.db.transaction() as s:
+            rows = s.execute(
+                select(*_COLUMNS)
+                .where(
+                    FhirResourceRow.resource_type == source_type,
+                    FhirResourceRow.id.in_(
+                        select(FhirIndexRow.row_id).where(
+                            FhirIndexRow.resource_type == source_type,
+                            FhirIndexRow.param == param,
+                            FhirIndexRow.value.in_(refs),
+                        )
+                    ),
+                )
+                .order_by(FhirResourceRow.id)
+            ).all()
+        return [StoredResource(*r) for r in rows]
+
     def referenced(
         self, resource_type: str, resource_ids: Sequence[str], params: Sequence[str]
     ) -> list[StoredResource]:
@@ -350,6 +478,23 @@ class FhirStore:
             ).scalars()
             targets = [v.partition("/") for v in values if "/" in v]
         return self.get_many((t, i) for t, _, i in targets)
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    """One page of a search: the total of matches, the page, and where the next starts."""
+
+    total: int
+    resources: list[StoredResource]
+    next: Cursor | None  # None: this is the last page
+
+
+def _cursor_text(value: Any) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else None
+
+
+def _cursor_value(text: str | None) -> datetime:
+    return datetime.fromisoformat(text) if text is not None else NO_DATE
 
 
 def _index_row(row_id: int, rtype: str, v: IndexValue) -> dict[str, Any]:
@@ -373,4 +518,4 @@ def _parse_iso(resource: Mapping[str, Any]) -> datetime:
         return utcnow()
 
 
-__all__ = ["FhirStore", "StoreWrite", "StoredResource", "new_id"]
+__all__ = ["NO_HISTORY", "FhirStore", "SearchPage", "StoreWrite", "StoredResource", "new_id"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 
 from node import __version__
 from node.fhir import FHIR_JSON, FHIR_VERSION
@@ -13,20 +14,22 @@ from node.fhir.deps import Call, base_url, public
 from node.fhir.errors import not_found
 from node.fhir.responses import FhirResponse, json_response
 from node.fhir.routers.common import ResourceId
-from node.fhir.search import SEARCH_PARAMS, SearchParam
+from node.fhir.search import REVINCLUDES, SEARCH_PARAMS, SearchParam
+from node.settings import AuthSettings
 
 router = APIRouter(tags=["metadata"])
 
 #: Interactions per resource type (everything else is refused: 404 or 405).
+#: vread and history-instance wherever earlier versions are kept (not NO_HISTORY types).
 INTERACTIONS: Final[dict[str, tuple[str, ...]]] = {
-    "DiagnosticReport": ("read", "search-type"),
-    "Observation": ("read", "search-type"),
-    "ImagingStudy": ("read", "search-type"),
-    "Communication": ("read", "search-type", "create"),
-    "Device": ("read", "search-type"),
-    "Provenance": ("read", "search-type"),
+    "DiagnosticReport": ("read", "search-type", "vread", "history-instance"),
+    "Observation": ("read", "search-type", "vread", "history-instance"),
+    "ImagingStudy": ("read", "search-type", "vread", "history-instance"),
+    "Communication": ("read", "search-type", "create", "vread", "history-instance"),
+    "Device": ("read", "search-type", "vread", "history-instance"),
+    "Provenance": ("read", "search-type", "vread", "history-instance"),
     "Subscription": ("read", "search-type", "create", "delete"),
-    "AuditEvent": ("read", "search-type"),
+    "AuditEvent": ("read", "search-type", "vread", "history-instance"),
     "OperationDefinition": ("read",),
 }
 
@@ -51,6 +54,17 @@ DOCUMENTATION: Final = (
     "400 unless Prefer: handling=lenient."
 )
 
+SEARCH_DOCUMENTATION: Final = (
+    "Searches: GET [type] or POST [type]/_search with a form body (Subscription: GET "
+    "only). Next links are stable "
+    "while resources are written (each carries the first page's snapshot and the last "
+    "resource seen: no page repeats or skips one; what changed after the first page is "
+    "found by the next poll with _lastUpdated=gt...). _sort: _lastUpdated or date, - for "
+    "descending (default -_lastUpdated); _summary=count; _include and _revinclude as listed. "
+    "With Prefer: handling=lenient unknown parameters are ignored and the self link shows "
+    "only those applied. Reads and vreads honour If-None-Match (304)."
+)
+
 
 def _search_params(resource_type: str) -> list[dict[str, Any]]:
     """searchParam entries: base names, with modifier and chain forms in the documentation."""
@@ -60,7 +74,13 @@ def _search_params(resource_type: str) -> list[dict[str, Any]]:
         groups.setdefault(base, []).append(p)
     out = []
     for base, params in groups.items():
-        main = next((p for p in params if p.name == base), params[0])
+        main = next((p for p in params if p.name == base), None)
+        if main is None:  # only modifier forms (AuditEvent agent:identifier): list them
+            out += [
+                {"name": p.name, "type": p.type, "documentation": p.documentation}
+                for p in params
+            ]
+            continue
         docs = [main.documentation]
         for p in params:
             if p is not main:
@@ -85,7 +105,7 @@ def capability_statement(base: str) -> dict[str, Any]:
             "type": rtype,
             "interaction": [{"code": code} for code in interactions],
             "versioning": "versioned",
-            "readHistory": False,
+            "readHistory": "vread" in interactions,
             "updateCreate": False,
         }
         if "search-type" in interactions:
@@ -99,6 +119,8 @@ def capability_statement(base: str) -> dict[str, Any]:
             )
             if includes:
                 entry["searchInclude"] = includes
+            if REVINCLUDES.get(rtype):
+                entry["searchRevInclude"] = list(REVINCLUDES[rtype])
         if rtype == "DiagnosticReport":
             entry["operation"] = [
                 {
@@ -127,7 +149,7 @@ def capability_statement(base: str) -> dict[str, Any]:
         "rest": [
             {
                 "mode": "server",
-                "documentation": DOCUMENTATION,
+                "documentation": f"{DOCUMENTATION} {SEARCH_DOCUMENTATION}",
                 "security": {"cors": False, "description": SECURITY_TEXT},
                 "resource": resources,
             }
@@ -192,3 +214,51 @@ async def operation_definition(
     if resource_id != ASK_OPERATION_ID:
         raise not_found(f"OperationDefinition/{resource_id} is not known")
     return json_response(ask_operation_definition(base_url(request, call.settings)))
+
+
+#: SMART capabilities this server has (it is a resource server: clients get tokens from
+#: the configured issuer; scopes are SMART v1 read/write/* and v2 cruds letters).
+SMART_CAPABILITIES: Final = ("permission-v1", "permission-v2")
+
+
+def smart_scopes() -> list[str]:
+    """The system scopes the server understands (node.fhir.auth), per served type."""
+    scopes = ["system/*.read", "system/*.rs"]
+    for rtype, interactions in INTERACTIONS.items():
+        if rtype == "OperationDefinition":
+            continue
+        scopes += [f"system/{rtype}.read", f"system/{rtype}.rs"]
+        if "create" in interactions or "delete" in interactions:
+            scopes += [f"system/{rtype}.write", f"system/{rtype}.*"]
+    return scopes
+
+
+def smart_configuration(settings: AuthSettings) -> dict[str, Any]:
+    """SMART discovery (.well-known/smart-configuration): only what is configured and true."""
+    out: dict[str, Any] = {
+        "capabilities": list(SMART_CAPABILITIES),
+        "scopes_supported": smart_scopes(),
+    }
+    if settings.jwt_issuer:
+        out["issuer"] = settings.jwt_issuer
+        out["grant_types_supported"] = ["client_credentials"]
+        if settings.jwks_url:
+            out["jwks_uri"] = settings.jwks_url
+        if settings.token_endpoint:
+            out["token_endpoint"] = settings.token_endpoint
+    return out
+
+
+async def smart_configuration_route(call: Annotated[Call, Depends(public)]) -> JSONResponse:
+    """SMART App Launch discovery (no token needed)."""
+    call.access.interaction = "capabilities"
+    return JSONResponse(smart_configuration(call.ctx.settings.auth))
+
+
+router.add_api_route(
+    "/.well-known/smart-configuration",
+    smart_configuration_route,
+    methods=["GET"],
+    summary="SMART configuration",
+    operation_id="smart_configuration",
+)
