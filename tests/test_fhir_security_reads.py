@@ -27,12 +27,14 @@ from workers.followup import run_followup_by_id
 
 FHIR = {"Content-Type": "application/fhir+json"}
 PATIENTS = "urn:oid:1.2.3.4"
+HOOK = "http://127.0.0.1:9/hook"  # allowed, never called: these Subscriptions are refused
 TOKENS = {
     "ris": ["system/*.read", "system/Communication.write"],
     "reports": ["system/DiagnosticReport.read"],
     "provenance": ["system/Provenance.read"],
     "questions": ["system/Communication.read", "system/Communication.write"],
     "auditor": ["system/AuditEvent.read"],
+    "subscriber": ["system/Subscription.*"],
 }
 
 
@@ -52,7 +54,8 @@ def node_settings(tmp: Any, **fhir: Any) -> Settings:
         engine={"name": "demo"},
         auth={"tokens": tokens},
         fhir={"patient_id_system": PATIENTS, "accession_system": "urn:oid:1.2.3.5",
-              "respond_sync_timeout_seconds": 20, **fhir},
+              "respond_sync_timeout_seconds": 20,
+              "subscription_allowed_endpoints": [HOOK], **fhir},
     )  # fmt: skip
 
 
@@ -197,6 +200,25 @@ def test_answer_bundles_of_ask_and_the_poll_leave_out_what_the_token_may_not_rea
         assert "DiagnosticReport" in message and "Observation" in message
 
 
+def test_a_subscription_sends_resources_only_to_a_client_that_may_read_them(node: Node) -> None:
+    def subscribe(payload: str) -> httpx.Response:
+        channel = {"type": "rest-hook", "endpoint": HOOK}
+        if payload:
+            channel["payload"] = payload
+        sub = {"resourceType": "Subscription", "status": "requested", "reason": "RIS",
+               "criteria": "DiagnosticReport?status=preliminary", "channel": channel}  # fmt: skip
+        with node.client("subscriber") as c:
+            return c.post("/Subscription", json=sub, headers=FHIR)
+
+    refused = subscribe("application/fhir+json")
+    assert refused.status_code == 403, refused.text
+    assert "system/DiagnosticReport.read" in refused.json()["issue"][0]["diagnostics"]
+    created = subscribe("")  # no payload carries no resource: no read scope needed
+    assert created.status_code == 201, created.text
+    with node.client("subscriber") as c:
+        assert c.delete(f"/Subscription/{created.json()['id']}").status_code == 204
+
+
 # ------------------------------------------------------------------- item 4: links
 
 
@@ -286,6 +308,7 @@ def test_audit_events_name_the_patient_and_can_be_searched_by_it(node: Node) -> 
     (patient,) = [x for x in event["entity"] if x.get("role", {}).get("code") == "1"]
     assert patient["what"]["identifier"] == {"system": PATIENTS, "value": "PAT-2"}
     assert patient["type"]["code"] == "1"  # Person
+    assert {e["id"] for e in node.audit_events(patient="Patient/PAT-2")} == {e["id"] for e in seen}
     others = node.audit_events(**{"patient:identifier": "PAT-1"})
     assert all(e["id"] not in {s["id"] for s in seen} for e in others)
 

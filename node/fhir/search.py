@@ -193,10 +193,10 @@ _register(
         SearchParam("agent:identifier", "token", "agent-identifier",
                     "Who accessed (token name or JWT subject)"),
         SearchParam("entity", "reference", "entity", "The resource accessed"),
-        SearchParam("patient", "reference", "patient",
-                    "The patient whose data was accessed (Patient/[id]); the node's patients "
-                    "are identifier references, so use patient:identifier"),
-        SearchParam("patient:identifier", "token", "patient-identifier",
+        SearchParam("patient", "reference", SUBJECT_IDENTIFIER,
+                    "The patient whose data was accessed, as Patient/[id] ([id] the DICOM "
+                    "PatientID)"),
+        SearchParam("patient:identifier", "token", SUBJECT_IDENTIFIER,
                     "The identifier (DICOM PatientID) of the patient whose data was accessed, "
                     "[system]|[value]; also as patient.identifier",
                     aliases=("patient.identifier",)),
@@ -357,7 +357,9 @@ def _audit_values(r: Mapping[str, Any]) -> Iterator[IndexValue]:
         if isinstance(entity.get("what"), dict):
             yield from _references("entity", [entity["what"]])
             if (entity.get("role") or {}).get("code") == "1":  # object-role 1: Patient
-                yield from _references("patient", [entity["what"]], "patient-identifier")
+                what = entity["what"]
+                if isinstance(what.get("identifier"), dict):
+                    yield from _identifiers(SUBJECT_IDENTIFIER, [what["identifier"]])
 
 
 def _provenance_values(r: Mapping[str, Any]) -> Iterator[IndexValue]:
