@@ -91,6 +91,8 @@ _MODALITIES: Final[dict[str, Code]] = {
     DigitalXRayImageStorageForPresentation: c.MODALITY_DX,
     DigitalXRayImageStorageForProcessing: c.MODALITY_DX,
 }
+# A Secondary Capture of a radiograph (digitised film) is described by its Modality.
+_MODALITY_NAMES: Final[dict[str, Code]] = {"CR": c.MODALITY_CR, "DX": c.MODALITY_DX}
 
 
 def _source_by_uid(source_datasets: Sequence[Dataset]) -> dict[str, Dataset]:
@@ -123,7 +125,9 @@ def _image_library(datasets: Sequence[Dataset]) -> ContainerContentItem:
     acq = RelationshipTypeValues.HAS_ACQ_CONTEXT
     groups: dict[tuple[str, str], list[ImageContentItem]] = {}
     for ds in datasets:
-        modality = _MODALITIES.get(str(ds.SOPClassUID))
+        modality = _MODALITIES.get(str(ds.SOPClassUID)) or _MODALITY_NAMES.get(
+            str(ds.get("Modality", "")).strip().upper()
+        )
         if modality is None:
             raise ValueError(f"source image {ds.SOPInstanceUID} is not a CR or DX image")
         item = ImageContentItem(
@@ -372,6 +376,38 @@ def coding_scheme_identification(dataset: Dataset) -> None:
     dataset.CodingSchemeIdentificationSequence = [*existing, item]
 
 
+#: Type 2 Patient and General Study attributes highdicom copies from the source images.
+#: Real files leave some out (a CR without Patient ID): the SR/SEG get them empty.
+PATIENT_STUDY_TYPE2: Final = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def with_empty_type2(source: Dataset) -> Dataset:
+    """``source``, or a copy of it (same element objects) in which every
+    :data:`PATIENT_STUDY_TYPE2` attribute it lacks is present and empty."""
+    missing = [keyword for keyword in PATIENT_STUDY_TYPE2 if keyword not in source]
+    if not missing:
+        return source
+    completed = Dataset()
+    for elem in source:
+        completed.add(elem)
+    meta = getattr(source, "file_meta", None)
+    if meta is not None:
+        completed.file_meta = meta
+    for keyword in missing:
+        setattr(completed, keyword, "")
+    return completed
+
+
 def detach_from_sources(dataset: Dataset, sources: Sequence[Dataset]) -> None:
     """Give ``dataset`` its own copies of data elements it shares with ``sources``.
 
@@ -460,6 +496,7 @@ def build_measurement_report(
     if not isinstance(result, PrereadResult):
         raise TypeError(f"result must be a PrereadResult, got {type(result).__name__}")
     record = result
+    source_datasets = [with_empty_type2(ds) for ds in source_datasets]
     sources = _source_by_uid(source_datasets)
     for name, value in (("series_number", series_number), ("instance_number", instance_number)):
         if isinstance(value, bool) or not isinstance(value, int):

@@ -31,6 +31,7 @@ from sr_templates.report import (
     coding_scheme_identification,
     detach_from_sources,
     use_utf8,
+    with_empty_type2,
 )
 from sr_templates.series import DEFAULT_NODE, series_uid
 
@@ -162,6 +163,7 @@ def build_segmentation(
                 f"anchor {finding.anchor_id} is on image {finding.source_sop_instance_uid}, "
                 f"not on source_dataset {source_uid}"
             )
+    source_dataset = with_empty_type2(source_dataset)
     rows, cols = int(source_dataset.Rows), int(source_dataset.Columns)
     masks = np.stack([f.region.mask(rows, cols) for f in reported_findings(record)], axis=-1)
     algorithm = hd.AlgorithmIdentificationSequence(
