@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from node.dispatch import Dispatcher, DispatchError, preread_task_id
 from node.ledger import LedgerError, StudyLedger, StudyState, StudySummary
-from node.rules import decide_preread
+from node.rules import decide_study
 from node.settings import Settings
 
 log = logging.getLogger("medgemma.completion")
@@ -44,8 +44,9 @@ class StudyCoordinator:
 
     def _route(self, studies: Iterable[StudySummary]) -> None:
         for study in studies:
-            series = self.ledger.series_of(study.study_uid, study.version)
-            decision = decide_preread(series, study.study_description, self.settings.preread)
+            decision = decide_study(
+                self.ledger, self.settings.storage.spool_path, study, self.settings.preread
+            )
             if not decision.preread:
                 self.ledger.set_state(
                     study.study_uid, study.version, StudyState.SKIPPED, decision.reason

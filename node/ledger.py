@@ -65,7 +65,11 @@ ALLOWED_TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
     # running -> queued: the reconciler re-queues work whose worker was lost (lease expired).
     # A run taken over after an expired lease stays running: that is start_run's, not a
     # transition.
-    StudyState.RUNNING: frozenset({StudyState.DONE, StudyState.FAILED, StudyState.QUEUED}),
+    # running -> skipped: the engine said the image is not a frontal chest radiograph
+    # (preread.ask_engine_if_unlabelled)
+    StudyState.RUNNING: frozenset(
+        {StudyState.DONE, StudyState.FAILED, StudyState.QUEUED, StudyState.SKIPPED}
+    ),
     StudyState.DONE: frozenset(),
     StudyState.FAILED: frozenset({StudyState.QUEUED}),  # an operator's retry
     StudyState.SKIPPED: frozenset(),

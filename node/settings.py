@@ -129,6 +129,10 @@ class PrereadSettings(BaseModel):
     chest_view_positions: list[str] = Field(
         default_factory=lambda: ["PA", "AP", "LL", "RL", "LAT", "LATERAL"]
     )
+    # a CR/DX study with no body part information at all (BodyPartExamined, ViewPosition,
+    # descriptions and protocol empty) is skipped; true: the engine is asked first whether
+    # its image is a frontal chest radiograph, and the study is read or skipped on its answer
+    ask_engine_if_unlabelled: bool = False
 
 
 class QueueSettings(BaseModel):

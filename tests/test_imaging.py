@@ -739,7 +739,9 @@ def test_view_code_sequence_only() -> None:
 
 
 def test_non_image_sop_classes_and_unreadable_files_are_ignored(tmp_path: Path) -> None:
-    sc = header("PA", sop_class=SecondaryCaptureImageStorage)
+    # a Secondary Capture that is not a radiograph (Modality OT); one with Modality CR/DX
+    # is read (tests/test_realworld_input.py)
+    sc = header("PA", sop_class=SecondaryCaptureImageStorage, Modality="OT")
     sr = Dataset()
     sr.SOPClassUID = BasicTextSRStorage
     sr.SOPInstanceUID = generate_uid()

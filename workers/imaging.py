@@ -50,15 +50,14 @@ from pydicom.pixels.decoders.base import Decoder
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     UID,
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
     JPEGLSLossless,
     JPEGLSNearLossless,
 )
 
+from node.rules import ImageHeader, is_grey, radiograph_refusal
+
 __all__ = [
-    "CANDIDATE_SOP_CLASSES",
     "MODEL_IMAGE_SIZE",
     "DisplayImage",
     "ImagingError",
@@ -77,16 +76,6 @@ log = logging.getLogger(__name__)
 MODEL_IMAGE_SIZE: Final = 896
 #: The model-space scale: box coordinates run 0..MODEL_SCALE over the padded square.
 MODEL_SCALE: Final = 1000
-
-#: SOP classes whose instances are read as chest radiographs (CR, DX presentation and
-#: processing). Anything else in a study (SR, Secondary Capture, ...) is ignored.
-CANDIDATE_SOP_CLASSES: Final[frozenset[str]] = frozenset(
-    {
-        ComputedRadiographyImageStorage,
-        DigitalXRayImageStorageForPresentation,
-        DigitalXRayImageStorageForProcessing,
-    }
-)
 
 # The percentiles of the robust window used when the image carries no VOI information.
 _PERCENTILE_WINDOW: Final = (1.0, 99.0)
@@ -283,9 +272,10 @@ def choose_views(
     """Choose the frontal image to read and, when present, a lateral as the second image.
 
     ``sources`` are datasets or DICOM file paths of one study (only headers are read
-    from files). Only CR and DX image SOP classes (:data:`CANDIDATE_SOP_CLASSES`) with
-    Rows/Columns are candidates; other instances and unreadable files are skipped (the
-    latter with a warning).
+    from files). Only readable chest radiograph images are candidates (the one rule,
+    :func:`node.rules.radiograph_refusal`: CR/DX images, and Secondary Captures with
+    Modality CR/DX, one frame, grey); other instances and unreadable files are skipped
+    (the latter with a warning).
 
     Frontal preference: PA > AP > generic frontal, explicit attributes (View Position,
     View Code Sequence) before descriptions; then images whose view is not stated (the
@@ -316,7 +306,7 @@ def choose_views(
                     type(exc).__name__,
                 )
                 continue
-        if _sop_class(ds) not in CANDIDATE_SOP_CLASSES or "Rows" not in ds:
+        if radiograph_refusal(ImageHeader.of(ds)) is not None:
             continue
         sop_uid = _text(ds, "SOPInstanceUID")
         if sop_uid in seen:
@@ -634,7 +624,8 @@ def load_display_image(source: Dataset | str | os.PathLike[str]) -> DisplayImage
     non-padding pixels; MONOCHROME1 is inverted; pixels equal to Pixel Padding Value (or
     within Pixel Padding Range Limit), in stored values, are excluded from the
     percentile window and shown black (0). A VOI LUT's output is scaled by its entries'
-    minimum..maximum. Colour images (RGB/YBR) become luminance with no LUTs.
+    minimum..maximum. Colour images (RGB/YBR) become luminance with no LUTs when
+    they are grey (:func:`node.rules.is_grey`); a coloured one raises :class:`ImagingError`.
 
     Raises :class:`ImagingError` (naming the transfer syntax and SOP Instance UID) when
     the file cannot be read or its pixels cannot be decoded.
@@ -649,6 +640,11 @@ def load_display_image(source: Dataset | str | os.PathLike[str]) -> DisplayImage
     if stored.ndim == 3:
         # Colour (secondary captures, scanned films): luminance, no grayscale LUTs.
         bits = int(ds.get("BitsStored", 8))
+        if not is_grey(stored, (1 << bits) - 1):
+            raise ImagingError(
+                f"SOP instance {sop} ({photometric}) is a colour image (its channels differ), "
+                "not a grey radiograph"
+            )
         rgb = stored[..., :3].astype(np.float32)
         luma = rgb @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
         luma *= np.float32(1.0 / ((1 << bits) - 1))

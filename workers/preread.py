@@ -14,7 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from node import __version__ as node_version
-from node.ledger import LedgerError, StudyLedger
+from node.ledger import LedgerError, StudyLedger, StudyState
+from node.rules import decide_study
 from node.settings import EngineSettings, FhirSettings, Settings
 from sr_templates.model import Anchor, PrereadResult, ViewRef
 from workers.anchors import build_anchors
@@ -27,7 +28,13 @@ from workers.imaging import (
     to_model_image,
 )
 from workers.parsing import parse_preread
-from workers.prompts import PROMPT_VERSION, build_preread_prompt
+from workers.prompts import (
+    CHEST_CHECK_VERSION,
+    PROMPT_VERSION,
+    build_chest_check_prompt,
+    build_preread_prompt,
+    parse_chest_check,
+)
 
 log = logging.getLogger("medgemma.preread")
 
@@ -41,6 +48,11 @@ class TransientPrereadError(Exception):
 
 class PrereadFailure(Exception):
     """The study cannot be pre-read (no readable image, engine refused); not retried."""
+
+
+class NotAChestRadiograph(Exception):
+    """Asked first (``preread.ask_engine_if_unlabelled``), the engine did not say the image
+    is a frontal chest radiograph: the study is skipped with this reason."""
 
 
 @lru_cache(maxsize=4)
@@ -89,21 +101,62 @@ def analyse_study(
     engine: Engine,
     study_uid: str,
     version: int,
+    *,
+    ask_engine: bool = False,
 ) -> PrereadResult:
     """Read one study version and return its result (anchors, narrative, provenance).
 
     Anchors that match those of the previous version keep their ids and tracking UIDs.
+    With ``ask_engine`` (a study whose header names no body part) the engine is first
+    asked whether the frontal image is a frontal chest radiograph; anything but yes
+    raises :class:`NotAChestRadiograph`.
     """
     instances = ledger.instances_of(study_uid, up_to_version=version)
     frontal, lateral = choose_views([spool_root / i.path for i in instances])
     if frontal is None:
         raise PrereadFailure("no CR/DX image in the study to read")
+    if ask_engine:
+        confirm_chest_radiograph(engine, frontal)
     prior: Sequence[Anchor] = ()
     if version > 1:
         previous = ledger.get_study(study_uid, version - 1)
         if previous is not None and previous.result is not None:
             prior = previous.result.anchors
     return analyse_views(engine, frontal, lateral, prior=prior)
+
+
+def confirm_chest_radiograph(engine: Engine, image: ViewChoice) -> None:
+    """Ask the engine whether ``image`` is a frontal chest radiograph; return on yes.
+
+    Raises :class:`NotAChestRadiograph` on no or an unclear answer, PrereadFailure when
+    the image cannot be decoded, TransientPrereadError on a transient engine error.
+    """
+    try:
+        model_image, _ = to_model_image(load_display_image(image.source))
+    except ImagingError as exc:
+        raise PrereadFailure(f"cannot decode the image: {exc}") from exc
+    system, prompt = build_chest_check_prompt()
+    try:
+        (text,) = engine.generate(
+            [EngineRequest(images=(model_image,), prompt=prompt, system=system)]
+        )
+    except TransientEngineError as exc:
+        raise TransientPrereadError(str(exc)) from exc
+    except EngineError as exc:
+        raise PrereadFailure(f"engine error: {exc}") from exc
+    answer = parse_chest_check(text)
+    log.info(
+        "chest check (%s) of SOP instance %s: %s",
+        CHEST_CHECK_VERSION,
+        image.sop_instance_uid,
+        {True: "yes", False: "no", None: "unclear"}[answer],
+    )
+    if answer is False:
+        raise NotAChestRadiograph("the engine said it is not a frontal chest radiograph")
+    if answer is None:
+        raise NotAChestRadiograph(
+            "the engine did not answer yes or no to: is this a frontal chest radiograph?"
+        )
 
 
 def analyse_views(
@@ -182,7 +235,9 @@ def run_preread(
 ) -> str:
     """Run the pre-read of a study version and record the outcome in the ledger.
 
-    Returns the final state ("done", "failed") or "noop" when there was nothing to do.
+    Returns the final state ("done", "failed", "skipped": the engine said the image of a
+    study without body part information is not a chest radiograph) or "noop" when there
+    was nothing to do.
     Raises TransientPrereadError (the study stays running) for the task to retry.
     """
     ledger = ledger_for(settings)
@@ -197,7 +252,15 @@ def run_preread(
     log.info("pre-read of study %s v%d started", study_uid, version)
     try:
         engine = engine or engine_for(settings.engine)
-        result = analyse_study(ledger, settings.storage.spool_path, engine, study_uid, version)
+        spool_root = settings.storage.spool_path
+        ask_engine = decide_study(ledger, spool_root, started, settings.preread).ask_engine
+        result = analyse_study(
+            ledger, spool_root, engine, study_uid, version, ask_engine=ask_engine
+        )
+    except NotAChestRadiograph as exc:
+        ledger.set_state(study_uid, version, StudyState.SKIPPED, str(exc))
+        log.info("study %s v%d kept, not pre-read: %s", study_uid, version, exc)
+        return "skipped"
     except TransientPrereadError:
         # the retry may land in another worker process: it must find the version free
         ledger.release_run(study_uid, version)

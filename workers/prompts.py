@@ -16,10 +16,12 @@ the padded square, not the original detector area). Left and right are the patie
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
 from sr_templates import ontology
+from workers.lenient_json import strip_thinking
 
 PROMPT_VERSION = "preread-2026.11.1"
 
@@ -107,3 +109,47 @@ json block containing a single object:
 def is_preread_prompt(prompt: str) -> bool:
     """True when ``prompt`` is (or contains) the user text of :func:`build_preread_prompt`."""
     return PREREAD_TASK_LINE in prompt
+
+
+# ------------------------------------------------------------------ chest check
+
+#: Version of the chest check prompt (logged with its answer; the pre-read has its own).
+CHEST_CHECK_VERSION = "chest-check-2026.12.1"
+# A sentence only the chest check prompt contains: engines and tests recognise it by it.
+CHEST_CHECK_TASK_LINE = "Task: is this image a frontal chest radiograph?"
+
+CHEST_CHECK_SYSTEM = (
+    "You are an expert radiologist sorting incoming radiographs by body part and view."
+)
+
+
+def build_chest_check_prompt() -> tuple[str, str]:
+    """Return ``(system, user)`` for the yes/no question asked of one image whose header
+    names no body part (``preread.ask_engine_if_unlabelled``): is it a frontal (PA or AP)
+    chest radiograph?"""
+    user = f"""{CHEST_CHECK_TASK_LINE}
+You are given one radiograph whose header does not say which body part it shows.
+Is it a frontal (PA or AP) radiograph of the chest, showing both lungs?
+Answer "yes" or "no". You may reason briefly first; then write "Final Answer:" followed by
+exactly one word, yes or no."""
+    return CHEST_CHECK_SYSTEM, user
+
+
+def is_chest_check_prompt(prompt: str) -> bool:
+    """True when ``prompt`` is (or contains) the user text of :func:`build_chest_check_prompt`."""
+    return CHEST_CHECK_TASK_LINE in prompt
+
+
+def parse_chest_check(text: str) -> bool | None:
+    """The answer to the chest check: True (yes), False (no) or None (neither, or both).
+
+    Reads the words after the last "Final Answer:" when there is one, else the whole text
+    (thinking traces removed).
+    """
+    answer = strip_thinking(text)
+    marker = answer.lower().rfind("final answer:")
+    if marker >= 0:
+        answer = answer[marker + len("final answer:") :]
+    words = set(re.findall(r"[a-z]+", answer.lower()))
+    yes, no = "yes" in words, "no" in words
+    return None if yes == no else yes

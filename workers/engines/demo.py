@@ -32,7 +32,7 @@ import numpy.typing as npt
 from sr_templates import ontology
 from workers.dialogue.prompts import followup_task, localise_target, target_name
 from workers.engines.base import EngineInfo, EngineRequest
-from workers.prompts import LANDMARKS, is_preread_prompt
+from workers.prompts import LANDMARKS, is_chest_check_prompt, is_preread_prompt
 
 DEMO_REVISION = "demo-2026.11.1"
 DEMO_LABEL = "DEMO - not for clinical use"
@@ -625,6 +625,17 @@ def analyse_preread(image: npt.NDArray[np.generic]) -> str:
     return _answer(blobs, landmarks, lungs, (gray.shape[0], gray.shape[1]))
 
 
+def analyse_chest_check(image: npt.NDArray[np.generic]) -> str:
+    """The demo answer to the chest check (:func:`workers.prompts.build_chest_check_prompt`):
+    yes when it finds two lung fields in the model-ready image, else no."""
+    lungs = _lung_fields(_gray(image))
+    verdict = "yes" if len(lungs) == 2 else "no"
+    return (
+        f"{DEMO_LABEL}: medgemma-node demo engine {DEMO_REVISION}, not MedGemma. "
+        f"Lung fields found: {len(lungs)}.\n\nFinal Answer: {verdict}"
+    )
+
+
 # ------------------------------------------------------------------ follow-up turns
 
 # Describe: the crop (second image) is analysed at half resolution. The thresholds were
@@ -864,7 +875,8 @@ class DemoEngine:
     from the first (frontal) image, and the follow-up prompts of
     :mod:`workers.dialogue.prompts` (:func:`~workers.dialogue.prompts.followup_task`):
     describe from the crop (second image), localise from the frontal image, relation
-    always "uncertain". Any other prompt gets an empty, labelled answer.
+    always "uncertain"; and the chest check (yes when it finds two lung fields). Any
+    other prompt gets an empty, labelled answer.
     """
 
     info = EngineInfo(
@@ -883,6 +895,10 @@ class DemoEngine:
             if not request.images:
                 raise ValueError("EngineRequest.images must hold at least the frontal image")
             return analyse_preread(request.images[0])
+        if is_chest_check_prompt(request.prompt):
+            if not request.images:
+                raise ValueError("EngineRequest.images must hold the image to check")
+            return analyse_chest_check(request.images[0])
         task = followup_task(request.prompt)
         if task == "describe":
             if len(request.images) < 2:
