@@ -8,6 +8,7 @@ committed in the ledger.
 from __future__ import annotations
 
 import logging
+import mmap
 import socketserver
 import ssl
 import threading
@@ -21,12 +22,34 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    HEVCM10P51,
+    HEVCMP51,
+    HTJ2K,
     JPEG2000,
+    JPEG2000MC,
+    MPEG2MPHL,
+    MPEG2MPHLF,
+    MPEG2MPML,
+    MPEG2MPMLF,
+    MPEG4HP41,
+    MPEG4HP41BD,
+    MPEG4HP41BDF,
+    MPEG4HP41F,
+    MPEG4HP42STEREO,
+    MPEG4HP42STEREOF,
+    MPEG4HP422D,
+    MPEG4HP422DF,
+    MPEG4HP423D,
+    MPEG4HP423DF,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEG2000MCLossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLossless,
@@ -58,7 +81,13 @@ class StoreStatus(IntEnum):
     PROCESSING_FAILURE = 0x0110
 
 
-# Stored as received, never transcoded.
+#: Deflated Image Frame Compression (SEG files use it): pydicom 3.0 does not know the UID
+#: yet. Its dataset is explicit VR little endian; its frames are encapsulated.
+DEFLATED_IMAGE_FRAME_COMPRESSION = UID("1.2.840.10008.1.2.8.1")
+
+# Stored as received, never transcoded or decoded here (the reader decodes what it can and
+# says which syntax it cannot). Refused (README "Transfer syntaxes"): JPEG XL (pydicom 3.0
+# does not know it), JPIP (pixel data by reference) and SMPTE ST 2110 (network video).
 ACCEPTED_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -73,6 +102,28 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEG2000Lossless,
     JPEG2000,
     RLELossless,
+    JPEG2000MCLossless,
+    JPEG2000MC,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    HTJ2K,
+    DEFLATED_IMAGE_FRAME_COMPRESSION,
+    MPEG2MPML,
+    MPEG2MPMLF,
+    MPEG2MPHL,
+    MPEG2MPHLF,
+    MPEG4HP41,
+    MPEG4HP41F,
+    MPEG4HP41BD,
+    MPEG4HP41BDF,
+    MPEG4HP422D,
+    MPEG4HP422DF,
+    MPEG4HP423D,
+    MPEG4HP423DF,
+    MPEG4HP42STEREO,
+    MPEG4HP42STEREOF,
+    HEVCMP51,
+    HEVCM10P51,
 ]
 
 # Large values (pixel data) are not loaded while the header is checked.
@@ -412,5 +463,27 @@ def _check_complete(ds: Dataset, path: Path) -> None:
         if offset is not None and length is not None and length != 0xFFFFFFFF:
             if offset + length > size:
                 raise IncompleteDataset(f"element {elem.tag} ends past the end of the data")
-    if ts is not None and ts.is_encapsulated and "Rows" in ds and "PixelData" not in ds:
+    if "PixelData" not in ds and _is_encapsulated(ts) and _has_undelimited_pixel_data(path):
         raise IncompleteDataset("encapsulated Pixel Data is truncated (no sequence delimiter)")
+
+
+def _is_encapsulated(ts: UID | None) -> bool:
+    if ts is None:
+        return False
+    if ts == DEFLATED_IMAGE_FRAME_COMPRESSION:
+        return True
+    return ts.is_transfer_syntax and ts.is_encapsulated
+
+
+# An encapsulated Pixel Data element's header (explicit VR little endian, undefined length).
+_ENCAPSULATED_PIXEL_DATA = (
+    b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff",
+    b"\xe0\x7f\x10\x00OW\x00\x00\xff\xff\xff\xff",
+)
+
+
+def _has_undelimited_pixel_data(path: Path) -> bool:
+    """Whether the file holds an encapsulated Pixel Data element pydicom dropped (its
+    sequence delimiter is missing: the stream was cut); a header-only file holds none."""
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return any(data.find(marker) >= 0 for marker in _ENCAPSULATED_PIXEL_DATA)
