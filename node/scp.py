@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     HEVCM10P51,
     HEVCMP51,
@@ -65,6 +68,18 @@ from pynetdicom.status import Status
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.ledger import InstanceHeader, StudyLedger
+from node.netlimits import (
+    HostSlots,
+    InflateError,
+    InflateLimitExceeded,
+    PeerLimits,
+    PeerSocket,
+    TlsPeerSocket,
+    inflate_limited,
+    install_pynetdicom_log_filter,
+    limit_connection,
+    peer_text,
+)
 from node.settings import DicomSettings, TlsSettings
 from node.spool import OutOfSpace, Spool, SpoolError, is_valid_uid, sha256_of
 
@@ -166,18 +181,64 @@ def make_ssl_context(tls: TlsSettings) -> ssl.SSLContext | None:
 
 
 class _HostCheckingServer(ThreadedAssociationServer):
-    """Closes connections from hosts outside ``allowed_hosts`` before any PDU is read."""
+    """Closes connections from hosts outside ``allowed_hosts``, and those beyond a host's
+    share of slots, before any PDU is read; puts the peer limits (node.netlimits) on the
+    others; does TLS handshakes in the connection's thread, within ``limits``."""
 
     allowed_hosts: frozenset[str] = frozenset()
+    limits: PeerLimits | None = None
+    slots: HostSlots | None = None
+    idle_timeout: float | None = None
+
+    def get_request(self) -> tuple[Any, Any]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        sock: Any = PeerSocket.adopt(client)
+        if self.ssl_context is not None:
+            # the handshake happens in process_request_thread: here it would block the accept loop
+            sock = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        if not self.allowed_hosts:
-            return True
         host = str(client_address[0])
-        if host in self.allowed_hosts:
-            return True
-        log.warning("refused connection from host %s: not in dicom.allowed_hosts", host)
-        return False
+        if self.allowed_hosts and host not in self.allowed_hosts:
+            log.warning("refused connection from host %s: not in dicom.allowed_hosts", host)
+            return False
+        if self.slots is not None:
+            if not self.slots.acquire(host):
+                log.warning(
+                    "refused connection from host %s: it has %d connections open "
+                    "(dicom.max_associations_per_host)",
+                    host,
+                    self.slots.per_host,
+                )
+                return False
+            slots = self.slots
+            on_close = lambda: slots.release(host)  # noqa: E731
+        else:
+            on_close = None
+        if self.limits is not None:
+            limit_connection(request, self.limits, host, self.idle_timeout, on_close)
+        return True
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            timeout = self.limits.associate_seconds if self.limits is not None else None
+            try:
+                request.settimeout(timeout)
+                request.do_handshake()
+                request.settimeout(self.idle_timeout)
+            except (OSError, ValueError) as exc:
+                log.warning(
+                    "TLS handshake with %s failed: %s",
+                    client_address[0],
+                    peer_text(f"{type(exc).__name__}: {exc}"),
+                )
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
     def shutdown(self) -> None:
         """Stop serving and close the socket.
@@ -237,6 +298,13 @@ class StorageSCP:
         ae.maximum_pdu_size = settings.maximum_pdu_size
         ae.require_calling_aet = list(settings.allowed_callers)
         self.ae = ae
+        self.limits = PeerLimits(
+            associate_seconds=settings.acse_timeout,
+            pdu_seconds=settings.network_timeout,
+            max_pdata_bytes=settings.maximum_pdu_size,
+            max_dataset_bytes=settings.max_dataset_mb * 2**20,
+        )
+        install_pynetdicom_log_filter()
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -249,14 +317,20 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_association_end),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
+        ssl_context = make_ssl_context(self.settings.tls)
+        if ssl_context is not None:
+            ssl_context.sslsocket_class = TlsPeerSocket
         server = self.ae.make_server(
             (self.settings.bind_address, self.settings.port),
-            ssl_context=make_ssl_context(self.settings.tls),
+            ssl_context=ssl_context,
             evt_handlers=handlers,
             server_class=_HostCheckingServer,
         )
         assert isinstance(server, _HostCheckingServer)
         server.allowed_hosts = frozenset(self.settings.allowed_hosts)
+        server.limits = self.limits
+        server.slots = HostSlots(self.settings.max_associations_per_host)
+        server.idle_timeout = self.settings.network_timeout
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name="medgemma-scp", daemon=True
@@ -293,13 +367,13 @@ class StorageSCP:
     # --- handlers ----------------------------------------------------------------------
 
     def _on_echo(self, event: evt.Event) -> int:
-        log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
+        log.info("C-ECHO from %s", peer_text(event.assoc.requestor.ae_title))
         return int(Status.SUCCESS)
 
     def _on_rejected(self, event: evt.Event) -> None:
         log.warning(
             "association from %s (%s) rejected (calling AE not allowed or too many associations)",
-            event.assoc.requestor.ae_title,
+            peer_text(event.assoc.requestor.ae_title),
             event.assoc.requestor.address,
         )
 
@@ -320,9 +394,16 @@ class StorageSCP:
         path = Path(event.dataset_path)
         try:
             status = self._store(path, calling_ae, str(request.AffectedSOPClassUID or ""), rq_sop)
-        except Exception:
+        except Exception as exc:
             # Any unexpected failure: the sender gets a failure and may retry; nothing is lost.
-            log.exception("C-STORE of SOP instance %s from %s failed", rq_sop, calling_ae)
+            # One line (the traceback only at DEBUG): the message may quote what the peer sent.
+            log.error(
+                "C-STORE of SOP instance %s from %s failed: %s",
+                peer_text(rq_sop),
+                peer_text(calling_ae),
+                peer_text(f"{type(exc).__name__}: {exc}"),
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
             self.counters.refused += 1
             return _failure(StoreStatus.PROCESSING_FAILURE, "internal error while storing")
         if isinstance(status, Dataset):
@@ -331,16 +412,43 @@ class StorageSCP:
             study_id = status
             with self._touched_lock:
                 self._touched.setdefault(id(event.assoc), set()).add(study_id)
-            log.debug("stored %s in %.1f ms", rq_sop, (time.monotonic() - started) * 1000)
+            log.debug(
+                "stored %s in %.1f ms", peer_text(rq_sop), (time.monotonic() - started) * 1000
+            )
             return int(Status.SUCCESS)
         return status
 
     def _store(self, path: Path, calling_ae: str, rq_class: str, rq_sop: str) -> int | Dataset:
         """Store one received file. Returns the study row id, or a failure status dataset."""
+        who, sop = peer_text(calling_ae), peer_text(rq_sop)
+        limit = self.limits.max_dataset_bytes
         try:
-            ds = dcmread(path, defer_size=_DEFER_SIZE)
-            ts = str(ds.file_meta.TransferSyntaxUID)
-            _check_complete(ds, path)
+            inflated = _inflated_copy(path, limit)
+        except InflateLimitExceeded:
+            log.warning(
+                "C-STORE of %s from %s refused: deflated dataset inflates to more than %d MB "
+                "(dicom.max_dataset_mb)",
+                sop,
+                who,
+                self.settings.max_dataset_mb,
+            )
+            return _failure(
+                StoreStatus.OUT_OF_RESOURCES,
+                f"inflated dataset over {self.settings.max_dataset_mb} MB limit",
+            )
+        except (InflateError, OSError, ValueError) as exc:
+            log.warning(
+                "C-STORE of %s from %s refused: deflated dataset cannot be inflated (%s)",
+                sop,
+                who,
+                peer_text(exc),
+            )
+            return _failure(StoreStatus.CANNOT_UNDERSTAND, "deflated dataset cannot be inflated")
+        try:
+            readable = path if inflated is None else inflated
+            ds = dcmread(readable, defer_size=_DEFER_SIZE)
+            ts = str(ds.file_meta.TransferSyntaxUID) if inflated is None else _DEFLATED
+            _check_complete(ds, readable)
             header = InstanceHeader(
                 study_uid=_text(ds, "StudyInstanceUID"),
                 series_uid=_text(ds, "SeriesInstanceUID"),
@@ -360,11 +468,14 @@ class StorageSCP:
         except Exception as exc:
             log.warning(
                 "C-STORE of %s from %s refused: dataset cannot be parsed (%s)",
-                rq_sop,
-                calling_ae,
+                sop,
+                who,
                 type(exc).__name__,
             )
             return _failure(StoreStatus.CANNOT_UNDERSTAND, "dataset cannot be parsed")
+        finally:
+            if inflated is not None:
+                inflated.unlink(missing_ok=True)
 
         for keyword, value in (
             ("StudyInstanceUID", header.study_uid),
@@ -372,16 +483,16 @@ class StorageSCP:
             ("SOPInstanceUID", header.sop_instance_uid),
         ):
             if not value:
-                log.warning("C-STORE of %s from %s refused: no %s", rq_sop, calling_ae, keyword)
+                log.warning("C-STORE of %s from %s refused: no %s", sop, who, keyword)
                 return _failure(StoreStatus.CANNOT_UNDERSTAND, f"missing {keyword}")
             if not is_valid_uid(value):
-                log.warning("C-STORE of %s from %s refused: bad %s", rq_sop, calling_ae, keyword)
+                log.warning("C-STORE of %s from %s refused: bad %s", sop, who, keyword)
                 return _failure(StoreStatus.CANNOT_UNDERSTAND, f"invalid {keyword}")
         if header.sop_instance_uid != rq_sop or (rq_class and header.sop_class_uid != rq_class):
             log.warning(
                 "C-STORE from %s refused: dataset SOP instance/class differ from the request (%s)",
-                calling_ae,
-                rq_sop,
+                who,
+                sop,
             )
             return _failure(
                 StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -396,7 +507,7 @@ class StorageSCP:
                 "duplicate of %s (study %s) from %s: identical, already stored",
                 header.sop_instance_uid,
                 header.study_uid,
-                calling_ae,
+                who,
             )
             return identical.study_id
         revision = latest_revision + 1
@@ -435,15 +546,46 @@ class StorageSCP:
                 header.sop_instance_uid,
                 header.study_uid,
                 outcome.study_version,
-                header.modality or "?",
+                peer_text(header.modality or "?", limit=16),
                 size,
-                calling_ae,
+                who,
             )
         return outcome.study_id
 
 
 class IncompleteDataset(ValueError):
     pass
+
+
+_DEFLATED = str(DeflatedExplicitVRLittleEndian)
+# preamble, "DICM", then (0002,0000) File Meta Information Group Length: 12 bytes
+_GROUP_LENGTH_END = 128 + 4 + 12
+
+
+def _inflated_copy(path: Path, limit: int) -> Path | None:
+    """For a received deflated dataset, a copy with the dataset inflated (Explicit VR
+    Little Endian), written next to it, at most ``limit`` inflated bytes; None for any other
+    transfer syntax. pydicom would inflate the whole dataset in memory, however large.
+
+    The file meta was written by pynetdicom (with its group length); the dataset after it is
+    what the peer sent.
+    """
+    meta = read_file_meta_info(path)
+    if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
+        return None
+    offset = _GROUP_LENGTH_END + int(meta.FileMetaInformationGroupLength)
+    copy = path.with_name(path.name + ".inflated")
+    try:
+        explicit = FileMetaDataset(meta)
+        explicit.TransferSyntaxUID = ExplicitVRLittleEndian
+        with copy.open("wb") as f:
+            f.write(b"\0" * 128 + b"DICM")
+            write_file_meta_info(DicomFileLike(f), explicit)
+        inflate_limited(path, offset, copy, limit)
+    except BaseException:
+        copy.unlink(missing_ok=True)
+        raise
+    return copy
 
 
 def _check_complete(ds: Dataset, path: Path) -> None:
@@ -454,7 +596,7 @@ def _check_complete(ds: Dataset, path: Path) -> None:
     """
     ts = ds.file_meta.get("TransferSyntaxUID")
     if ts == DeflatedExplicitVRLittleEndian:
-        return  # inflated in memory by pydicom; a truncated deflate stream fails to inflate
+        return  # _store reads an inflated copy (_inflated_copy) and checks that instead
     size = path.stat().st_size
     for tag in list(ds.keys()):
         elem = ds.get_item(tag, keep_deferred=True)

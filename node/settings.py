@@ -58,10 +58,16 @@ class DicomSettings(BaseModel):
     allowed_callers: list[str] = Field(default_factory=list)  # AE titles; empty = any caller
     allowed_hosts: list[str] = Field(default_factory=list)  # IP addresses; empty = any host
     max_associations: int = Field(default=16, ge=1)
-    acse_timeout: float = 30.0
+    max_associations_per_host: int = Field(default=8, ge=1)  # open connections per IP address
+    # also: a connection's A-ASSOCIATE-RQ must be complete this long after it opened
+    acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = 60.0
-    network_timeout: float = 120.0
-    maximum_pdu_size: int = 0  # 0 = unlimited
+    # also: every PDU must be complete this long after its first byte
+    network_timeout: float = Field(default=120.0, gt=0)
+    # the largest P-DATA PDU a peer may send (announced; larger ones are aborted unread)
+    maximum_pdu_size: int = Field(default=1_048_576, ge=4096, le=64 * 2**20)
+    # one received dataset (a deflated one: inflated); larger ones are refused
+    max_dataset_mb: int = Field(default=2048, ge=1)
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")

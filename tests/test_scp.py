@@ -127,7 +127,7 @@ def test_unknown_calling_ae_is_rejected_and_nothing_stored(
 
 def test_ten_concurrent_associations(node_factory: Callable[..., NodeRuntime]) -> None:
     # a quiet period longer than any pause between the senders, even on a loaded machine
-    node = node_factory(completion={"quiet_seconds": 5.0})
+    node = node_factory(completion={"quiet_seconds": 5.0}, dicom={"max_associations_per_host": 10})
     study_uid = generate_uid()
     images = [
         make_chest_radiograph(seed=200 + i, study_uid=study_uid, rows=128, cols=104)
