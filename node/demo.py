@@ -120,14 +120,21 @@ class Turn:
     about: tuple[str, ...]
 
 
-def _find_report(client: Any, accession: str) -> dict[str, Any]:
-    found = client.get("/DiagnosticReport", params={"identifier": accession})
-    found.raise_for_status()
-    entries = found.json().get("entry", [])
-    if not entries:
-        raise DemoError(f"no DiagnosticReport with accession {accession}")
-    report: dict[str, Any] = entries[0]["resource"]
-    return report
+def _find_report(client: Any, accession: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The study's DiagnosticReport by accession, once it is past "registered" (the worker
+    writes the FHIR resources right after the ledger says done)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = client.get("/DiagnosticReport", params={"identifier": accession})
+        found.raise_for_status()
+        entries = found.json().get("entry", [])
+        if entries and entries[0]["resource"]["status"] != "registered":
+            report: dict[str, Any] = entries[0]["resource"]
+            return report
+        if time.monotonic() > deadline:
+            state = entries[0]["resource"]["status"] if entries else "absent"
+            raise DemoError(f"no read DiagnosticReport with accession {accession} ({state})")
+        time.sleep(0.2)
 
 
 def converse_like_a_ris(

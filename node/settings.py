@@ -64,7 +64,8 @@ class DicomSettings(BaseModel):
     dimse_timeout: float = 60.0
     # also: every PDU must be complete this long after its first byte
     network_timeout: float = Field(default=120.0, gt=0)
-    # the largest P-DATA PDU a peer may send (announced; larger ones are aborted unread)
+    # the largest P-DATA PDU a peer may send (announced; larger ones are aborted unread);
+    # 0, which older configs wrote for "unlimited", means the default
     maximum_pdu_size: int = Field(default=1_048_576, ge=4096, le=64 * 2**20)
     # one received dataset (a deflated one: inflated); larger ones are refused
     max_dataset_mb: int = Field(default=2048, ge=1)
@@ -74,6 +75,12 @@ class DicomSettings(BaseModel):
     @classmethod
     def _ae(cls, v: str) -> str:
         return _check_ae_title(v, "dicom.ae_title")
+
+    @field_validator("maximum_pdu_size", mode="before")
+    @classmethod
+    def _pdu_zero_is_default(cls, v: object) -> object:
+        # configs written before the limit existed said 0 (unlimited): keep them loading
+        return 1_048_576 if v == 0 else v
 
     @field_validator("allowed_callers")
     @classmethod

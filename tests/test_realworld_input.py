@@ -30,7 +30,7 @@ from node.scp import StoreStatus
 from node.settings import PrereadSettings
 from node.synthetic import make_chest_radiograph, make_non_chest_radiograph, write_study
 from tests.conftest import storescu, wait_for_state
-from tests.peers import dciodvfy_errors
+from tests.peers import dciodvfy_errors, wait_for
 from workers.imaging import choose_views
 from workers.prompts import parse_chest_check
 
@@ -216,6 +216,18 @@ def test_engine_decides_unlabelled_dx_chest_read_limb_skipped(
     assert skipped.state.value == "skipped"
     assert skipped.reason == "the engine said it is not a frontal chest radiograph"
     assert skipped.result is None
+    # the report registered when the study was queued ends cancelled, saying why
+    from node.fhir import resources as fr
+    from node.fhir.store import FhirStore
+
+    def cancelled() -> dict[str, object] | None:
+        stored = FhirStore(node.ledger).get(
+            "DiagnosticReport", fr.report_id(str(limb.StudyInstanceUID))
+        )
+        return stored.resource if stored and stored.resource["status"] == "cancelled" else None
+
+    report = wait_for(cancelled, 30, 0.2, "a cancelled DiagnosticReport")
+    assert "not a frontal chest radiograph" in str(report)
 
 
 def _header_only(transfer_syntax: str, tmp_path: Path, name: str) -> tuple[Dataset, Path]:

@@ -70,3 +70,9 @@ def test_cli_reports_a_missing_config_file(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_config_from_before_the_pdu_limit_still_loads_with_the_default_limit() -> None:
+    # older config/node.toml files said maximum_pdu_size = 0 (unlimited)
+    settings = load_settings(None, dicom={"maximum_pdu_size": 0})
+    assert settings.dicom.maximum_pdu_size == 1_048_576

@@ -260,6 +260,7 @@ def run_preread(
     except NotAChestRadiograph as exc:
         ledger.set_state(study_uid, version, StudyState.SKIPPED, str(exc))
         log.info("study %s v%d kept, not pre-read: %s", study_uid, version, exc)
+        record_fhir(ledger, study_uid, version, settings.fhir)  # the registered report ends
         return "skipped"
     except TransientPrereadError:
         # the retry may land in another worker process: it must find the version free

@@ -85,17 +85,19 @@ def study_facts(ledger: StudyLedger, study_uid: str, version: int) -> fr.StudyFa
 
 
 def build_preread_resources(
-    facts: fr.StudyFacts, systems: fr.IdentifierSystems
+    facts: fr.StudyFacts, systems: fr.IdentifierSystems, *, reported: bool = False
 ) -> fr.PrereadBundle | None:
     """The resources for a study's state: registered, preliminary/amended, cancelled;
-    None for a study that is not read (skipped)."""
+    None for a study that is not read (skipped) and was never reported. ``reported``: a
+    report was already written (the study was queued, then skipped by the worker): it is
+    cancelled with the reason rather than left registered."""
     state = facts.state
-    if state == "skipped":
+    if state == "skipped" and not reported:
         return None
     issued = fr.now_instant()
     study = fr.build_imaging_study(facts, systems)
     if state != "done" or not facts.result:
-        status = "cancelled" if state == "failed" else "registered"
+        status = "cancelled" if state in ("failed", "skipped") else "registered"
         report = fr.build_report(
             facts, systems, status=status, results=(), issued=issued, reason=facts.reason
         )
@@ -161,7 +163,8 @@ def record_preread(
         fhir = _store_on(ledger.engine)
     try:
         facts = study_facts(ledger, study_uid, version)
-        bundle = build_preread_resources(facts, systems)
+        reported = fhir.get("DiagnosticReport", fr.report_id(study_uid)) is not None
+        bundle = build_preread_resources(facts, systems, reported=reported)
         if bundle is None:
             log.info("study %s v%d is not read (skipped): no FHIR resources", study_uid, version)
             return
