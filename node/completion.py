@@ -81,6 +81,9 @@ class StudyCoordinator:
         try:
             self.dispatcher.send_preread(study.study_uid, study.version)
         except DispatchError as exc:
+            # on the study too, not only in the log: status and the RIS operator see why
+            reason = f"queued; broker unreachable: {exc.cause}, retrying"
+            self.ledger.note_queued(study.study_uid, study.version, task_id, reason)
             log.error(
                 "study %s v%d stays queued, the reconciler will re-send it: %s",
                 study.study_uid,

@@ -37,7 +37,22 @@ def followup_task_id(question_id: str) -> str:
 
 
 class DispatchError(Exception):
-    """The task could not be handed to the broker; the study stays queued for the reconciler."""
+    """The task could not be handed to the broker; the study stays queued for the reconciler.
+
+    ``cause`` is the underlying error in one short line (its class and text), for the study's
+    reason; the message adds the broker's address (without a password) for the log.
+    """
+
+    def __init__(self, message: str, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause or message
+
+
+def error_summary(exc: BaseException, limit: int = 160) -> str:
+    """``Class: first line of the text`` of an error, at most ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    summary = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return summary if len(summary) <= limit else summary[: limit - 3] + "..."
 
 
 class Dispatcher(Protocol):
@@ -92,7 +107,9 @@ class CeleryDispatcher:
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
             )
         except Exception as exc:
-            raise DispatchError(f"broker {self._safe_url()} unavailable: {exc}") from exc
+            raise DispatchError(
+                f"broker {self._safe_url()} unavailable: {exc}", error_summary(exc)
+            ) from exc
 
     def queue_depth(self) -> int | None:
         try:

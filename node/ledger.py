@@ -519,6 +519,23 @@ class StudyLedger:
             study.run_lease_until = None
             return StudySummary.of(study)
 
+    def note_queued(self, study_uid: str, version: int, task_id: str, reason: str) -> bool:
+        """Set the reason of a version still queued under ``task_id`` (e.g. why its task has
+        not reached the broker yet), keeping its state and last-change time, so the reconciler
+        re-sends it on its usual schedule. False when it has moved on (a worker took it)."""
+        with self.db.transaction() as s:
+            result: Any = s.execute(
+                update(Study)
+                .where(
+                    Study.study_uid == study_uid,
+                    Study.version == version,
+                    Study.state == StudyState.QUEUED.value,
+                    Study.task_id == task_id,
+                )
+                .values(reason=reason)
+            )
+            return bool(result.rowcount)
+
     def start_run(
         self,
         study_uid: str,
