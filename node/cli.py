@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from collections.abc import Sequence
 
 from node import __version__
 from node.datadir import PRIVATE_UMASK, create_private_file, private_dirs, warn_wide_modes
+from node.logfile import FailSoftFileHandler
 from node.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("medgemma.cli")
@@ -23,11 +23,16 @@ def _setup_logging(settings: Settings | None, level: str, to_file: bool) -> None
     fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings is not None and to_file:
-        logs = private_dirs(settings.storage.data_path / "logs")
-        create_private_file(logs / "node.log")  # rotated ones: the umask set in main()
+        data_dir = settings.storage.data_path
+        logs = data_dir / "logs"
+        try:
+            create_private_file(private_dirs(logs) / "node.log")  # rotated: the umask of main()
+        except OSError:
+            pass  # the handler reports it once, on the first record, and the node runs on
+        # a full or read-only log disk is reported once (status shows it), never a traceback
         handlers.append(
-            logging.handlers.RotatingFileHandler(
-                logs / "node.log", maxBytes=10 * 2**20, backupCount=5, encoding="utf-8"
+            FailSoftFileHandler(
+                logs / "node.log", state_dir=data_dir, max_bytes=10 * 2**20, backup_count=5
             )
         )
     logging.basicConfig(level=level.upper(), format=fmt, handlers=handlers, force=True)
@@ -163,6 +168,71 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     status = collect_status(settings, study_uid=args.study, limit=args.limit)
     print(status_json(status) if args.json else render_status(status))
     return 0 if status.scp.listening else 1
+
+
+def _default_operator() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
+    """List, replay or drop SR/SEG deliveries (dead letters after ``outbox.max_attempts``)."""
+    import json
+
+    from node.ledger import StudyLedger
+    from node.outbox import DeliveryState, Outbox
+
+    sqlite_file = settings.storage.data_path / "ledger.sqlite3"
+    if not settings.storage.database_url and not sqlite_file.is_file():
+        print(
+            f"medgemma-node outbox: no ledger at {sqlite_file}; has a node run with this "
+            "data_dir? (storage.data_dir or MEDGEMMA_NODE_STORAGE__DATA_DIR)",
+            file=sys.stderr,
+        )
+        return 2
+    ledger = StudyLedger(settings.storage.resolved_database_url())
+    try:
+        outbox = Outbox(ledger, settings.outbox)
+        if args.action == "list":
+            state = DeliveryState(args.state) if args.state else None
+            rows = outbox.deliveries(study_uid=args.study, state=state)
+            if args.json:
+                print(json.dumps([d.to_json() for d in rows], indent=2))
+                return 0
+            if not rows:
+                print("no deliveries" + (f" in state {state.value}" if state else ""))
+            for d in rows:
+                line = (
+                    f"{d.id:>6}  {d.state.value:<9} {d.kind.upper():<3} {d.study_uid} "
+                    f"v{d.study_version} -> {d.destination}  {d.attempts} attempts"
+                )
+                if d.state is DeliveryState.DROPPED:
+                    line += f"  dropped by {d.dropped_by} {d.dropped_at:%Y-%m-%d %H:%M:%S} UTC"
+                if d.last_error:
+                    line += f"  - {d.last_error}"
+                print(line)
+            return 0
+        if args.action == "replay":
+            if args.all_dead == bool(args.ids):
+                print("medgemma-node outbox replay: name IDs or --all-dead", file=sys.stderr)
+                return 2
+            outcome = outbox.replay(args.ids, all_dead=args.all_dead)
+            verb = "replayed (pending again; a running node sends them)"
+        else:
+            outcome = outbox.drop(args.ids, by=args.by or _default_operator())
+            verb = "dropped (their SR/SEG files are kept)"
+        print(f"{len(outcome.changed)} {verb}: {' '.join(map(str, outcome.changed)) or '-'}")
+        for delivery_id, why in outcome.refused.items():
+            print(f"  {delivery_id} left as it is: {why}", file=sys.stderr)
+        return 1 if outcome.refused else 0
+    finally:
+        ledger.close()
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -321,6 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10, help="latest studies to list")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status, to_file=False)
+
+    p = sub.add_parser("outbox", help="SR/SEG deliveries: list, replay or drop dead letters")
+    p.set_defaults(func=cmd_outbox, to_file=False)
+    ops = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    o = ops.add_parser("list", help="deliveries, oldest first (id, state, study, destination)")
+    o.add_argument("--state", choices=["pending", "delivered", "dead", "dropped"])
+    o.add_argument("--study", help="one study (StudyInstanceUID)")
+    o.add_argument("--json", action="store_true", help="machine-readable output")
+    o = ops.add_parser("replay", help="send dead (or dropped) deliveries again, each once")
+    o.add_argument("--all-dead", action="store_true", help="every dead delivery")
+    o.add_argument("ids", nargs="*", type=int, metavar="ID", help="delivery ids (outbox list)")
+    o = ops.add_parser("drop", help="give up on dead or pending deliveries (files are kept)")
+    o.add_argument("ids", nargs="+", type=int, metavar="ID", help="delivery ids (outbox list)")
+    o.add_argument("--by", help="who drops them (default: user@host)")
 
     p = sub.add_parser(
         "resolve",

@@ -9,6 +9,7 @@ row whose sender died is claimable again once its lease has run out.
     pending --claim--> pending (leased) --mark_delivered--> delivered
                                         \\--mark_failed--> pending (next attempt later) | dead
                                         \\--release--> pending (no attempt counted)
+    dead --replay (operator)--> pending, attempts 0;  dead | pending --drop (operator)--> dropped
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ __all__ = [
 class DeliveryState(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
-    DEAD = "dead"
+    DEAD = "dead"  # gave up after max_attempts; an operator may replay it
+    DROPPED = "dropped"  # an operator decided it is not to be sent (never claimed again)
 
 
 class DeliveryColumns:

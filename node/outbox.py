@@ -3,11 +3,14 @@
 A worker writes a result file under ``<data_dir>/results`` and adds one outbox row per
 configured destination in the same ledger. The node's sender (in ``scp`` and ``serve``)
 delivers due rows by C-STORE (or STOW-RS), retries failures with exponential backoff and
-moves a row to ``dead`` after ``outbox.max_attempts``; ``status`` lists those. A re-sent
-file keeps its SOP Instance UID, so the PACS sees one instance, never a duplicate.
+moves a row to ``dead`` after ``outbox.max_attempts``; ``status`` lists those, and an
+operator lists, replays or drops them with ``medgemma-node outbox``. A re-sent file keeps its
+SOP Instance UID, so the PACS sees one instance, never a duplicate.
 
     pending -> delivered
         \\-> (failure) pending, next attempt later ... -> dead
+    dead -> (outbox replay) pending, attempts 0 -> delivered once: the leased claim keeps it single
+    dead | pending -> (outbox drop) dropped, with who and when; the SR/SEG file is kept
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import threading
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
-from sqlalchemy import String, Text, UniqueConstraint, select, update
+from sqlalchemy import DateTime, String, Text, UniqueConstraint, and_, or_, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from node import delivery
@@ -53,6 +59,9 @@ class OutboxRow(DeliveryColumns, Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
     destination: Mapped[str] = mapped_column(String(256))
+    # who dropped it (``outbox drop --by``, default user@host) and when (naive UTC)
+    dropped_by: Mapped[str] = mapped_column(String(256), default="")
+    dropped_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,10 @@ class Delivery:
     state: DeliveryState
     attempts: int
     last_error: str
+    created_at: datetime | None = None
+    delivered_at: datetime | None = None
+    dropped_by: str = ""
+    dropped_at: datetime | None = None
 
     @classmethod
     def of(cls, r: OutboxRow) -> Delivery:
@@ -83,7 +96,46 @@ class Delivery:
             DeliveryState(r.state),
             r.attempts,
             r.last_error,
+            r.created_at,
+            r.delivered_at,
+            r.dropped_by or "",
+            r.dropped_at,
         )
+
+    def to_json(self) -> dict[str, Any]:
+        """The row for ``outbox list --json``: times as ISO 8601 UTC, empty ones null."""
+
+        def when(t: datetime | None) -> str | None:
+            return f"{t.isoformat(timespec='seconds')}Z" if t is not None else None
+
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "kind": self.kind,
+            "study_uid": self.study_uid,
+            "study_version": self.study_version,
+            "sop_instance_uid": self.sop_instance_uid,
+            "destination": self.destination,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "path": self.path,
+            "created_at": when(self.created_at),
+            "delivered_at": when(self.delivered_at),
+            "dropped_by": self.dropped_by,
+            "dropped_at": when(self.dropped_at),
+        }
+
+
+@dataclass(frozen=True)
+class OperatorOutcome:
+    """What ``Outbox.replay`` or ``Outbox.drop`` did: the ids changed, and why others were not."""
+
+    changed: list[int] = field(default_factory=list)
+    refused: dict[int, str] = field(default_factory=dict)
+
+
+def _utc(t: datetime | None) -> str:
+    return f"{t:%Y-%m-%d %H:%M:%S} UTC" if t is not None else "time unknown"
 
 
 class DeliveryError(Exception):
@@ -183,24 +235,101 @@ class Outbox:
         return delivery.release(self.db, OutboxRow, delivery_ids, self.owner)
 
     def retry_dead(self) -> int:
-        """Give dead deliveries another round (an operator's action after fixing the PACS)."""
+        """Give every dead delivery another round; returns how many."""
+        return len(self.replay(all_dead=True).changed)
+
+    def replay(self, ids: Sequence[int] = (), *, all_dead: bool = False) -> OperatorOutcome:
+        """Send dead (or dropped) deliveries again: pending, due now, attempts reset.
+
+        ``all_dead``: every dead row; else the rows ``ids``. One conditional update, so a row
+        is replayed once however often this runs at the same time; the senders' leased
+        claims then deliver it once. Pending and delivered rows are refused (with why).
+        """
+        replayable = (DeliveryState.DEAD.value, DeliveryState.DROPPED.value)
+        if all_dead:
+            which = OutboxRow.state == DeliveryState.DEAD.value
+        else:
+            which = and_(OutboxRow.id.in_(list(ids)), OutboxRow.state.in_(replayable))
         with self.db.transaction() as s:
-            result = s.execute(
+            result: Any = s.execute(
                 update(OutboxRow)
-                .where(OutboxRow.state == DeliveryState.DEAD.value)
+                .where(which)
                 .values(
                     state=DeliveryState.PENDING.value,
                     attempts=0,
+                    last_error="",
                     next_attempt_at=utcnow(),
                     lease_owner=None,
                     lease_until=None,
+                    dropped_by="",
+                    dropped_at=None,
                 )
+                .returning(OutboxRow.id)
             )
-            return int(getattr(result, "rowcount", 0))
+            changed = sorted(result.scalars())
+        return OperatorOutcome(changed, self._refusals(ids, changed, dropping=False))
+
+    def drop(self, ids: Sequence[int], *, by: str) -> OperatorOutcome:
+        """Give up on dead or pending deliveries for good: ``dropped``, with ``by`` and the time.
+
+        The result file stays where it is (the node never deletes an SR/SEG); a row a sender
+        holds right now is refused (try again when its attempt has ended).
+        """
+        now = utcnow()
+        droppable = (DeliveryState.DEAD.value, DeliveryState.PENDING.value)
+        with self.db.transaction() as s:
+            result: Any = s.execute(
+                update(OutboxRow)
+                .where(
+                    OutboxRow.id.in_(list(ids)),
+                    OutboxRow.state.in_(droppable),
+                    or_(OutboxRow.lease_until.is_(None), OutboxRow.lease_until < now),
+                )
+                .values(
+                    state=DeliveryState.DROPPED.value,
+                    dropped_by=by[:256],
+                    dropped_at=now,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+                .returning(OutboxRow.id)
+            )
+            changed = sorted(result.scalars())
+        return OperatorOutcome(changed, self._refusals(ids, changed, dropping=True))
+
+    def _refusals(
+        self, ids: Sequence[int], changed: list[int], *, dropping: bool
+    ) -> dict[int, str]:
+        """Why each of ``ids`` not in ``changed`` was left as it is."""
+        rest = [i for i in dict.fromkeys(ids) if i not in set(changed)]
+        if not rest:
+            return {}
+        with self.db.transaction() as s:
+            rows = {
+                r.id: Delivery.of(r)
+                for r in s.execute(select(OutboxRow).where(OutboxRow.id.in_(rest))).scalars()
+            }
+        why: dict[int, str] = {}
+        for i in rest:
+            d = rows.get(i)
+            if d is None:
+                why[i] = "no such delivery"
+            elif d.state is DeliveryState.DELIVERED:
+                why[i] = f"already delivered ({_utc(d.delivered_at)})"
+            elif d.state is DeliveryState.DROPPED:
+                why[i] = f"already dropped by {d.dropped_by} ({_utc(d.dropped_at)})"
+            elif d.state is DeliveryState.PENDING and dropping:
+                why[i] = "a sender is delivering it right now; try again in a minute"
+            elif d.state is DeliveryState.PENDING:
+                why[i] = f"pending: the node is still trying it ({d.attempts} attempts so far)"
+            else:
+                why[i] = f"it is {d.state.value}"
+        return why
 
     def deliveries(
         self, *, study_uid: str | None = None, state: DeliveryState | None = None
     ) -> list[Delivery]:
+        """Rows oldest first, of one study and/or in one state."""
         with self.db.transaction() as s:
             q = select(OutboxRow)
             if study_uid is not None:

@@ -14,6 +14,7 @@ from typing import Any
 from node.datadir import wide_mode_warnings
 from node.fhir.auth import anonymous_access_warning
 from node.ledger import StudyLedger, StudySummary
+from node.logfile import read_log_problem
 from node.settings import Settings
 from sr_templates.model import PrereadResult
 
@@ -48,6 +49,8 @@ class NodeStatus:
     dead_notifications: list[dict[str, Any]] = field(default_factory=list)
     # configuration and file modes that expose patient data (anonymous API, wide modes)
     warnings: list[str] = field(default_factory=list)
+    # a node process cannot write node.log (disk full ...): path, since, reason, pid, message
+    log_problem: dict[str, Any] | None = None
 
 
 def probe_scp(settings: Settings, timeout: float = 5.0) -> ScpProbe:
@@ -140,6 +143,7 @@ def collect_status(
     warnings = [w for w in [anonymous_access_warning(settings)] if w]
     warnings.extend(wide_mode_warnings(data_dir))
     usage = shutil.disk_usage(data_dir if data_dir.exists() else Path.cwd())
+    log_problem = read_log_problem(data_dir)
     return NodeStatus(
         scp=probe(settings),
         ledger_detail=ledger_detail,
@@ -158,6 +162,7 @@ def collect_status(
         notifications=notifications,
         dead_notifications=dead_notifications,
         warnings=warnings,
+        log_problem=log_problem.to_json() if log_problem is not None else None,
     )
 
 
@@ -194,6 +199,7 @@ def _read_ledger(
         outbox = Outbox(ledger, OutboxSettings())
         dead = [
             {
+                "id": d.id,
                 "study_uid": d.study_uid,
                 "kind": d.kind,
                 "sop_instance_uid": d.sop_instance_uid,
@@ -277,9 +283,11 @@ def render_status(status: NodeStatus) -> str:
         out.append("Outbox:   " + "  ".join(f"{k}={v}" for k, v in status.outbox.items()))
     for d in status.dead_letters:
         out.append(
-            f"  DEAD {d['kind'].upper()} of {d['study_uid']} to {d['destination']} "
+            f"  DEAD #{d['id']} {d['kind'].upper()} of {d['study_uid']} to {d['destination']} "
             f"after {d['attempts']} attempts: {d['last_error']}"
         )
+    if status.dead_letters:
+        out.append("  (medgemma-node outbox list --state dead; outbox replay --all-dead | ID ...)")
     if any(status.notifications.values()):
         out.append("Notify:   " + "  ".join(f"{k}={v}" for k, v in status.notifications.items()))
     for n in status.dead_notifications:
@@ -314,6 +322,8 @@ def render_status(status: NodeStatus) -> str:
                 f"  {d['kind'].upper()} v{d['version']} -> {d['destination']}: {d['state']} "
                 f"({d['attempts']} attempts){err}"
             )
+    if status.log_problem is not None:
+        out.append(f"Log:      {status.log_problem['message']} ({status.log_problem['path']})")
     if status.log_tail:
         out.append("Last log lines:")
         out.extend(f"  {line}" for line in status.log_tail)

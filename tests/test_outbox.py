@@ -92,7 +92,7 @@ def test_failures_end_in_the_dead_letter_state(ledger: StudyLedger, tmp_path: Pa
     wait_for(retried, 10, 0.02, "the second attempt after the backoff")
     (dead,) = outbox.deliveries()
     assert dead.state is DeliveryState.DEAD and dead.attempts == 2
-    assert outbox.counts() == {"pending": 0, "delivered": 0, "dead": 1}
+    assert outbox.counts() == {"pending": 0, "delivered": 0, "dead": 1, "dropped": 0}
     assert outbox.retry_dead() == 1
     assert outbox.deliveries()[0].state is DeliveryState.PENDING
 
