@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
+import socket
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -208,6 +210,8 @@ class StudySummary:
     updated_at: datetime
     last_instance_at: datetime
     result: PrereadResult | None
+    run_owner: str | None = None  # who runs it (hostname:pid) while running, else None
+    run_lease_until: datetime | None = None  # naive UTC
 
     @classmethod
     def of(cls, s: Study) -> StudySummary:
@@ -226,6 +230,8 @@ class StudySummary:
             updated_at=s.updated_at,
             last_instance_at=s.last_instance_at,
             result=_load_result(s.study_uid, s.version, s.result),
+            run_owner=s.run_owner,
+            run_lease_until=s.run_lease_until,
         )
 
 
@@ -277,18 +283,27 @@ class RecordOutcome:
 class StudyLedger:
     """All reads and writes of study state. Each method is one transaction."""
 
-    def __init__(self, url: str, *, run_lease_seconds: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        run_lease_seconds: float | None = None,
+        max_run_seconds: float | None = None,
+    ) -> None:
         """Open (creating or upgrading) the ledger tables at ``url``.
 
-        ``run_lease_seconds``: how long a started run holds its study version (default:
+        ``run_lease_seconds``: how long a started (or renewed, :meth:`renew_run`) run holds
+        its study version (default: ``queue.run_lease_seconds``). ``max_run_seconds``: no
+        lease reaches beyond this after the run started (default:
         ``queue.task_time_limit_seconds``, after which Celery has killed the task).
         """
         self.url = url
         self.engine = make_engine(url)
         self.db = Database(self.engine)
         self.db.create_tables(LEDGER_TABLES)
-        default_lease = QueueSettings.model_fields["task_time_limit_seconds"].default
-        self.run_lease_seconds = float(run_lease_seconds or default_lease)
+        fields = QueueSettings.model_fields
+        self.run_lease_seconds = float(run_lease_seconds or fields["run_lease_seconds"].default)
+        self.max_run_seconds = float(max_run_seconds or fields["task_time_limit_seconds"].default)
         # serialises version creation inside one process; the unique constraint covers others
         self._lock = threading.Lock()
 
@@ -554,7 +569,8 @@ class StudyLedger:
         """
         owner = owner or process_owner()
         now = utcnow()
-        until = now + timedelta(seconds=lease_seconds or self.run_lease_seconds)
+        lease = min(lease_seconds or self.run_lease_seconds, self.max_run_seconds)
+        until = now + timedelta(seconds=lease)
         startable = (StudyState.QUEUED.value, StudyState.RUNNING.value)
         with self.db.transaction() as s:
             # one conditional UPDATE: two workers can never both see the version as free
@@ -612,6 +628,42 @@ class StudyLedger:
             )
             return bool(result.rowcount)
 
+    def renew_run(self, study_uid: str, version: int, owner: str | None = None) -> bool:
+        """Extend ``owner``'s lease on a running version by ``run_lease_seconds`` from now
+        (the running task's heartbeat), never beyond ``max_run_seconds`` after it started.
+
+        False when ``owner`` (default: this process) no longer holds it (the reconciler
+        re-sent the version after the lease ran out, or the run is over) or the run has
+        reached ``max_run_seconds``: the lease then runs out and the run may be taken over.
+        """
+        owner = owner or process_owner()
+        now = utcnow()
+        with self.db.transaction() as s:
+            study = s.execute(
+                select(Study)
+                .where(Study.study_uid == study_uid, Study.version == version)
+                .with_for_update()
+            ).scalar_one_or_none()
+            if study is None or study.state != StudyState.RUNNING.value or study.run_owner != owner:
+                return False
+            cap = (study.started_at or now) + timedelta(seconds=self.max_run_seconds)
+            until = min(now + timedelta(seconds=self.run_lease_seconds), cap)
+            if until <= now:
+                return False
+            study.run_lease_until = until
+            return True
+
+    def holds_run(self, study_uid: str, version: int, owner: str | None = None) -> bool:
+        """Whether ``owner`` (default: this process) runs the version under a live lease."""
+        owner = owner or process_owner()
+        with self.db.transaction() as s:
+            study = self._get(s, study_uid, version)
+            return (
+                study.state == StudyState.RUNNING.value
+                and study.run_owner == owner
+                and _lease_live(study, utcnow())
+            )
+
     def finish(
         self,
         study_uid: str,
@@ -620,17 +672,27 @@ class StudyLedger:
         ok: bool,
         reason: str = "",
         result: PrereadResult | None = None,
+        owner: str | None = None,
     ) -> StudySummary:
         """Record the outcome of a version: done (``ok``) or failed, and end its run lease.
 
         Finishing a version already finished with the same outcome changes nothing (a second
-        run, or the reconciler, got there too); a different outcome is a LedgerError.
+        run, or the reconciler, got there too); a different outcome is a LedgerError. With
+        ``owner`` (a run's own outcome), a version that owner no longer holds is a LedgerError
+        and is left as it is: a worker that stalled past its lease, while the version was
+        re-sent and taken by another, must not overwrite that run.
         """
         outcome = StudyState.DONE if ok else StudyState.FAILED
         with self.db.transaction() as s:
             study = self._get(s, study_uid, version)
             if study.state == outcome.value:
                 return StudySummary.of(study)
+            if owner is not None and study.run_owner != owner:
+                raise LedgerError(
+                    f"study {study_uid} v{version} is no longer run by {owner} "
+                    f"(now {study.state}, run by {study.run_owner or 'nobody'}): "
+                    "outcome not recorded"
+                )
             self._transition(s, study, outcome, reason)
             if result is not None:
                 study.result = result.to_json()
@@ -766,18 +828,28 @@ class StudyLedger:
             return list(latest.values())
 
     def stuck_studies(self, older_than_seconds: float) -> list[StudySummary]:
-        """Studies in complete, queued or running whose last change is older than the bound.
+        """Studies in complete, queued or running whose last change is older than the bound,
+        and running ones whose run lease ran out (their worker stopped renewing it: dead).
 
         A running version whose run lease is still live is not stuck: its worker is at it.
+        One whose lease was released (a retry is on its way) waits for the bound.
         """
         now = utcnow()
         cutoff = now - timedelta(seconds=older_than_seconds)
         states = [StudyState.COMPLETE.value, StudyState.QUEUED.value, StudyState.RUNNING.value]
         leased = and_(Study.state == StudyState.RUNNING.value, not_(_lease_free(now)))
+        expired = and_(
+            Study.state == StudyState.RUNNING.value,
+            Study.run_lease_until.is_not(None),
+            Study.run_lease_until < now,
+        )
         with self.db.transaction() as s:
             rows = s.execute(
                 select(Study).where(
-                    Study.state.in_(states), Study.updated_at <= cutoff, not_(leased)
+                    or_(
+                        and_(Study.state.in_(states), Study.updated_at <= cutoff, not_(leased)),
+                        expired,
+                    )
                 )
             ).scalars()
             return [StudySummary.of(r) for r in rows]
@@ -802,6 +874,25 @@ class StudyLedger:
     def instance_count(self) -> int:
         with self.db.transaction() as s:
             return int(s.execute(select(func.count()).select_from(Instance)).scalar_one())
+
+
+def run_owner_gone(owner: str | None) -> bool:
+    """Whether the process named by a run owner (``hostname:pid``, node.db.process_owner)
+    cannot be running anything: no owner, this very process (before it started any run),
+    or a process of this host that no longer exists. False for other hosts' owners: only
+    their lease says when they are gone."""
+    if owner is None or owner == process_owner():
+        return True
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists (another user's)
+    return False
 
 
 def _lease_free(now: datetime) -> ColumnElement[bool]:

@@ -47,13 +47,27 @@ class NodeRuntime:
         self.settings = settings
         data = settings.storage.data_path
         private_dirs(data)  # patient data: 0700
-        self.spool = Spool(settings.storage.spool_path, settings.storage.min_free_mb * 2**20)
+        self.spool = Spool(
+            settings.storage.spool_path,
+            settings.storage.min_free_mb * 2**20,
+            receive_dir=settings.storage.receive_path,
+        )
         removed = self.spool.remove_orphan_parts()
         if removed:
             log.warning("removed %d partial files left by an interrupted write", removed)
+        leftovers = self.spool.remove_leftovers()
+        if leftovers.files:
+            log.warning(
+                "removed %d partial received datasets (%.1f MiB) left in %s by interrupted "
+                "transfers (a sender or this node stopped during a C-STORE)",
+                leftovers.files,
+                leftovers.size_bytes / 2**20,
+                self.spool.receive_dir,
+            )
         self.ledger = StudyLedger(
             settings.storage.resolved_database_url(),
-            run_lease_seconds=settings.queue.task_time_limit_seconds,
+            run_lease_seconds=settings.queue.run_lease_seconds,
+            max_run_seconds=settings.queue.task_time_limit_seconds,
         )
         self.dispatcher = make_dispatcher(settings, embedded=embedded)
         self.coordinator = StudyCoordinator(settings, self.ledger, self.dispatcher)
@@ -70,7 +84,9 @@ class NodeRuntime:
 
     def start(self) -> tuple[str, int]:
         address = self.scp.start()
-        self.coordinator.start()
+        # serve: the in-process worker of a process that just started runs nothing yet, so
+        # what a previous process of this node left queued or running is re-sent at once
+        self.coordinator.start(recover_runs=isinstance(self.dispatcher, InProcessDispatcher))
         self.sender.start(self.settings.outbox.poll_seconds)
         return address
 

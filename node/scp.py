@@ -13,6 +13,7 @@ import socketserver
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -61,7 +62,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import Status
@@ -146,6 +147,26 @@ _DEFER_SIZE = 4096
 
 # Receive datasets straight to a temporary file instead of memory; the handler moves it.
 _config.STORE_RECV_CHUNKED_DATASET = True
+
+# pynetdicom makes that file with tempfile.NamedTemporaryFile, in $TMPDIR, and leaves it
+# there when the transfer stops half-way. Our AEs receive into their spool's receive
+# directory instead (on the spool's disk, emptied at start); other AEs keep the default.
+_receive_dirs: weakref.WeakKeyDictionary[AE, Path] = weakref.WeakKeyDictionary()
+_named_temporary_file = dimse_messages.NamedTemporaryFile
+
+
+def _receive_file(*args: Any, **kwargs: Any) -> Any:
+    """NamedTemporaryFile in the receive directory of the AE whose association this is
+    (pynetdicom calls it in the association's DUL thread, which knows its association)."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    ae = getattr(assoc, "ae", None)
+    directory = _receive_dirs.get(ae) if isinstance(ae, AE) else None
+    if directory is not None:
+        kwargs.update(dir=directory, prefix="rx-")
+    return _named_temporary_file(*args, **kwargs)
+
+
+dimse_messages.NamedTemporaryFile = _receive_file
 
 
 def storage_contexts() -> list[PresentationContext]:
@@ -298,6 +319,7 @@ class StorageSCP:
         ae.maximum_pdu_size = settings.maximum_pdu_size
         ae.require_calling_aet = list(settings.allowed_callers)
         self.ae = ae
+        _receive_dirs[ae] = spool.receive_dir
         self.limits = PeerLimits(
             associate_seconds=settings.acse_timeout,
             pdu_seconds=settings.network_timeout,

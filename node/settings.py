@@ -101,6 +101,11 @@ class StorageSettings(BaseModel):
     def spool_path(self) -> Path:
         return self.data_path / "spool"
 
+    @property
+    def receive_path(self) -> Path:
+        """Where C-STORE datasets are written while they arrive (emptied at start)."""
+        return self.data_path / "receiving"
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -153,7 +158,11 @@ class QueueSettings(BaseModel):
     preread_queue: str = "preread"
     followup_queue: str = "followup"
     requeue_after_seconds: float = Field(default=1200.0, gt=0)  # stuck in complete/queued/running
-    reconcile_interval_seconds: float = Field(default=60.0, gt=0)
+    reconcile_interval_seconds: float = Field(default=15.0, gt=0)
+    # a running pre-read holds its study this long and renews it every quarter of it; when
+    # the worker dies the lease runs out and the reconciler re-sends the study (never beyond
+    # task_time_limit_seconds after the run started)
+    run_lease_seconds: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     task_soft_time_limit_seconds: float = Field(default=600.0, gt=0)
     task_time_limit_seconds: float = Field(default=900.0, gt=0)
@@ -294,6 +303,8 @@ class EngineSettings(BaseModel):
     local_files_only: bool = True
     device: str = "auto"  # auto | cuda | cpu
     server_url: str = ""  # vllm: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+    # demo only, for tests of faults during a pre-read: sleep this long before each answer
+    demo_delay_seconds: float = Field(default=0.0, ge=0)
 
 
 class Destination(BaseModel):

@@ -5,6 +5,10 @@ a later revision of the same SOP instance (different bytes) is ``<SOP>.r<N>.dcm`
 is first written as ``*.part``, fsynced, then renamed over its final name, and the
 directory is fsynced: after a crash a file either exists complete or not at all.
 Directories are created 0700 and files 0600 (:mod:`node.datadir`): they hold patient data.
+
+Datasets arrive in ``<data_dir>/receiving/`` (the SCP's chunked receive writes there, not to
+$TMPDIR) and are moved into the spool: on the spool's disk, a move needs no space, and what
+an interrupted transfer leaves behind is found and removed at the next start.
 """
 
 from __future__ import annotations
@@ -83,11 +87,25 @@ def write_file_atomically(path: Path, write: Callable[[BinaryIO], object]) -> No
         raise
 
 
+@dataclass(frozen=True)
+class Leftovers:
+    """Partial received datasets removed at start: how many files, how many bytes."""
+
+    files: int
+    size_bytes: int
+
+
 class Spool:
-    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+    def __init__(
+        self, root: Path, min_free_bytes: int = 0, receive_dir: Path | None = None
+    ) -> None:
+        """``receive_dir``: where datasets are written while they arrive (default: the
+        ``receiving`` directory beside ``root``); it should be on the spool's file system."""
         self.root = root
         self.min_free_bytes = min_free_bytes
+        self.receive_dir = receive_dir if receive_dir is not None else root.parent / "receiving"
         private_dirs(self.root)
+        private_dirs(self.receive_dir)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -116,8 +134,11 @@ class Spool:
         """Move (or, across file systems, copy) ``source`` into the spool durably.
 
         The source is consumed: renamed when it is on the spool's file system, else copied.
+        A file on the spool's disk (the receive directory) already takes its space: the
+        free-space check counts it as used, and adds only what a copy would write.
         """
-        self.check_space(size)
+        same_disk = source.stat().st_dev == self.root.stat().st_dev
+        self.check_space(0 if same_disk else size)
         final = self.root / relative_path
         private_dirs(final.parent)
         part = final.with_name(final.name + ".part")
@@ -140,6 +161,18 @@ class Spool:
                 raise OutOfSpace(f"disk full while writing {relative_path}") from exc
             raise SpoolError(f"cannot write {relative_path}: {exc.strerror}") from exc
         return StoredFile(final, relative_path, sha256, size)
+
+    def remove_leftovers(self) -> Leftovers:
+        """Delete what interrupted transfers left in the receive directory (a peer killed
+        mid-C-STORE, a node crash). Only at start: while the SCP runs, files there are
+        arriving."""
+        files = size = 0
+        for path in self.receive_dir.iterdir():
+            if path.is_file() or path.is_symlink():
+                size += path.lstat().st_size
+                path.unlink(missing_ok=True)
+                files += 1
+        return Leftovers(files, size)
 
     def remove_orphan_parts(self) -> int:
         """Delete ``*.part`` files left by a crash (never a complete ``.dcm``); return how many."""

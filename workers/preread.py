@@ -7,6 +7,7 @@ choose the views -> decode + LUTs -> pad to square -> engine -> tolerant parse -
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -14,7 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from node import __version__ as node_version
-from node.ledger import LedgerError, StudyLedger, StudyState
+from node.db import process_owner
+from node.ledger import LedgerError, StudyLedger, StudyState, StudySummary
 from node.rules import decide_study
 from node.settings import EngineSettings, FhirSettings, Settings
 from sr_templates.model import Anchor, PrereadResult, ViewRef
@@ -56,16 +58,69 @@ class NotAChestRadiograph(Exception):
 
 
 @lru_cache(maxsize=4)
-def _ledger(url: str, run_lease_seconds: float) -> StudyLedger:
-    return StudyLedger(url, run_lease_seconds=run_lease_seconds)
+def _ledger(url: str, run_lease_seconds: float, max_run_seconds: float) -> StudyLedger:
+    return StudyLedger(url, run_lease_seconds=run_lease_seconds, max_run_seconds=max_run_seconds)
 
 
 def ledger_for(settings: Settings) -> StudyLedger:
-    """The process-wide ledger; a started run holds its study version for the task's hard
-    time limit (after it, Celery has killed the task and another worker may take it)."""
+    """The process-wide ledger; a started run holds its study version for
+    ``queue.run_lease_seconds``, renewed by :class:`RunHeartbeat`, never beyond the task's
+    hard time limit (after it, Celery has killed the task and another worker may take it)."""
     return _ledger(
-        settings.storage.resolved_database_url(), float(settings.queue.task_time_limit_seconds)
+        settings.storage.resolved_database_url(),
+        float(settings.queue.run_lease_seconds),
+        float(settings.queue.task_time_limit_seconds),
     )
+
+
+class RunHeartbeat:
+    """Renews a run's lease every quarter of ``run_lease_seconds`` while the run works, in
+    a thread of the running process: when the process dies (a killed worker, a crashed
+    node) the renewals stop and the reconciler re-sends the study once the lease runs out.
+
+    ``lost`` is set when a renewal finds the version no longer held by this owner (the
+    process stalled past its lease and the study was re-sent): the run's outcome is then
+    not recorded.
+    """
+
+    def __init__(self, ledger: StudyLedger, study_uid: str, version: int, owner: str) -> None:
+        self.ledger = ledger
+        self.study_uid = study_uid
+        self.version = version
+        self.owner = owner
+        self.interval = ledger.run_lease_seconds / 4
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"medgemma-lease-{study_uid[-12:]}", daemon=True
+        )
+
+    def __enter__(self) -> RunHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                renewed = self.ledger.renew_run(self.study_uid, self.version, self.owner)
+            except Exception as exc:  # the database is away: the next beat tries again
+                log.warning(
+                    "lease of study %s v%d not renewed: %s", self.study_uid, self.version, exc
+                )
+                continue
+            if not renewed:
+                log.warning(
+                    "study %s v%d: this run no longer holds it (lease lost or run time "
+                    "limit reached); its outcome will not be recorded",
+                    self.study_uid,
+                    self.version,
+                )
+                self.lost.set()
+                return
 
 
 _engines: dict[tuple[str, ...], Engine] = {}
@@ -80,6 +135,7 @@ def engine_for(settings: EngineSettings) -> Engine:
         settings.device,
         settings.server_url,
         str(settings.local_files_only),
+        str(settings.demo_delay_seconds),
     )
     if key not in _engines:
         from workers.engines.factory import make_engine
@@ -91,6 +147,7 @@ def engine_for(settings: EngineSettings) -> Engine:
             local_files_only=settings.local_files_only,
             device=settings.device,
             server_url=settings.server_url,
+            demo_delay_seconds=settings.demo_delay_seconds,
         )
     return _engines[key]
 
@@ -239,10 +296,14 @@ def run_preread(
     study without body part information is not a chest radiograph) or "noop" when there
     was nothing to do.
     Raises TransientPrereadError (the study stays running) for the task to retry.
+    While it runs, :class:`RunHeartbeat` renews its lease; a run that lost its lease
+    meanwhile (it stalled, the study was re-sent and taken by another) records nothing
+    and returns "noop".
     """
     ledger = ledger_for(settings)
+    owner = process_owner()
     try:
-        started = ledger.start_run(study_uid, version)
+        started = ledger.start_run(study_uid, version, owner=owner)
     except LedgerError as exc:
         log.warning("pre-read of %s v%d not started: %s", study_uid, version, exc)
         return "noop"
@@ -250,6 +311,51 @@ def run_preread(
         log.info("study %s v%d finished or running elsewhere: nothing to do", study_uid, version)
         return "noop"
     log.info("pre-read of study %s v%d started", study_uid, version)
+    with RunHeartbeat(ledger, study_uid, version, owner):
+        return _run_started(settings, ledger, started, owner, engine)
+
+
+def _superseded(ledger: StudyLedger, study_uid: str, version: int, owner: str) -> bool:
+    """True (and logged) when ``owner`` no longer holds the run: its results are not sent."""
+    if ledger.holds_run(study_uid, version, owner):
+        return False
+    log.warning(
+        "pre-read of study %s v%d: this run lost its lease (it stalled and the study was "
+        "re-sent); its result is not recorded",
+        study_uid,
+        version,
+    )
+    return True
+
+
+def _finish(
+    ledger: StudyLedger,
+    study_uid: str,
+    version: int,
+    owner: str,
+    *,
+    ok: bool,
+    reason: str,
+    result: PrereadResult | None = None,
+) -> bool:
+    """Record the run's outcome; False (logged) when ``owner`` lost the run meanwhile."""
+    try:
+        ledger.finish(study_uid, version, ok=ok, reason=reason, result=result, owner=owner)
+    except LedgerError as lost:
+        log.warning("pre-read of study %s v%d: %s", study_uid, version, lost)
+        return False
+    return True
+
+
+def _run_started(
+    settings: Settings,
+    ledger: StudyLedger,
+    started: StudySummary,
+    owner: str,
+    engine: Engine | None,
+) -> str:
+    """The body of :func:`run_preread` once ``owner`` holds the run of ``started``."""
+    study_uid, version = started.study_uid, started.version
     try:
         engine = engine or engine_for(settings.engine)
         spool_root = settings.storage.spool_path
@@ -264,19 +370,24 @@ def run_preread(
         return "skipped"
     except TransientPrereadError:
         # the retry may land in another worker process: it must find the version free
-        ledger.release_run(study_uid, version)
+        ledger.release_run(study_uid, version, owner)
         raise
     except (PrereadFailure, EngineError) as exc:
-        ledger.finish(study_uid, version, ok=False, reason=str(exc))
+        if not _finish(ledger, study_uid, version, owner, ok=False, reason=str(exc)):
+            return "noop"
         log.error("pre-read of study %s v%d failed: %s", study_uid, version, exc)
         record_fhir(ledger, study_uid, version, settings.fhir)  # a cancelled report says so
         return "failed"
     except Exception as exc:
-        ledger.finish(study_uid, version, ok=False, reason=f"internal error: {exc!r}"[:500])
+        reason = f"internal error: {exc!r}"[:500]
+        if not _finish(ledger, study_uid, version, owner, ok=False, reason=reason):
+            return "noop"
         log.exception("pre-read of study %s v%d failed unexpectedly", study_uid, version)
         # cancelled with the reason, not registered
         record_fhir(ledger, study_uid, version, settings.fhir)
         return "failed"
+    if _superseded(ledger, study_uid, version, owner):
+        return "noop"
     try:
         from workers.results import publish_results
 
@@ -284,13 +395,16 @@ def run_preread(
             result, outputs=publish_results(settings, ledger, study_uid, version, result)
         )
     except Exception as exc:
-        ledger.finish(study_uid, version, ok=False, reason=f"cannot build SR/SEG: {exc}"[:500])
+        reason = f"cannot build SR/SEG: {exc}"[:500]
+        if not _finish(ledger, study_uid, version, owner, ok=False, reason=reason):
+            return "noop"
         log.exception("SR/SEG of study %s v%d could not be built", study_uid, version)
         record_fhir(ledger, study_uid, version, settings.fhir)
         return "failed"
     # anchors before done: readers see both
     ledger.save_anchors(study_uid, version, result.anchors)
-    ledger.finish(study_uid, version, ok=True, reason="", result=result)
+    if not _finish(ledger, study_uid, version, owner, ok=True, reason="", result=result):
+        return "noop"
     record_fhir(ledger, study_uid, version, settings.fhir)
     log.info(
         "pre-read of study %s v%d done: %d findings, %d anchors, %s engine %.1f s%s",

@@ -23,6 +23,7 @@ is the patient's right (a PA or AP frontal view as displayed).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -877,6 +878,9 @@ class DemoEngine:
     describe from the crop (second image), localise from the frontal image, relation
     always "uncertain"; and the chest check (yes when it finds two lung fields). Any
     other prompt gets an empty, labelled answer.
+
+    ``delay_seconds`` (``engine.demo_delay_seconds``, for tests of faults during a pre-read):
+    each :meth:`generate` call sleeps this long first, like a slow model.
     """
 
     info = EngineInfo(
@@ -886,8 +890,15 @@ class DemoEngine:
         is_demo=True,
     )
 
+    def __init__(self, delay_seconds: float = 0.0) -> None:
+        if delay_seconds < 0:
+            raise ValueError("DemoEngine delay_seconds must be >= 0")
+        self.delay_seconds = delay_seconds
+
     def generate(self, requests: list[EngineRequest]) -> list[str]:
         """One answer per request, in order; the same images give the same text."""
+        if self.delay_seconds:
+            time.sleep(self.delay_seconds)
         return [self._answer(request) for request in requests]
 
     def _answer(self, request: EngineRequest) -> str:

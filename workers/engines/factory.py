@@ -20,12 +20,14 @@ def make_engine(
     local_files_only: bool = True,
     device: str = "auto",
     server_url: str = "",
+    demo_delay_seconds: float = 0.0,
 ) -> Engine:
     """The engine named ``name`` (the ``[engine]`` settings), loaded and ready to generate.
 
     medgemma: the process-wide cached engine for (model, revision, device).
     vllm: a client of the OpenAI-compatible server at ``server_url`` (checked now).
-    demo: the deterministic, non-clinical stand-in; model settings are ignored.
+    demo: the deterministic, non-clinical stand-in; model settings are ignored
+    (``demo_delay_seconds``: it sleeps that long before each answer, for fault tests).
     Raises EngineError when the engine cannot run, with the fix in the message.
     """
     if name == "medgemma":
@@ -44,5 +46,5 @@ def make_engine(
     if name == "demo":
         from workers.engines.demo import DemoEngine
 
-        return DemoEngine()
+        return DemoEngine(delay_seconds=demo_delay_seconds)
     raise EngineError(f"engine.name {name!r} is not one of {', '.join(ENGINE_NAMES)}")
