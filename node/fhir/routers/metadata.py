@@ -77,8 +77,7 @@ def _search_params(resource_type: str) -> list[dict[str, Any]]:
         main = next((p for p in params if p.name == base), None)
         if main is None:  # only modifier forms (AuditEvent agent:identifier): list them
             out += [
-                {"name": p.name, "type": p.type, "documentation": p.documentation}
-                for p in params
+                {"name": p.name, "type": p.type, "documentation": p.documentation} for p in params
             ]
             continue
         docs = [main.documentation]
