@@ -27,6 +27,7 @@ from sqlalchemy import (
     JSON,
     ColumnElement,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -112,6 +113,13 @@ class Study(Base):
     # the worker running this version and until when (naive UTC); None when no run holds it
     run_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     run_lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # what the running pre-read is doing now (``set_stage``: "model load", "views chosen",
+    # "decoded", "engine", "parsed", "SR/SEG built"); None when no run is at work
+    stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # seconds the engine took for the pre-read (the result's engine_seconds), for metrics
+    engine_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # when spool retention removed this version's files (node.retention); rows are kept
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Series(Base):
@@ -148,6 +156,9 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # its file was removed by spool retention: no longer read, and the same bytes sent
+    # again are stored anew (a new revision) rather than taken for a duplicate
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class AnchorRow(Base):
@@ -212,6 +223,8 @@ class StudySummary:
     result: PrereadResult | None
     run_owner: str | None = None  # who runs it (hostname:pid) while running, else None
     run_lease_until: datetime | None = None  # naive UTC
+    stage: str | None = None  # the running pre-read's current stage
+    purged_at: datetime | None = None  # when retention removed its files (naive UTC)
 
     @classmethod
     def of(cls, s: Study) -> StudySummary:
@@ -232,6 +245,8 @@ class StudySummary:
             result=_load_result(s.study_uid, s.version, s.result),
             run_owner=s.run_owner,
             run_lease_until=s.run_lease_until,
+            stage=s.stage,
+            purged_at=s.purged_at,
         )
 
 
@@ -338,7 +353,12 @@ class StudyLedger:
                 .where(Instance.sop_instance_uid == sop_instance_uid)
             ).all()
             identical = next(
-                (_instance_summary(i, uid) for i, uid in rows if i.sha256 == sha256), None
+                (
+                    _instance_summary(i, uid)
+                    for i, uid in rows
+                    if i.sha256 == sha256 and i.purged_at is None
+                ),
+                None,
             )
             return identical, max((i.revision for i, _ in rows), default=0)
 
@@ -375,7 +395,9 @@ class StudyLedger:
         now = utcnow()
         existing = s.execute(
             select(Instance).where(
-                Instance.sop_instance_uid == h.sop_instance_uid, Instance.sha256 == sha256
+                Instance.sop_instance_uid == h.sop_instance_uid,
+                Instance.sha256 == sha256,
+                Instance.purged_at.is_(None),
             )
         ).scalar_one_or_none()
         if existing is not None:
@@ -468,6 +490,8 @@ class StudyLedger:
             study.started_at = now
         elif new in (StudyState.DONE, StudyState.FAILED, StudyState.SKIPPED):
             study.finished_at = now
+        if new is not StudyState.RUNNING:
+            study.stage = None  # a stage belongs to a run at work
 
     def _get(self, s: Session, study_uid: str, version: int) -> Study:
         study = s.execute(
@@ -696,9 +720,28 @@ class StudyLedger:
             self._transition(s, study, outcome, reason)
             if result is not None:
                 study.result = result.to_json()
+                study.engine_seconds = result.engine_seconds
             study.run_owner = None
             study.run_lease_until = None
+            study.stage = None
             return StudySummary.of(study)
+
+    def set_stage(self, study_uid: str, version: int, stage: str, owner: str | None = None) -> bool:
+        """Record what the run of a version held by ``owner`` (default: this process) is
+        doing now (shown by ``status``); False when it no longer holds the run."""
+        owner = owner or process_owner()
+        with self.db.transaction() as s:
+            result: Any = s.execute(
+                update(Study)
+                .where(
+                    Study.study_uid == study_uid,
+                    Study.version == version,
+                    Study.state == StudyState.RUNNING.value,
+                    Study.run_owner == owner,
+                )
+                .values(stage=stage[:32])
+            )
+            return bool(result.rowcount)
 
     def save_anchors(self, study_uid: str, study_version: int, anchors: Sequence[Anchor]) -> int:
         """Record anchor versions; a (tracking UID, version) already kept is skipped.
@@ -812,13 +855,17 @@ class StudyLedger:
     def instances_of(
         self, study_uid: str, up_to_version: int | None = None
     ) -> list[InstanceSummary]:
-        """Every stored instance of a study (latest revision of each SOP instance)."""
+        """Every stored instance of a study (latest revision of each SOP instance).
+
+        Instances whose files spool retention removed are left out: a version received
+        after a purge is read from the instances received since.
+        """
         with self.db.transaction() as s:
             q = (
                 select(Instance, Series.series_uid)
                 .join(Series, Series.id == Instance.series_id)
                 .join(Study, Study.id == Instance.study_id)
-                .where(Instance.study_uid == study_uid)
+                .where(Instance.study_uid == study_uid, Instance.purged_at.is_(None))
             )
             if up_to_version is not None:
                 q = q.where(Study.version <= up_to_version)

@@ -15,7 +15,9 @@ from node.dispatch import (
     InProcessDispatcher,
 )
 from node.ledger import StudyLedger
+from node.metrics import MetricsServer, track_scp, untrack_scp
 from node.outbox import Outbox, OutboxSender
+from node.retention import SpoolRetention
 from node.scp import StorageSCP
 from node.settings import Settings
 from node.spool import Spool
@@ -74,8 +76,14 @@ class NodeRuntime:
         self.scp = StorageSCP(
             settings.dicom, self.spool, self.ledger, on_release=self.coordinator.complete_on_release
         )
+        track_scp(self.scp)  # its C-STORE outcomes in this process's /metrics
         self.outbox = Outbox(self.ledger, settings.outbox)
         self.sender = OutboxSender(self.outbox, settings.destinations, settings.dicom.ae_title)
+        self.retention = SpoolRetention(settings, self.ledger)
+        # the node's own /metrics listener (metrics.port; 0 = off): scp has no FHIR API
+        self.metrics: MetricsServer | None = None
+        if settings.metrics.port:
+            self.metrics = MetricsServer(settings.metrics, self.ledger.db)
         self.api: ApiServer | None = None
         if api:
             from node.fhir.server import ApiServer
@@ -88,6 +96,9 @@ class NodeRuntime:
         # what a previous process of this node left queued or running is re-sent at once
         self.coordinator.start(recover_runs=isinstance(self.dispatcher, InProcessDispatcher))
         self.sender.start(self.settings.outbox.poll_seconds)
+        self.retention.start()
+        if self.metrics is not None:
+            self.metrics.start()
         return address
 
     def start_api(self) -> tuple[str, int]:
@@ -98,7 +109,11 @@ class NodeRuntime:
     def stop(self) -> None:
         if self.api is not None:
             self.api.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.scp.stop()
+        untrack_scp(self.scp)
+        self.retention.stop()
         self.sender.stop()
         self.coordinator.stop()
         self.dispatcher.close()

@@ -102,6 +102,11 @@ class StorageSettings(BaseModel):
         return self.data_path / "spool"
 
     @property
+    def results_path(self) -> Path:
+        """Where SR/SEG files are written: ``<results_path>/<StudyInstanceUID>/``."""
+        return self.data_path / "results"
+
+    @property
     def receive_path(self) -> Path:
         """Where C-STORE datasets are written while they arrive (emptied at start)."""
         return self.data_path / "receiving"
@@ -341,6 +346,45 @@ class OutboxSettings(BaseModel):
     poll_seconds: float = Field(default=1.0, gt=0)
 
 
+class RetentionSettings(BaseModel):
+    """Spool retention: what the node removes from ``<data_dir>/spool`` and ``results``.
+
+    A study is eligible once every version is finished (done, failed, skipped), every
+    SR/SEG delivery of it is delivered or dropped and no follow-up question about it is
+    open; the ledger rows stay (marked purged). The PACS is the archive.
+    """
+
+    # eligible studies whose last activity is older than this are removed; 0 = never by age
+    days: float = Field(default=30.0, ge=0)
+    # below this free space (MiB) on the spool's disk, eligible studies are removed oldest
+    # first until it is free again, whatever their age; 0 = no emergency clean
+    emergency_free_mb: int = Field(default=1024, ge=0)
+    interval_seconds: float = Field(default=3600.0, gt=0)  # how often the node checks
+
+
+class MetricsSettings(BaseModel):
+    """Prometheus metrics: /metrics on the FHIR API, and a listener of its own (``scp``)."""
+
+    port: int = Field(default=0, ge=0, le=65535)  # the node's own /metrics listener; 0 = off
+    bind_address: str = "127.0.0.1"
+    # SHA-256 of a bearer token /metrics requires (printf %s TOKEN | sha256sum); empty = none
+    token_sha256: str = ""
+
+    @field_validator("token_sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v and (len(v) != 64 or any(ch not in "0123456789abcdef" for ch in v)):
+            raise ValueError("metrics.token_sha256 must be empty or 64 hexadecimal digits")
+        return v
+
+
+class LoggingSettings(BaseModel):
+    # text: one human-readable line per record; json: one JSON object per line (study_uid,
+    # request_id fields); the CLI's --log-format overrides it
+    format: Literal["text", "json"] = "text"
+
+
 class Settings(BaseSettings):
     """All configuration of one node. Build it with :func:`load_settings`."""
 
@@ -362,6 +406,9 @@ class Settings(BaseSettings):
     fhir: FhirSettings = Field(default_factory=FhirSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
     destinations: list[Destination] = Field(default_factory=list)
 
     @property

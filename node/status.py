@@ -51,6 +51,8 @@ class NodeStatus:
     warnings: list[str] = field(default_factory=list)
     # a node process cannot write node.log (disk full ...): path, since, reason, pid, message
     log_problem: dict[str, Any] | None = None
+    # spool retention: settings, the last pass (retention-state.json), what is eligible now
+    retention: dict[str, Any] = field(default_factory=dict)
 
 
 def probe_scp(settings: Settings, timeout: float = 5.0) -> ScpProbe:
@@ -110,6 +112,8 @@ def _study_row(s: StudySummary) -> dict[str, Any]:
         "attempts": s.attempts,
         "updated": s.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
         "reason": s.reason,
+        "stage": s.stage,  # the running pre-read's current stage
+        "purged": s.purged_at.strftime("%Y-%m-%d %H:%M:%S") if s.purged_at else None,
     }
 
 
@@ -128,6 +132,7 @@ def collect_status(
     dead: list[dict[str, Any]] = []
     notifications: dict[str, int] = {}
     dead_notifications: list[dict[str, Any]] = []
+    retention: dict[str, Any] = {}
     url = settings.storage.resolved_database_url()
     sqlite_file = data_dir / "ledger.sqlite3"
     if not settings.storage.database_url and not sqlite_file.is_file():
@@ -137,6 +142,7 @@ def collect_status(
             counts, latest, study, outbox, dead = _read_ledger(url, study_uid, limit)
             ledger_detail = "ok"
             notifications, dead_notifications = _read_notifications(url)
+            retention = _read_retention(settings, url)
         except Exception as exc:
             ledger_detail = f"cannot read the ledger ({type(exc).__name__}: {exc})"
     depth, detail = queue_depth(settings)
@@ -163,6 +169,7 @@ def collect_status(
         dead_notifications=dead_notifications,
         warnings=warnings,
         log_problem=log_problem.to_json() if log_problem is not None else None,
+        retention=retention,
     )
 
 
@@ -239,6 +246,54 @@ def _read_notifications(url: str) -> tuple[dict[str, int], list[dict[str, Any]]]
         ledger.close()
 
 
+def _read_retention(settings: Settings, url: str) -> dict[str, Any]:
+    """Retention settings, its last pass and the studies eligible for removal now."""
+    from node.db import utcnow
+    from node.retention import SpoolRetention, read_retention_state
+
+    ledger = StudyLedger(url)
+    try:
+        retention = SpoolRetention(settings, ledger)
+        eligible = retention.candidates()
+        due = retention.due_by_age(eligible, utcnow())
+    finally:
+        ledger.close()
+    r = settings.retention
+    return {
+        "days": r.days,
+        "emergency_free_mb": r.emergency_free_mb,
+        "interval_seconds": r.interval_seconds,
+        "eligible": len(eligible),
+        "eligible_bytes": sum(c.spool_bytes for c in eligible),
+        "due_by_age": len(due),
+        "last_run": read_retention_state(settings.storage.data_path),
+    }
+
+
+def render_retention(retention: dict[str, Any]) -> list[str]:
+    """The Retention lines of ``status``."""
+    if not retention:
+        return []
+    days = f"after {retention['days']:g} days" if retention["days"] else "never by age"
+    out = [
+        f"Retention: {days}, emergency below {retention['emergency_free_mb']} MiB free; "
+        f"eligible now {retention['eligible']} studies "
+        f"({retention['eligible_bytes'] / 2**20:.1f} MiB), {retention['due_by_age']} due by age"
+    ]
+    last = retention.get("last_run")
+    if last:
+        how = f" ({last['reason']})" if last.get("reason") else ""
+        err = f"; FAILED: {last['error']}" if last.get("error") else ""
+        out.append(
+            f"  last run {last.get('started_at')}: removed {len(last.get('studies', []))} "
+            f"studies, {last.get('files', 0)} files, {last.get('bytes', 0) / 2**20:.1f} MiB"
+            f"{how}{err}; next run {last.get('next_run') or '-'}"
+        )
+    else:
+        out.append("  no run recorded yet (the node runs it at start and every interval)")
+    return out
+
+
 def gpu_memory() -> list[str]:
     """One line per GPU from nvidia-smi (the node never imports torch); [] without GPUs."""
     smi = shutil.which("nvidia-smi")
@@ -295,10 +350,15 @@ def render_status(status: NodeStatus) -> str:
             f"  DEAD notification of Subscription/{n['subscription']} ({n['endpoint']}) about "
             f"{n['resource']} after {n['attempts']} attempts: {n['last_error']}"
         )
+    out.extend(render_retention(status.retention))
     if status.latest:
         out.append("Latest studies:")
         for row in status.latest:
             reason = f"  - {row['reason']}" if row["reason"] else ""
+            if row.get("stage"):
+                reason += f"  [stage: {row['stage']}]"
+            if row.get("purged"):
+                reason += f"  [files removed {row['purged']} UTC]"
             out.append(
                 f"  {row['updated']}  {row['state']:<8} v{row['version']}  "
                 f"{row['instances']:>3} inst  {row['study_uid']}{reason}"

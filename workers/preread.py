@@ -140,6 +140,8 @@ def engine_for(settings: EngineSettings) -> Engine:
     if key not in _engines:
         from workers.engines.factory import make_engine
 
+        log.info("loading engine %s (model %s, revision %s)", *key[:3])
+        loading = time.monotonic()
         _engines[key] = make_engine(
             settings.name,
             model=settings.model,
@@ -149,7 +151,26 @@ def engine_for(settings: EngineSettings) -> Engine:
             server_url=settings.server_url,
             demo_delay_seconds=settings.demo_delay_seconds,
         )
+        log.info("engine %s loaded in %.1f s", settings.name, time.monotonic() - loading)
     return _engines[key]
+
+
+#: Reports a pre-read's stage ("views chosen", "decoded", "engine", "parsed", ...).
+Progress = Callable[[str], None]
+
+
+def _no_progress(stage: str) -> None:
+    pass
+
+
+def stage_reporter(ledger: StudyLedger, study_uid: str, version: int, owner: str) -> Progress:
+    """Log each stage of a run and record it in the ledger (``status`` shows it)."""
+
+    def report(stage: str) -> None:
+        log.info("pre-read of study %s v%d: %s", study_uid, version, stage)
+        ledger.set_stage(study_uid, version, stage, owner)
+
+    return report
 
 
 def analyse_study(
@@ -160,6 +181,7 @@ def analyse_study(
     version: int,
     *,
     ask_engine: bool = False,
+    progress: Progress = _no_progress,
 ) -> PrereadResult:
     """Read one study version and return its result (anchors, narrative, provenance).
 
@@ -172,6 +194,7 @@ def analyse_study(
     frontal, lateral = choose_views([spool_root / i.path for i in instances])
     if frontal is None:
         raise PrereadFailure("no CR/DX image in the study to read")
+    progress("views chosen")
     if ask_engine:
         confirm_chest_radiograph(engine, frontal)
     prior: Sequence[Anchor] = ()
@@ -179,7 +202,7 @@ def analyse_study(
         previous = ledger.get_study(study_uid, version - 1)
         if previous is not None and previous.result is not None:
             prior = previous.result.anchors
-    return analyse_views(engine, frontal, lateral, prior=prior)
+    return analyse_views(engine, frontal, lateral, prior=prior, progress=progress)
 
 
 def confirm_chest_radiograph(engine: Engine, image: ViewChoice) -> None:
@@ -222,6 +245,7 @@ def analyse_views(
     lateral: ViewChoice | None = None,
     *,
     prior: Sequence[Anchor] = (),
+    progress: Progress = _no_progress,
 ) -> PrereadResult:
     """The result of reading a frontal image (and a lateral as second image).
 
@@ -237,8 +261,10 @@ def analyse_views(
             images.append(lateral_image)
     except ImagingError as exc:
         raise PrereadFailure(f"cannot decode the image: {exc}") from exc
+    progress("decoded")
 
     system, prompt = build_preread_prompt(has_lateral=lateral is not None)
+    progress("engine")
     started = time.monotonic()
     try:
         (text,) = engine.generate(
@@ -250,6 +276,7 @@ def analyse_views(
         raise PrereadFailure(f"engine error: {exc}") from exc
     engine_seconds = time.monotonic() - started
     parsed = parse_preread(text)
+    progress("parsed")
     anchors = build_anchors(
         parsed,
         transform,
@@ -356,12 +383,21 @@ def _run_started(
 ) -> str:
     """The body of :func:`run_preread` once ``owner`` holds the run of ``started``."""
     study_uid, version = started.study_uid, started.version
+    progress = stage_reporter(ledger, study_uid, version, owner)
     try:
-        engine = engine or engine_for(settings.engine)
+        if engine is None:
+            progress("model load")
+            engine = engine_for(settings.engine)
         spool_root = settings.storage.spool_path
         ask_engine = decide_study(ledger, spool_root, started, settings.preread).ask_engine
         result = analyse_study(
-            ledger, spool_root, engine, study_uid, version, ask_engine=ask_engine
+            ledger,
+            spool_root,
+            engine,
+            study_uid,
+            version,
+            ask_engine=ask_engine,
+            progress=progress,
         )
     except NotAChestRadiograph as exc:
         ledger.set_state(study_uid, version, StudyState.SKIPPED, str(exc))
@@ -394,6 +430,7 @@ def _run_started(
         result = replace(
             result, outputs=publish_results(settings, ledger, study_uid, version, result)
         )
+        progress("SR/SEG built")
     except Exception as exc:
         reason = f"cannot build SR/SEG: {exc}"[:500]
         if not _finish(ledger, study_uid, version, owner, ok=False, reason=reason):
