@@ -14,13 +14,15 @@ from collections.abc import Sequence
 from node import __version__
 from node.datadir import PRIVATE_UMASK, create_private_file, private_dirs, warn_wide_modes
 from node.logfile import FailSoftFileHandler
+from node.logfmt import LogFormat, make_formatter
 from node.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("medgemma.cli")
 
 
-def _setup_logging(settings: Settings | None, level: str, to_file: bool) -> None:
-    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+def _setup_logging(
+    settings: Settings | None, level: str, to_file: bool, log_format: LogFormat = "text"
+) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if settings is not None and to_file:
         data_dir = settings.storage.data_path
@@ -35,7 +37,10 @@ def _setup_logging(settings: Settings | None, level: str, to_file: bool) -> None
                 logs / "node.log", state_dir=data_dir, max_bytes=10 * 2**20, backup_count=5
             )
         )
-    logging.basicConfig(level=level.upper(), format=fmt, handlers=handlers, force=True)
+    formatter = make_formatter(log_format)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=level.upper(), handlers=handlers, force=True)
     # pynetdicom logs every PDU at INFO; keep its warnings only
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
@@ -349,6 +354,38 @@ def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_retention(args: argparse.Namespace, settings: Settings) -> int:
+    """One spool retention pass: what would go (--dry-run) or remove it now (--now)."""
+    from node.ledger import StudyLedger
+    from node.retention import SpoolRetention, write_retention_state
+
+    sqlite_file = settings.storage.data_path / "ledger.sqlite3"
+    if not settings.storage.database_url and not sqlite_file.is_file():
+        print(
+            f"medgemma-node retention: no ledger at {sqlite_file}; has a node run with this "
+            "data_dir? (storage.data_dir or MEDGEMMA_NODE_STORAGE__DATA_DIR)",
+            file=sys.stderr,
+        )
+        return 2
+    ledger = StudyLedger(settings.storage.resolved_database_url())
+    try:
+        report = SpoolRetention(settings, ledger).run_once(dry_run=args.dry_run)
+        if not args.dry_run:
+            write_retention_state(settings.storage.data_path, report)
+    finally:
+        ledger.close()
+    verb = "would remove" if args.dry_run else "removed"
+    why = f" ({report.reason})" if report.reason else ""
+    print(
+        f"{verb} {len(report.studies)} of {report.eligible} eligible studies{why}: "
+        f"{report.files} files, {report.bytes / 2**20:.1f} MiB; "
+        f"{report.free_mb_after} MiB free"
+    )
+    for uid in report.studies:
+        print(f"  {uid}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medgemma-node",
@@ -360,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medgemma-node {__version__}")
     parser.add_argument("--config", help="TOML configuration file (default: built-in defaults)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text or one JSON object each (default: logging.format, text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="everything in one process (SCP + FHIR API + embedded worker)")
@@ -407,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--by", help="who drops them (default: user@host)")
 
     p = sub.add_parser(
+        "retention", help="spool retention: list (--dry-run) or remove (--now) eligible studies"
+    )
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--dry-run", action="store_true", help="list what a pass would remove")
+    how.add_argument("--now", action="store_true", help="run one pass now")
+    p.set_defaults(func=cmd_retention, to_file=False)
+
+    p = sub.add_parser(
         "resolve",
         help="which anchors a follow-up question is about (no model): prints JSON",
         description=(
@@ -434,7 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # what the node and its workers create holds patient data: never readable by others
     os.umask(PRIVATE_UMASK)
-    _setup_logging(settings, args.log_level, args.to_file)
+    _setup_logging(
+        settings, args.log_level, args.to_file, args.log_format or settings.logging.format
+    )
     try:
         return int(args.func(args, settings))
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ from anyio import CapacityLimiter
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,6 +48,8 @@ from node.fhir.routers import (
     subscription,
 )
 from node.fhir.store import FhirStore
+from node.logfmt import log_context
+from node.metrics import CONTENT_TYPE, render_metrics, token_allows
 from node.settings import Settings
 
 log = logging.getLogger("medgemma.fhir.api")
@@ -128,15 +131,20 @@ class FhirGateway:
             return message
 
         try:
-            early = self._precheck(headers, scope)
-            if early is not None:
-                await early(scope, receive, send_with_id)
-            else:
-                await self.app(scope, limited_receive, send_with_id)
+            with log_context(request_id=rid):
+                early = self._precheck(headers, scope)
+                if early is not None:
+                    await early(scope, receive, send_with_id)
+                else:
+                    await self.app(scope, limited_receive, send_with_id)
         finally:
             access.status = status[0] or 500
             ms = (time.perf_counter() - started) * 1000
-            log.info("%s %s %s -> %d (%.1f ms)", rid, scope["method"], path, access.status, ms)
+            log.info(
+                "%s %s %s -> %d (%.1f ms)",
+                rid, scope["method"], path, access.status, ms,
+                extra={"request_id": rid},
+            )  # fmt: skip
             if self.audit is not None and path.startswith(PREFIX) and path not in NOT_AUDITED:
                 self.audit.record(access)
 
@@ -144,7 +152,8 @@ class FhirGateway:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             return _error(413, BodyTooLarge(self.max_body).message, "too-long")
-        if not _accepts_json(headers.get("accept", "")):
+        # /metrics answers Prometheus text whatever a scraper accepts
+        if scope.get("path") != "/metrics" and not _accepts_json(headers.get("accept", "")):
             return _error(
                 406,
                 f"this server answers {FHIR_JSON} only; the Accept header excludes it",
@@ -209,6 +218,20 @@ def _document_bearer_auth(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+async def _metrics_route(request: Request) -> Response:
+    """Prometheus metrics (node.metrics); a bearer token when metrics.token_sha256 is set."""
+    ctx: ApiContext = request.app.state.ctx
+    if not token_allows(ctx.settings.metrics, request.headers.get("authorization")):
+        return Response(
+            "a bearer token is required (metrics.token_sha256)\n",
+            status_code=401,
+            media_type="text/plain",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    body = await run_in_threadpool(render_metrics, ctx.store.db)
+    return Response(body, media_type=CONTENT_TYPE)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -271,6 +294,7 @@ def create_app(
         methods=["GET"],
         include_in_schema=False,
     )
+    app.add_api_route("/metrics", _metrics_route, methods=["GET"], include_in_schema=False)
     handlers: dict[Any, Any] = {
         FhirError: _fhir_error,
         StarletteHTTPException: _http_error,
