@@ -50,6 +50,7 @@ from node.fhir.routers import (
 from node.fhir.store import FhirStore
 from node.logfmt import log_context
 from node.metrics import CONTENT_TYPE, render_metrics, token_allows
+from node.review.routes import REVIEW_API, ReviewSources, review_router
 from node.settings import Settings
 
 log = logging.getLogger("medgemma.fhir.api")
@@ -145,7 +146,8 @@ class FhirGateway:
                 rid, scope["method"], path, access.status, ms,
                 extra={"request_id": rid},
             )  # fmt: skip
-            if self.audit is not None and path.startswith(PREFIX) and path not in NOT_AUDITED:
+            audited = path.startswith((PREFIX, REVIEW_API)) and path not in NOT_AUDITED
+            if self.audit is not None and audited:
                 self.audit.record(access)
 
     def _precheck(self, headers: dict[str, str], scope: Scope) -> Response | None:
@@ -242,6 +244,7 @@ def create_app(
 ) -> FastAPI:
     """The FHIR API of one node, on ``store`` (and ``dispatcher`` for follow-ups)."""
     trail = AuditTrail(store) if audit else None
+    review = ReviewSources(settings)  # the review page's ledger, opened on first use
     ctx = ApiContext(
         settings=settings,
         store=store,
@@ -258,6 +261,7 @@ def create_app(
         yield
         if trail is not None:
             trail.flush()
+        review.close()
 
     app = FastAPI(
         title="medgemma-node FHIR R4 API",
@@ -288,6 +292,7 @@ def create_app(
         fallback,
     ):
         app.include_router(module.router, prefix=PREFIX)
+    app.include_router(review_router(settings, review))  # /review: the page and its data
     app.add_api_route(  # SMART discovery at the root too (clients look in both places)
         "/.well-known/smart-configuration",
         metadata.smart_configuration_route,
