@@ -20,7 +20,6 @@ from node.synthetic import make_two_view_study, write_study
 from tests.conftest import wait_for_state
 from tests.peers import dcmtk, free_port, wait_for
 
-SMALL = {"rows": 512, "cols": 416}
 METRICS_TOKEN = "scrape-secret"
 
 
@@ -64,7 +63,7 @@ def test_json_logs_metrics_and_stages_of_serve(
         ["--log-format", "json", "serve"], env=env, ready=lambda p: dicom_echo(port),
         what="serve's SCP to answer C-ECHO",
     )  # fmt: skip
-    images = make_two_view_study(seed=41, **SMALL)
+    images = make_two_view_study(seed=41, rows=512, cols=416)
     paths = write_study(tmp_path / "in", images)
     sent = subprocess.run(
         [dcmtk("storescu"), "-aec", "MEDGEMMA", "127.0.0.1", str(port), *map(str, paths)],
@@ -125,7 +124,7 @@ def test_scp_metrics_listener_counts_refused_and_stored(
     node_factory: Callable[..., NodeRuntime], tmp_path: Path
 ) -> None:
     node = node_factory(metrics={"port": free_port()})
-    images = make_two_view_study(seed=42, **SMALL)
+    images = make_two_view_study(seed=42, rows=512, cols=416)
     paths = write_study(tmp_path / "in", images)
     sent = subprocess.run(
         [dcmtk("storescu"), "-aec", "MEDGEMMA", "127.0.0.1", str(node.scp.port), *map(str, paths)],

@@ -17,7 +17,7 @@ from node.outbox import Outbox
 from node.retention import SpoolRetention, read_retention_state, results_path
 from node.runtime import NodeRuntime
 from node.settings import Destination, Settings
-from node.status import collect_status, render_status
+from node.status import ScpProbe, collect_status, render_status
 from node.synthetic import make_secondary_capture, make_two_view_study, write_study
 from tests.conftest import make_settings, send_study, wait_for_state
 from tests.peers import free_port, wait_for
@@ -89,7 +89,8 @@ def test_old_finished_delivered_studies_go_undelivered_and_in_work_ones_stay(
     recent = _study(settings, ledger, 5, state=StudyState.DONE, age_days=2)
     for n, uid in enumerate((delivered, undelivered)):
         outbox.enqueue(
-            study_uid=uid, study_version=1, kind="sr", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+            study_uid=uid, study_version=1, kind="sr",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
             sop_instance_uid=f"2.25.{n + 1}", path=results_path(settings, uid) / "sr-v1r0.dcm",
             destinations=[dest],
         )  # fmt: skip
@@ -173,7 +174,5 @@ def test_serve_purges_a_read_study_and_reads_it_again_when_resent(
     assert study.result is not None and study.result.anchors
 
 
-def _listening() -> object:
-    from node.status import ScpProbe
-
+def _listening() -> ScpProbe:
     return ScpProbe(True, "test")
