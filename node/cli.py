@@ -10,12 +10,16 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from node import __version__
 from node.datadir import PRIVATE_UMASK, create_private_file, private_dirs, warn_wide_modes
 from node.logfile import FailSoftFileHandler
 from node.logfmt import LogFormat, make_formatter
 from node.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:  # imported when run: the demo's modules load only for `demo`
+    from node.demo import DemoOutcome
 
 log = logging.getLogger("medgemma.cli")
 
@@ -270,21 +274,36 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
     from node.demo import DemoError, demo_settings, run_demo
-    from node.status import render_result
 
     data_dir = Path(args.data_dir) if args.data_dir else settings.storage.data_path / "demo"
-    token = secrets.token_urlsafe(24)
-    demo = demo_settings(data_dir, args.port, token)
+    token = secrets.token_urlsafe(24)  # a new one each run: printed for the review page
+    demo = demo_settings(data_dir, args.port, token, api_port=args.api_port)
     print(
         "medgemma-node demo: a synthetic two-view chest study (DEMO engine, not for clinical "
         f"use) through a node on 127.0.0.1, data in {demo.storage.data_path}",
         flush=True,
     )
+    shown: list[int] = []
+
+    def show_and_hold(outcome: DemoOutcome) -> None:
+        shown.append(_print_demo(outcome, demo, token))
+        if args.keep_running:
+            print("node       kept running for the review page: Ctrl-C to stop", flush=True)
+            _wait_for_signal()
+            print("node       stopped", flush=True)
+
     try:
-        outcome = run_demo(demo, token, timeout=args.timeout)
+        run_demo(demo, token, timeout=args.timeout, while_up=show_and_hold)
     except (DemoError, OSError) as exc:
         print(f"medgemma-node demo failed: {exc}", file=sys.stderr)
         return 1
+    return shown[0]
+
+
+def _print_demo(outcome: DemoOutcome, demo: Settings, token: str) -> int:
+    """Print what the demo did (and where to review it); its exit status."""
+    from node.status import render_result
+
     study = outcome.study
     print(f"study      {study.study_uid} version {study.version}: {study.state.value}")
     if study.reason:
@@ -309,6 +328,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         for line in turn.answer.splitlines():
             print(f"      {line}" if line.strip() else "")
     print(f"took       {outcome.seconds:.1f} s")
+    print(f"review     {outcome.review_url} (token {token}; AI-generated, preliminary, DEMO)")
     answered = all(t.status == "completed" for t in outcome.turns)
     ok = study.state.value == "done" and outcome.fhir is not None and answered
     return 0 if ok and outcome.turns else 1
@@ -426,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the demo keeps its data (default: <data_dir>/demo)")
     p.add_argument("--port", type=int, default=0, help="DICOM port (default: any free port)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for results")
+    p.add_argument("--api-port", type=int, default=0, help="API + review page port (default: any)")
+    p.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep the node up after the demo (review page) until Ctrl-C",
+    )
     p.set_defaults(func=cmd_demo, to_file=False)
 
     p = sub.add_parser("status", help="SCP health, ledger counts, latest studies, queue, disk")

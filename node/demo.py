@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ class DemoOutcome:
     data_dir: Path
     seconds: float
     fhir_base: str = ""
+    review_url: str = ""  # the review page (node/review) of the demo's node
     fhir: FhirExchange | None = None
     turns: tuple[Turn, ...] = ()
 
@@ -80,13 +82,14 @@ def send_datasets(host: str, port: int, called_ae: str, datasets: list[Dataset])
 DEMO_SCOPES = ["system/*.read", "system/Communication.write"]
 
 
-def demo_settings(data_dir: Path, port: int, token: str) -> Settings:
-    """Embedded defaults, the demo engine, loopback only, a short quiet period, one token."""
+def demo_settings(data_dir: Path, port: int, token: str, api_port: int = 0) -> Settings:
+    """Embedded defaults, the demo engine, loopback only, a short quiet period, one token;
+    ``port`` (DICOM) and ``api_port`` (FHIR API and review page) 0 for any free port."""
     os.environ.setdefault("MEDGEMMA_NODE_ENGINE__NAME", "demo")
     return load_settings(
         None,
         dicom={"bind_address": "127.0.0.1", "port": port},
-        api={"host": "127.0.0.1", "port": 0},
+        api={"host": "127.0.0.1", "port": api_port},
         storage={"data_dir": str(data_dir)},
         completion={"quiet_seconds": 1.0, "poll_seconds": 0.2},
         queue={"broker_url": ""},
@@ -199,7 +202,16 @@ def converse_like_a_ris(
     return replace(first, report_status=after["status"]), tuple(turns)
 
 
-def run_demo(settings: Settings, token: str, timeout: float = 300.0, seed: int = 7) -> DemoOutcome:
+def run_demo(
+    settings: Settings,
+    token: str,
+    timeout: float = 300.0,
+    seed: int = 7,
+    *,
+    while_up: Callable[[DemoOutcome], None] | None = None,
+) -> DemoOutcome:
+    """The whole loop on a node of its own; ``while_up`` is called with the outcome while
+    the node is still up (``demo --keep-running`` prints it there and waits for Ctrl-C)."""
     started = time.monotonic()
     runtime = NodeRuntime(settings, embedded=True, api=True)
     try:
@@ -235,14 +247,18 @@ def run_demo(settings: Settings, token: str, timeout: float = 300.0, seed: int =
                 fhir_base, token, str(images[0].dataset.AccessionNumber), CONVERSATION
             )
             study = runtime.ledger.get_study(uid) or study  # amended by the conversation
-        return DemoOutcome(
+        outcome = DemoOutcome(
             study=study,
             spool_dir=runtime.spool.root / uid,
             data_dir=settings.storage.data_path,
             seconds=time.monotonic() - started,
             fhir_base=fhir_base,
+            review_url=f"http://{api_host}:{api_port}/review",
             fhir=exchange,
             turns=turns,
         )
+        if while_up is not None:
+            while_up(outcome)
+        return outcome
     finally:
         runtime.stop()

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from bench.nodeproc import ServerProcess, dicom_echo
+from bench.nodeproc import ServerProcess, dicom_echo, node_argv, node_environment
 from node.runtime import NodeRuntime
 from node.synthetic import make_two_view_study, write_study
 from tests.conftest import node_cli, wait_for_state
@@ -145,3 +149,40 @@ def test_demo_command_runs_the_whole_loop(tmp_path: Path) -> None:
     assert "between their centres" in out and "中心间" in out
     assert "4 of 12 signs present" in out and "共 12 条" in out
     assert "A1 to A3 right hilum distance:" in out
+    # it ends with the review page's address and the run's token, and exits (no --keep-running)
+    assert re.search(r"^review +http://127\.0\.0\.1:\d+/review \(token \S+;", out, re.M), out
+
+
+def test_demo_keep_running_stays_up_until_ctrl_c(tmp_path: Path) -> None:
+    """`demo --keep-running` keeps its node up (the review page answers with the printed
+    token) until SIGINT, then stops cleanly."""
+    argv = node_argv(["--log-level", "WARNING", "demo", "--keep-running",
+                      "--data-dir", str(tmp_path / "demo")])  # fmt: skip
+    proc = subprocess.Popen(argv, env=node_environment({}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for line in proc.stdout:  # printed once the demo is done and the node is held
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+        out = "".join(lines)
+        found = re.search(r"^review +(http://\S+/review) \(token (\S+);", out, re.M)
+        assert found, out
+        url, token = found.groups()
+        time.sleep(2)
+        assert proc.poll() is None, "the demo exited although --keep-running was given"
+        listed = httpx.get(url + "/api/studies", headers={"Authorization": f"Bearer {token}"})
+        assert listed.status_code == 200 and listed.json()["studies"][0]["state"] == "done"
+        proc.send_signal(signal.SIGINT)
+        rest, errors = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out + rest + errors
+    assert "node       stopped" in rest
+    assert "Traceback" not in errors
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url, timeout=5)
