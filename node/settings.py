@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -43,7 +43,14 @@ def is_loopback_host(host: str) -> bool:
     return host.strip("[]").lower() == "localhost" or _is_loopback_ip(host.strip("[]"))
 
 
-class TlsSettings(BaseModel):
+class Section(BaseModel):
+    """A [section] of the configuration: a misspelt key is an error naming it, never
+    silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsSettings(Section):
     enabled: bool = False
     cert_file: str = ""
     key_file: str = ""
@@ -51,7 +58,7 @@ class TlsSettings(BaseModel):
     require_client_cert: bool = False
 
 
-class DicomSettings(BaseModel):
+class DicomSettings(Section):
     ae_title: str = "MEDGEMMA"
     bind_address: str = "0.0.0.0"
     port: int = Field(default=11112, ge=0, le=65535)
@@ -88,7 +95,7 @@ class DicomSettings(BaseModel):
         return [_check_ae_title(a.strip(), "dicom.allowed_callers entry") for a in v]
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(Section):
     data_dir: str = "./var"
     database_url: str = ""  # empty = SQLite file in data_dir
     min_free_mb: int = Field(default=512, ge=0)  # below this, C-STORE answers Out of Resources
@@ -117,7 +124,7 @@ class StorageSettings(BaseModel):
         return f"sqlite:///{self.data_path / 'ledger.sqlite3'}"
 
 
-class CompletionSettings(BaseModel):
+class CompletionSettings(Section):
     quiet_seconds: float = Field(default=5.0, ge=0)  # a study is complete after this quiet time
     on_association_release: bool = False  # also complete studies when the sender releases
     poll_seconds: float = Field(default=0.5, gt=0)
@@ -144,7 +151,7 @@ DEFAULT_CHEST_TERMS = [
 ]
 
 
-class PrereadSettings(BaseModel):
+class PrereadSettings(Section):
     modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
     # matched case-insensitively as words (or substrings for CJK) in BodyPartExamined,
     # StudyDescription, SeriesDescription, ProtocolName; ViewPosition PA/AP/LL/LAT also counts
@@ -158,7 +165,7 @@ class PrereadSettings(BaseModel):
     ask_engine_if_unlabelled: bool = False
 
 
-class QueueSettings(BaseModel):
+class QueueSettings(Section):
     broker_url: str = ""  # empty = embedded (serve); redis://... otherwise
     preread_queue: str = "preread"
     followup_queue: str = "followup"
@@ -173,12 +180,12 @@ class QueueSettings(BaseModel):
     task_time_limit_seconds: float = Field(default=900.0, gt=0)
 
 
-class ApiSettings(BaseModel):
+class ApiSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
 
 
-class StaticToken(BaseModel):
+class StaticToken(Section):
     """A bearer token given to one client (e.g. the RIS): its SHA-256 and its scopes.
 
     Only the hash is configured, never the token: ``printf %s TOKEN | sha256sum``.
@@ -197,7 +204,7 @@ class StaticToken(BaseModel):
         return v
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(Section):
     """Who may use the FHIR API: static tokens and/or JWTs from one issuer (SMART scopes)."""
 
     required: bool = True  # false only on a closed test network; accesses are still audited
@@ -220,7 +227,7 @@ class AuthSettings(BaseModel):
         return self
 
 
-class FhirSettings(BaseModel):
+class FhirSettings(Section):
     """The FHIR R4 endpoint: identifiers, limits, follow-up waiting and subscriptions."""
 
     base_url: str = ""  # public base, e.g. https://node.example/fhir; empty = see trusted_proxies
@@ -298,7 +305,7 @@ class FhirSettings(BaseModel):
         return v.rstrip("/")
 
 
-class EngineSettings(BaseModel):
+class EngineSettings(Section):
     name: Literal["medgemma", "vllm", "demo"] = "medgemma"
     # MedGemma 1.5: chest X-ray anatomy localisation IoU 38.0 against 3.1 for MedGemma 1 4B
     # (model cards); anchors and localised regions stand on its boxes. MedGemma 1
@@ -312,7 +319,7 @@ class EngineSettings(BaseModel):
     demo_delay_seconds: float = Field(default=0.0, ge=0)
 
 
-class Destination(BaseModel):
+class Destination(Section):
     """Where SR and SEG go: a DICOM AE (C-STORE) or a DICOMweb server (STOW-RS)."""
 
     kind: Literal["dicom", "dicomweb"] = "dicom"
@@ -339,14 +346,14 @@ class Destination(BaseModel):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
-class OutboxSettings(BaseModel):
+class OutboxSettings(Section):
     max_attempts: int = Field(default=8, ge=1)  # then the delivery is dead-lettered
     backoff_base_seconds: float = Field(default=5.0, gt=0)  # 5, 10, 20, 40 ... seconds
     backoff_max_seconds: float = Field(default=600.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
 
 
-class RetentionSettings(BaseModel):
+class RetentionSettings(Section):
     """Spool retention: what the node removes from ``<data_dir>/spool`` and ``results``.
 
     A study is eligible once every version is finished (done, failed, skipped), every
@@ -362,7 +369,7 @@ class RetentionSettings(BaseModel):
     interval_seconds: float = Field(default=3600.0, gt=0)  # how often the node checks
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(Section):
     """Prometheus metrics: /metrics on the FHIR API, and a listener of its own (``scp``)."""
 
     port: int = Field(default=0, ge=0, le=65535)  # the node's own /metrics listener; 0 = off
@@ -379,7 +386,7 @@ class MetricsSettings(BaseModel):
         return v
 
 
-class LoggingSettings(BaseModel):
+class LoggingSettings(Section):
     # text: one human-readable line per record; json: one JSON object per line (study_uid,
     # request_id fields); the CLI's --log-format overrides it
     format: Literal["text", "json"] = "text"

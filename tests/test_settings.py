@@ -76,3 +76,14 @@ def test_a_config_from_before_the_pdu_limit_still_loads_with_the_default_limit()
     # older config/node.toml files said maximum_pdu_size = 0 (unlimited)
     settings = load_settings(None, dicom={"maximum_pdu_size": 0})
     assert settings.dicom.maximum_pdu_size == 1_048_576
+
+
+def test_a_misspelt_key_inside_a_section_is_an_error_naming_it(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[dicom]\nae_titel = "PACS"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--config", str(config), "status"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "dicom.ae_titel" in done.stderr and "Traceback" not in done.stderr
