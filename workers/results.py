@@ -29,7 +29,7 @@ log = logging.getLogger("medgemma.results")
 
 
 def results_dir(settings: Settings, study_uid: str) -> Path:
-    return settings.storage.data_path / "results" / study_uid
+    return settings.storage.results_path / study_uid
 
 
 def _save(ds: Dataset, path: Path) -> None:
