@@ -271,6 +271,21 @@ class _HostCheckingServer(ThreadedAssociationServer):
         self.server_close()
 
 
+def _end_unassociated_connection(event: evt.Event) -> None:
+    """End the association of a connection the peer closed before its A-ASSOCIATE-RQ was
+    complete (a load balancer's TCP health check, a port probe, a peer gone mid-request).
+
+    pynetdicom's acceptor thread waits ``acse_timeout`` for the request and counts against
+    ``max_associations`` meanwhile: 16 probes locked every sender out for 30 s. Its DUL
+    (state Sta2, transport open, nothing received) only closes the socket; the ``None``
+    put in the thread's queue is what it reads when that wait times out, so it ends now.
+    """
+    dul = event.assoc.dul
+    if event.assoc.is_acceptor and dul.state_machine.current_state == "Sta2":
+        queue: Any = dul.to_user_queue  # holds primitives; None is its "nothing came"
+        queue.put(None)
+
+
 def _failure(status: StoreStatus, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = int(status)
@@ -338,6 +353,7 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_association_end),
             (evt.EVT_ABORTED, self._on_association_end),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_CONN_CLOSE, _end_unassociated_connection),
         ]
         ssl_context = make_ssl_context(self.settings.tls)
         if ssl_context is not None:
