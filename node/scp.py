@@ -82,7 +82,15 @@ from node.netlimits import (
     peer_text,
 )
 from node.settings import DicomSettings, TlsSettings
-from node.spool import OutOfSpace, Spool, SpoolError, is_valid_uid, sha256_of
+from node.spool import (
+    DISK_FULL,
+    OutOfSpace,
+    ReceivingFile,
+    Spool,
+    SpoolError,
+    is_valid_uid,
+    sha256_of,
+)
 
 log = logging.getLogger("medgemma.scp")
 
@@ -149,21 +157,27 @@ _DEFER_SIZE = 4096
 _config.STORE_RECV_CHUNKED_DATASET = True
 
 # pynetdicom makes that file with tempfile.NamedTemporaryFile, in $TMPDIR, and leaves it
-# there when the transfer stops half-way. Our AEs receive into their spool's receive
-# directory instead (on the spool's disk, emptied at start); other AEs keep the default.
+# there when the transfer stops half-way; a write error there (disk full) aborts the
+# association. Our AEs receive into their spool's receive directory instead (on the spool's
+# disk, emptied at start) through a ReceivingFile, whose write errors the C-STORE handler
+# answers with Out of Resources; other AEs keep the default.
 _receive_dirs: weakref.WeakKeyDictionary[AE, Path] = weakref.WeakKeyDictionary()
 _named_temporary_file = dimse_messages.NamedTemporaryFile
+# path -> the file a dataset is being received into, while pynetdicom holds it
+_receiving: weakref.WeakValueDictionary[str, ReceivingFile] = weakref.WeakValueDictionary()
 
 
 def _receive_file(*args: Any, **kwargs: Any) -> Any:
-    """NamedTemporaryFile in the receive directory of the AE whose association this is
+    """A ReceivingFile in the receive directory of the AE whose association this is
     (pynetdicom calls it in the association's DUL thread, which knows its association)."""
     assoc = getattr(threading.current_thread(), "assoc", None)
     ae = getattr(assoc, "ae", None)
     directory = _receive_dirs.get(ae) if isinstance(ae, AE) else None
-    if directory is not None:
-        kwargs.update(dir=directory, prefix="rx-")
-    return _named_temporary_file(*args, **kwargs)
+    if directory is None:
+        return _named_temporary_file(*args, **kwargs)
+    receiving = ReceivingFile(directory, prefix="rx-", suffix=kwargs.get("suffix", ".dcm"))
+    _receiving[str(Path(receiving.name))] = receiving
+    return receiving
 
 
 dimse_messages.NamedTemporaryFile = _receive_file
@@ -430,6 +444,10 @@ class StorageSCP:
         request: Any = event.request
         rq_sop = str(request.AffectedSOPInstanceUID or "")
         path = Path(event.dataset_path)
+        receiving = _receiving.get(str(path))
+        if receiving is not None and receiving.error is not None:
+            self.counters.refused += 1
+            return self._receive_failed(receiving.error, calling_ae, rq_sop)
         try:
             status = self._store(path, calling_ae, str(request.AffectedSOPClassUID or ""), rq_sop)
         except Exception as exc:
@@ -455,6 +473,20 @@ class StorageSCP:
             )
             return int(Status.SUCCESS)
         return status
+
+    def _receive_failed(self, error: OSError, calling_ae: str, rq_sop: str) -> Dataset:
+        """The answer to a C-STORE whose dataset could not be written while it arrived
+        (the partial file is already deleted, the rest of the dataset was dropped)."""
+        log.error(
+            "C-STORE of %s from %s refused: writing the received dataset into %s failed: %s",
+            peer_text(rq_sop),
+            peer_text(calling_ae),
+            self.spool.receive_dir,
+            error.strerror or type(error).__name__,
+        )
+        if error.errno in DISK_FULL:
+            return _failure(StoreStatus.OUT_OF_RESOURCES, "out of disk space on the node")
+        return _failure(StoreStatus.OUT_OF_RESOURCES, "cannot write the received dataset")
 
     def _store(self, path: Path, calling_ae: str, rq_class: str, rq_sop: str) -> int | Dataset:
         """Store one received file. Returns the study row id, or a failure status dataset."""

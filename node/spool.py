@@ -7,8 +7,9 @@ directory is fsynced: after a crash a file either exists complete or not at all.
 Directories are created 0700 and files 0600 (:mod:`node.datadir`): they hold patient data.
 
 Datasets arrive in ``<data_dir>/receiving/`` (the SCP's chunked receive writes there, not to
-$TMPDIR) and are moved into the spool: on the spool's disk, a move needs no space, and what
-an interrupted transfer leaves behind is found and removed at the next start.
+$TMPDIR, through :class:`ReceivingFile`) and are moved into the spool: on the spool's disk, a
+move needs no space, and what an interrupted transfer leaves behind is found and removed at
+the next start. A write that fails there (the disk full) deletes the partial file at once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import errno
 import hashlib
 import os
 import re
+import secrets
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,8 @@ from node.datadir import PRIVATE_FILE, open_private, private_dirs
 # PS3.5 9.1: components of digits separated by dots, no leading zeros, at most 64 chars.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _CHUNK = 1 << 20
+#: errno values that mean the disk (or the user's quota on it) is full.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class SpoolError(Exception):
@@ -85,6 +90,71 @@ def write_file_atomically(path: Path, write: Callable[[BinaryIO], object]) -> No
     except BaseException:
         part.unlink(missing_ok=True)
         raise
+
+
+class ReceivingFile:
+    """A dataset being written into the receive directory, as it arrives (the binary file
+    object pynetdicom's chunked receive writes to and flushes; ``file`` is itself).
+
+    A failing write (disk full: ENOSPC, EDQUOT; any OSError, creating the file too) does not
+    stop the transfer: the first error is kept in :attr:`error`, the partial file is deleted
+    at once (its space freed), and the rest of the dataset is dropped as it comes, so the
+    C-STORE completes and its handler can answer Out of Resources on an association that
+    goes on. The file is created 0600 (``tempfile.mkstemp``), like the spool's.
+    """
+
+    def __init__(self, directory: Path, prefix: str = "rx-", suffix: str = ".dcm") -> None:
+        self.error: OSError | None = None
+        self._file: BinaryIO | None = None
+        try:
+            fd, name = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=directory)
+        except OSError as exc:
+            self.error = exc
+            # a name no file has: the receiver deletes whatever path it is given afterwards
+            self.name = str(directory / f"{prefix}not-created-{secrets.token_hex(8)}{suffix}")
+            return
+        self.name = name
+        self._file = os.fdopen(fd, "wb")
+
+    @property
+    def file(self) -> ReceivingFile:
+        return self
+
+    @property
+    def closed(self) -> bool:
+        return self._file is None or self._file.closed
+
+    def write(self, data: bytes) -> int:
+        """Write ``data``; after a failure, drop it. Returns ``len(data)`` either way."""
+        if self._file is not None and self.error is None:
+            try:
+                self._file.write(data)
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self._file is not None and self.error is None:
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def close(self) -> None:
+        if self._file is not None and self.error is None:
+            try:
+                self._file.close()
+            except OSError as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        if self._file is not None:
+            try:
+                self._file.close()  # the buffered bytes fail to flush again; the fd is closed
+            except OSError:
+                pass
+        Path(self.name).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -157,7 +227,7 @@ class Spool:
             _fsync_dir(final.parent)
         except OSError as exc:
             part.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in DISK_FULL:
                 raise OutOfSpace(f"disk full while writing {relative_path}") from exc
             raise SpoolError(f"cannot write {relative_path}: {exc.strerror}") from exc
         return StoredFile(final, relative_path, sha256, size)

@@ -925,17 +925,12 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     subprocess.run(["umount", "-l", str(data)], check=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the SCP receives into <data_dir>/receiving (issue 11 item 8); when that disk "
-    "fills during the receive, pynetdicom's DT-2 action raises ENOSPC and aborts the "
-    "association: the sender gets no A700 and the partial file stays open until restart",
-)
 def test_data_directory_filling_up_during_a_store(
     tmp_path: Path, small_tmpfs: Path, postgres_url: str
 ) -> None:
     """A 1 MiB tmpfs as the data directory: each image gets Success and is complete in the
-    ledger and the spool, or gets A700 and leaves nothing behind."""
+    ledger and the spool, or gets A700 and leaves nothing behind; the association goes on
+    and so do later ones."""
     node = full_disk_node(tmp_path, small_tmpfs, postgres_url, min_free_mb=0)
     try:
         study = full_disk_study()
@@ -952,6 +947,16 @@ def test_data_directory_filling_up_during_a_store(
         }, statuses
         for sop, status in statuses.items():
             assert_answered(node, sop, status)
+        assert not list(node.spool.receive_dir.iterdir()), "received files left behind"
+
+        # a later association, the disk still full: A700 saying why, the association kept
+        assoc = scu(timeout=5).associate("127.0.0.1", node.scp.port, ae_title="MEDGEMMA")
+        assert assoc.is_established
+        answer = assoc.send_c_store(chest(seed=702))
+        assert answer.Status == StoreStatus.OUT_OF_RESOURCES, answer
+        assert answer.ErrorComment == "out of disk space on the node"
+        assert assoc.is_established
+        assoc.release()
         assert not list(node.spool.receive_dir.iterdir()), "received files left behind"
         assert dicom_echo(node.scp.port)()
     finally:

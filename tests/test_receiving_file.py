@@ -1,0 +1,74 @@
+"""node.spool.ReceivingFile: a write that fails while a dataset arrives (the disk full) is
+recorded, the partial file deleted at once, and the rest of the dataset dropped without an
+error, so the C-STORE can be answered. The full disk itself, end to end, is
+tests/test_fault_matrix.py::test_data_directory_filling_up_during_a_store (needs a tmpfs);
+here a file size limit (RLIMIT_FSIZE: writes past it fail with EFBIG) fails the write on
+any machine."""
+
+from __future__ import annotations
+
+import errno
+import resource
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node.spool import ReceivingFile
+
+LIMIT = 64 << 10
+
+
+@pytest.fixture
+def file_size_limit() -> Iterator[int]:
+    """Writes of this process past LIMIT bytes of a file fail (EFBIG, SIGXFSZ ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, hard))
+    try:
+        yield LIMIT
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_dataset_that_fits_is_written_whole(tmp_path: Path) -> None:
+    receiving = ReceivingFile(tmp_path)
+    for _ in range(4):
+        assert receiving.file.write(b"x" * 1000) == 1000
+        receiving.file.flush()
+    receiving.close()
+    assert receiving.error is None and receiving.closed
+    assert Path(receiving.name).parent == tmp_path
+    assert Path(receiving.name).read_bytes() == b"x" * 4000
+    assert Path(receiving.name).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_failed_write_deletes_the_partial_file_and_drops_the_rest(
+    tmp_path: Path, file_size_limit: int
+) -> None:
+    receiving = ReceivingFile(tmp_path)
+    chunk = b"y" * 16384
+    written = 0
+    while receiving.error is None:
+        assert receiving.write(chunk) == len(chunk)
+        receiving.file.flush()
+        written += len(chunk)
+        assert written < 4 * file_size_limit, "the size limit did not fail the write"
+    assert receiving.error.errno == errno.EFBIG
+    assert not Path(receiving.name).exists(), "partial file left behind"
+    assert receiving.write(chunk) == len(chunk)  # the rest of the dataset: dropped, no error
+    receiving.file.flush()
+    receiving.close()
+    assert receiving.closed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_cannot_be_created_is_an_error_not_an_exception(tmp_path: Path) -> None:
+    missing = tmp_path / "gone"
+    receiving = ReceivingFile(missing)
+    assert receiving.error is not None and receiving.error.errno == errno.ENOENT
+    assert receiving.write(b"z" * 10) == 10
+    receiving.close()
+    assert not Path(receiving.name).exists() and not missing.exists()
