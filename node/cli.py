@@ -255,6 +255,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     env = dict(os.environ)
     if args.config:
         env["MEDGEMMA_NODE_CONFIG"] = str(args.config)
+    if args.log_format:  # the worker process formats its own lines (workers/celery_app.py)
+        env["MEDGEMMA_NODE_LOGGING__FORMAT"] = args.log_format
     # the engine check runs in the worker's own package (the node never imports it)
     preflight = subprocess.call([sys.executable, "-m", "workers.preflight"], env=env)
     if preflight != 0:

@@ -16,7 +16,7 @@ from typing import Any
 from bench.nodeproc import ServerProcess, dicom_echo
 from node.metrics import histogram
 from node.runtime import NodeRuntime
-from node.synthetic import make_two_view_study, write_study
+from node.synthetic import make_chest_radiograph, make_two_view_study, write_study
 from tests.conftest import wait_for_state
 from tests.peers import dcmtk, free_port, wait_for
 
@@ -145,3 +145,38 @@ def test_histogram_buckets_are_cumulative() -> None:
     counts, total = histogram([0.5, 3.0, 3.0, 700.0], (1.0, 5.0, 60.0))
     assert counts == [("1.0", 1.0), ("5.0", 3.0), ("60.0", 3.0), ("+Inf", 4.0)]
     assert total == 706.5
+
+
+def test_a_celery_worker_writes_json_lines_when_asked(
+    node_process: Callable[..., ServerProcess],
+    node_factory: Callable[..., NodeRuntime],
+    redis_url: str,
+    queues: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    env = {
+        "MEDGEMMA_NODE_QUEUE__BROKER_URL": redis_url,
+        "MEDGEMMA_NODE_QUEUE__PREREAD_QUEUE": queues["preread_queue"],
+        "MEDGEMMA_NODE_QUEUE__FOLLOWUP_QUEUE": queues["followup_queue"],
+        "MEDGEMMA_NODE_STORAGE__DATA_DIR": str(tmp_path / "var"),
+        "MEDGEMMA_NODE_ENGINE__NAME": "demo",
+    }
+    worker = node_process(
+        ["--log-format", "json", "worker", "--concurrency", "1"],
+        env=env, ready=lambda p: p.log_has(" ready."), what="Celery worker ready",
+    )  # fmt: skip
+    node = node_factory(embedded=False, queue={"broker_url": redis_url, **queues})
+    pa = make_chest_radiograph(seed=131, rows=512, cols=416, patient_name="JSONWORKER^PAT")
+    paths = write_study(tmp_path / "in", [pa])
+    sent = subprocess.run([dcmtk("storescu"), "-aec", "MEDGEMMA", "127.0.0.1",
+                           str(node.scp.port), *map(str, paths)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    uid = str(pa.dataset.StudyInstanceUID)
+    assert wait_for_state(node, uid, {"done", "failed"}, 90).state.value == "done"
+    text = worker.log.read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    done = [r for r in records if "pre-read of study" in r.get("msg", r.get("message", ""))]
+    assert done, text[-2000:]
+    assert any(r.get("study_uid") == uid for r in done), done
+    assert "JSONWORKER" not in text and str(pa.dataset.PatientID) not in text

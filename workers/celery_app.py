@@ -8,10 +8,11 @@ whose worker died is given back to the queue (reject on worker lost).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 from kombu import Queue
 
 from node.settings import Settings, get_settings
@@ -59,3 +60,17 @@ def _load_engine(**_: Any) -> None:
     except Exception:
         # the first task fails with the same error and records it on the study
         logging.getLogger("medgemma.worker").exception("engine could not be loaded")
+
+
+if get_settings().logging.format == "json":
+
+    @setup_logging.connect
+    def _json_logs(loglevel: object = None, **_: Any) -> None:
+        """``--log-format json``: the worker writes the node's JSON lines (study UID and
+        request id where known, never patient data) instead of Celery's text format."""
+        from node.logfmt import make_formatter
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(make_formatter("json"))
+        level = loglevel if isinstance(loglevel, int | str) and loglevel else "INFO"
+        logging.basicConfig(level=level, handlers=[handler], force=True)
