@@ -155,21 +155,32 @@ def test_an_engine_failure_is_a_failed_turn_not_an_answer(
         turn(result, image, ScriptedEngine(fail=True), "Is A1's margin regular?")
 
 
-def test_a_failed_follow_up_is_stored_not_done_with_the_reason(
-    node: NodeRuntime, tmp_path: Path
-) -> None:
-    image = make_chest_radiograph(seed=96, rows=ROWS, cols=COLS, pixel_spacing_mm=0.3)
+def ask_on_a_read_study(
+    node: NodeRuntime, tmp_path: Path, seed: int, question_id: str, text: str
+) -> tuple[FhirStore, str]:
+    """Send a phantom study, wait for its pre-read, queue a follow-up question about it
+    (as the FHIR API would) and return the store and the study UID."""
+    image = make_chest_radiograph(seed=seed, rows=ROWS, cols=COLS, pixel_spacing_mm=0.3)
     uid = str(image.dataset.StudyInstanceUID)
     send_study(node, tmp_path / "in", [image])
     assert wait_for_state(node, uid, {"done", "failed"}, 120).state.value == "done"
     store = FhirStore(node.ledger)
     report = store.get("DiagnosticReport", fr.report_id(uid))
     assert report is not None
-    question = {"resourceType": "Communication", "id": "q-failing-engine", "status": "in-progress",
+    question = {"resourceType": "Communication", "id": question_id, "status": "in-progress",
                 "about": [{"reference": f"DiagnosticReport/{report.id}"}],
-                "payload": [{"contentString": "Is A1's margin regular?"}]}  # fmt: skip
+                "payload": [{"contentString": text}]}  # fmt: skip
     create_followup(store, question, report_id=report.id, study_uid=uid, language="en",
                     anchor_ref="")  # fmt: skip
+    return store, uid
+
+
+def test_a_failed_follow_up_is_stored_not_done_with_the_reason(
+    node: NodeRuntime, tmp_path: Path
+) -> None:
+    store, uid = ask_on_a_read_study(
+        node, tmp_path, 96, "q-failing-engine", "Is A1's margin regular?"
+    )
     assert run_followup(node.settings, "q-failing-engine", store, ScriptedEngine(fail=True)) == (
         "failed"
     )
@@ -188,20 +199,11 @@ def test_a_failed_follow_up_is_stored_not_done_with_the_reason(
 def test_an_amendment_whose_image_left_the_spool_is_not_done_and_not_stored(
     node: NodeRuntime, tmp_path: Path
 ) -> None:
-    image = make_chest_radiograph(seed=97, rows=ROWS, cols=COLS, pixel_spacing_mm=0.3)
-    uid = str(image.dataset.StudyInstanceUID)
-    send_study(node, tmp_path / "in", [image])
-    assert wait_for_state(node, uid, {"done", "failed"}, 120).state.value == "done"
+    store, uid = ask_on_a_read_study(
+        node, tmp_path, 97, "q-spool-gone", "How far is A1 from the right hilum?"
+    )
     for path in (node.settings.storage.spool_path / uid).rglob("*.dcm"):
         path.unlink()  # e.g. removed by hand: the SR can no longer refer to its image
-    store = FhirStore(node.ledger)
-    report = store.get("DiagnosticReport", fr.report_id(uid))
-    assert report is not None
-    question = {"resourceType": "Communication", "id": "q-spool-gone", "status": "in-progress",
-                "about": [{"reference": f"DiagnosticReport/{report.id}"}],
-                "payload": [{"contentString": "How far is A1 from the right hilum?"}]}  # fmt: skip
-    create_followup(store, question, report_id=report.id, study_uid=uid, language="en",
-                    anchor_ref="")  # fmt: skip
     assert run_followup(node.settings, "q-spool-gone", store, DemoEngine()) == "failed"
     job = followup(store, "q-spool-gone")
     assert job is not None and "no longer readable in the spool" in job.error
@@ -213,18 +215,7 @@ def test_an_amendment_whose_image_left_the_spool_is_not_done_and_not_stored(
 def test_a_busy_engine_is_retried_and_the_question_stays_open_until_answered(
     node: NodeRuntime, tmp_path: Path
 ) -> None:
-    image = make_chest_radiograph(seed=98, rows=ROWS, cols=COLS, pixel_spacing_mm=0.3)
-    uid = str(image.dataset.StudyInstanceUID)
-    send_study(node, tmp_path / "in", [image])
-    assert wait_for_state(node, uid, {"done", "failed"}, 120).state.value == "done"
-    store = FhirStore(node.ledger)
-    report = store.get("DiagnosticReport", fr.report_id(uid))
-    assert report is not None
-    question = {"resourceType": "Communication", "id": "q-busy", "status": "in-progress",
-                "about": [{"reference": f"DiagnosticReport/{report.id}"}],
-                "payload": [{"contentString": "Is the margin of A1 regular?"}]}  # fmt: skip
-    create_followup(store, question, report_id=report.id, study_uid=uid, language="en",
-                    anchor_ref="")  # fmt: skip
+    store, _uid = ask_on_a_read_study(node, tmp_path, 98, "q-busy", "Is the margin of A1 regular?")
     engine = ScriptedEngine(busy=1)
     with pytest.raises(TransientTurnError):
         run_followup(node.settings, "q-busy", store, engine)
