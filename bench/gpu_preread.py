@@ -15,8 +15,19 @@ included; the best repeat is kept, the first acting as warm-up):
   per_seq_tok_s  (N - 1) / (t_N - t_1): tokens per second seen by one request
   studies_per_h  B * 3600 / t_N, one pre-read (one study, one image) per request
 
+Follow-up prefix cache (``--followup-cache``, instead of the batch measurements): on one study,
+a first follow-up (whole image + crop, the follow-up system text) fills the engine's prefix
+cache; then, per repeat, the time to the first token of
+  cached_ttft_s   a second follow-up of the same study and image (its prefix is cached)
+  control_ttft_s  the same follow-up on an unseen image (an unseen prefix: computed, stored)
+  plain_ttft_s    the same follow-up without study metadata (the cache is not used at all)
+  preread_ttft_s  the pre-read of the study's image (the pre-read prompt, one image)
+Medians are reported with the ratios cached/control and cached/preread. The control goes
+through the same code path as the cached run, so warm-up is not counted as a cache win.
+
 Usage:
   python bench/gpu_preread.py [--tiny] [--batch 1 8 32] [--new-tokens N] [--out FILE]
+  python bench/gpu_preread.py --tiny --followup-cache [--repeats 7]
 ``--tiny`` builds a tiny config on the CPU: a smoke check of this script in seconds.
 Results: a table on stdout and JSON in bench/out/gpu_preread.json.
 """
@@ -134,9 +145,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         _release(torch)
 
         started = time.perf_counter()
-        engine = MedGemmaEngine(str(directory), "random-weights", device=device)
+        engine = MedGemmaEngine(
+            str(directory), "random-weights", device=device, prefix_cache_studies=4
+        )
         report["load_and_warm_s"] = round(time.perf_counter() - started, 2)
         report["parameters"] = sum(p.numel() for p in engine.model.parameters())
+
+        if args.followup_cache:
+            report["followup_cache"] = _followup_cache(engine, args, system, prompt)
+            _print_followup(report)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            print(f"\nresults written to {args.out}")
+            return 0
 
         rng = np.random.default_rng(0)
         results = []
@@ -198,6 +219,90 @@ def _measure(
     if engine.device.type == "cuda":
         result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     return result
+
+
+def _followup_cache(
+    engine: Any, args: argparse.Namespace, system: str, prompt: str
+) -> dict[str, Any]:
+    """Median TTFTs of a follow-up with its study's prefix cached, against an unseen prefix."""
+    from workers.engines.base import EngineRequest, prefix_metadata
+
+    f_system, f_prompt = _followup_prompt(args.prompt_tokens)
+    rng = np.random.default_rng(1)
+
+    def image() -> Any:
+        return rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), np.uint8)
+
+    def followup(whole: Any, crop: Any, study: str, question: str) -> Any:
+        return EngineRequest(
+            images=(whole, crop),
+            prompt=f"{question} {f_prompt}",
+            system=f_system,
+            max_new_tokens=1,
+            metadata=prefix_metadata(study) if study else {},
+        )
+
+    def ttft(request: Any) -> float:
+        started = time.perf_counter()
+        engine.generate([request], generation_kwargs={"min_new_tokens": 1})
+        return time.perf_counter() - started
+
+    times: dict[str, list[float]] = {"cached": [], "control": [], "plain": [], "preread": []}
+    for repeat in range(args.repeats + 1):  # the first round is an untimed warm-up
+        study, whole, crop = f"1.2.826.0.1.{repeat}", image(), image()
+        preread = EngineRequest(images=(whole,), prompt=prompt, system=system, max_new_tokens=1)
+        round_times = {
+            "preread": ttft(preread),
+            "first": ttft(followup(whole, crop, study, "Describe the nodule.")),
+            "cached": ttft(followup(whole, crop, study, "Is it connected to the hilum?")),
+            "control": ttft(followup(image(), crop, study, "Is it connected to the hilum?")),
+            "plain": ttft(followup(whole, crop, "", "Is it connected to the hilum?")),
+        }
+        if repeat:
+            for name in times:
+                times[name].append(round_times[name])
+    medians = {
+        f"{name}_ttft_s": round(float(np.median(values)), 4) for name, values in times.items()
+    }
+    return {
+        "repeats": args.repeats,
+        **medians,
+        "cached_over_control": round(medians["cached_ttft_s"] / medians["control_ttft_s"], 3),
+        "cached_over_preread": round(medians["cached_ttft_s"] / medians["preread_ttft_s"], 3),
+        "cached_over_plain": round(medians["cached_ttft_s"] / medians["plain_ttft_s"], 3),
+        "cache_hits": engine.prefix_cache.hits,
+        "cache_misses": engine.prefix_cache.misses,
+    }
+
+
+def _followup_prompt(text_tokens: int) -> tuple[str, str]:
+    """(system, prompt) of a describe follow-up, cut like ``_preread_prompt``."""
+    from workers.dialogue.prompts import AnchorBrief, build_describe_prompt
+
+    facts = AnchorBrief(
+        anchor_id="A1",
+        label="nodule",
+        finding="nodule",
+        site="right_upper_zone",
+        laterality="right",
+        box_2d_whole=(200, 180, 260, 240),
+        box_2d_crop=(400, 400, 600, 600),
+        size_text="11 x 11 mm",
+    )
+    system, prompt = build_describe_prompt(facts)
+    budget = max(text_tokens - len(system), 16)
+    return system[:text_tokens], prompt[:budget]
+
+
+def _print_followup(report: dict[str, Any]) -> None:
+    result = report["followup_cache"]
+    print(f"model: {report['model']} on {report['device']} ({report['dtype']})")
+    print("follow-up prefix cache, median time to first token:")
+    for name in ("preread", "cached", "control", "plain"):
+        print(f"  {name + '_ttft_s':16} {result[name + '_ttft_s']:.4f}")
+    print(f"  cached/control   {result['cached_over_control']:.3f}")
+    print(f"  cached/plain     {result['cached_over_plain']:.3f}")
+    print(f"  cached/preread   {result['cached_over_preread']:.3f}")
 
 
 def _rates(batch: int, new_tokens: int, t_1: float, t_n: float) -> dict[str, Any]:
@@ -380,6 +485,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="text tokens of the prompt (default: the real pre-read prompt's)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    parser.add_argument(
+        "--followup-cache",
+        action="store_true",
+        help="measure the follow-up prefix cache (TTFT against an unseen-prefix control) only",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "gpu_preread.json")
     args = parser.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1 or min(args.batch) < 1:

@@ -315,6 +315,9 @@ class EngineSettings(Section):
     local_files_only: bool = True
     device: str = "auto"  # auto | cuda | cpu
     server_url: str = ""  # vllm: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+    # medgemma: studies whose whole-image prompt prefix is kept as a KV cache for follow-ups
+    # (least recently used evicted; 0 = off)
+    prefix_cache_studies: int = Field(default=4, ge=0)
     # demo only, for tests of faults during a pre-read: sleep this long before each answer
     demo_delay_seconds: float = Field(default=0.0, ge=0)
 

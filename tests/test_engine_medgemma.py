@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from workers.engines.base import (  # noqa: E402
     EngineError,
     EngineRequest,
     TransientEngineError,
+    prefix_metadata,
 )
 from workers.engines.factory import make_engine  # noqa: E402
 from workers.engines.medgemma import (  # noqa: E402
@@ -272,5 +274,109 @@ def test_get_engine_loads_once_per_process(tiny_dir: Path) -> None:
         first = get_engine(str(tiny_dir), "r1", device="cpu")
         assert get_engine(str(tiny_dir), "r1", device="cpu") is first
         assert make_engine("medgemma", model=str(tiny_dir), revision="r1", device="cpu") is first
+    finally:
+        clear_engine_cache()
+
+
+# ----------------------------------------------------------------- follow-up prefix cache
+
+FORCED = {"min_new_tokens": 24}  # random weights must not stop early
+
+
+@pytest.fixture
+def cached_engine(tiny_dir: Path) -> MedGemmaEngine:
+    return MedGemmaEngine(str(tiny_dir), "tiny-rev", device="cpu", prefix_cache_studies=2)
+
+
+def followup_request(study: str, whole: np.ndarray, crop: np.ndarray) -> EngineRequest:
+    system, prompt = build_describe_prompt(DESCRIBE_FACTS)
+    return EngineRequest(
+        images=(whole, crop),
+        prompt=prompt,
+        system=system,
+        max_new_tokens=24,
+        metadata=prefix_metadata(study),
+    )
+
+
+def preread_request(study: str, whole: np.ndarray) -> EngineRequest:
+    # the same system text as the follow-up: Gemma 3 puts it before the image
+    system, _ = build_describe_prompt(DESCRIBE_FACTS)
+    return EngineRequest(
+        images=(whole,),
+        prompt="Read this chest radiograph.",
+        system=system,
+        max_new_tokens=24,
+        metadata=prefix_metadata(study),
+    )
+
+
+def test_a_follow_up_after_the_pre_read_reuses_its_image_prefix_with_the_same_text(
+    engine: MedGemmaEngine, cached_engine: MedGemmaEngine
+) -> None:
+    whole, crop = radiograph(30), radiograph(31)
+    preread, followup = preread_request("1.2.3", whole), followup_request("1.2.3", whole, crop)
+    plain = [
+        engine.generate([replace(request, metadata={})], generation_kwargs=FORCED)
+        for request in (preread, followup)
+    ]
+    assert engine.prefix_cache.studies() == []  # the default engine keeps nothing
+
+    assert cached_engine.generate([preread], generation_kwargs=FORCED) == plain[0]
+    assert (cached_engine.prefix_cache.hits, cached_engine.prefix_cache.misses) == (0, 1)
+    assert cached_engine.generate([followup], generation_kwargs=FORCED) == plain[1]
+    assert (cached_engine.prefix_cache.hits, cached_engine.prefix_cache.misses) == (1, 1)
+    # the cache is copied, never extended: the same follow-up again gives the same text
+    assert cached_engine.generate([followup], generation_kwargs=FORCED) == plain[1]
+    assert cached_engine.prefix_cache.hits == 2
+
+
+def test_another_image_of_the_same_study_does_not_hit_the_cache(
+    engine: MedGemmaEngine, cached_engine: MedGemmaEngine
+) -> None:
+    cached_engine.generate([preread_request("1.2.3", radiograph(30))], generation_kwargs=FORCED)
+    other = followup_request("1.2.3", radiograph(32), radiograph(31))
+    expected = engine.generate([replace(other, metadata={})], generation_kwargs=FORCED)
+    assert cached_engine.generate([other], generation_kwargs=FORCED) == expected
+    assert (cached_engine.prefix_cache.hits, cached_engine.prefix_cache.misses) == (0, 2)
+    # the same image after another system text (Gemma 3 puts it first): another prefix
+    other_system = replace(followup_request("1.2.3", radiograph(30), radiograph(31)), system="S")
+    expected = engine.generate([replace(other_system, metadata={})], generation_kwargs=FORCED)
+    assert cached_engine.generate([other_system], generation_kwargs=FORCED) == expected
+    assert (cached_engine.prefix_cache.hits, cached_engine.prefix_cache.misses) == (0, 3)
+
+
+def test_the_least_recently_used_study_is_evicted(cached_engine: MedGemmaEngine) -> None:
+    for number in (1, 2, 3):
+        request = preread_request(f"1.2.{number}", radiograph(40 + number))
+        cached_engine.generate([request], generation_kwargs=FORCED)
+    assert cached_engine.prefix_cache.studies() == ["1.2.2", "1.2.3"]  # max 2 studies
+    cached_engine.generate(
+        [followup_request("1.2.1", radiograph(41), radiograph(31))], generation_kwargs=FORCED
+    )
+    assert cached_engine.prefix_cache.hits == 0  # study 1 was evicted: computed again
+    assert cached_engine.prefix_cache.studies() == ["1.2.3", "1.2.1"]
+
+
+def test_batches_and_requests_without_a_study_run_in_full(cached_engine: MedGemmaEngine) -> None:
+    whole = radiograph(30)
+    cached_engine.generate([replace(preread_request("1.2.3", whole), metadata={})])
+    cached_engine.generate([preread_request("1.2.3", whole), preread_request("1.2.4", whole)])
+    assert cached_engine.prefix_cache.studies() == []
+    assert (cached_engine.prefix_cache.hits, cached_engine.prefix_cache.misses) == (0, 0)
+
+
+def test_get_engine_applies_the_configured_number_of_studies(tiny_dir: Path) -> None:
+    clear_engine_cache()
+    try:
+        engine = get_engine(str(tiny_dir), "r1", device="cpu")
+        assert engine.prefix_cache.max_studies == 4  # engine.prefix_cache_studies default
+        assert (
+            make_engine(
+                "medgemma", model=str(tiny_dir), revision="r1", device="cpu", prefix_cache_studies=0
+            )
+            is engine
+        )
+        assert not engine.prefix_cache.enabled
     finally:
         clear_engine_cache()

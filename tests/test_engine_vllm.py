@@ -19,7 +19,13 @@ import pytest
 from PIL import Image
 
 from workers.dialogue.prompts import FOLLOWUP_SCHEMAS
-from workers.engines.base import Engine, EngineError, EngineRequest, TransientEngineError
+from workers.engines.base import (
+    Engine,
+    EngineError,
+    EngineRequest,
+    TransientEngineError,
+    prefix_metadata,
+)
 from workers.engines.factory import make_engine
 from workers.engines.vllm import VllmEngine
 
@@ -41,6 +47,7 @@ class FakeServerState:
     received: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     refuse_response_format: bool = False  # answer 400 to response_format, as old vLLM does
+    refuse_uuid: bool = False  # answer 400 to an image content item's uuid
 
 
 def _handler(state: FakeServerState) -> type[BaseHTTPRequestHandler]:
@@ -73,6 +80,9 @@ def _handler(state: FakeServerState) -> type[BaseHTTPRequestHandler]:
                 self._send(state.status, {"error": {"message": "busy"}})
             elif state.refuse_response_format and "response_format" in body:
                 message = "1 validation error: body.response_format: Extra inputs are not permitted"
+                self._send(400, {"object": "error", "message": message, "code": 400})
+            elif state.refuse_uuid and "uuid" in json.dumps(body["messages"][-1]["content"][0]):
+                message = "body.messages.1.content.0.uuid: Extra inputs are not permitted"
                 self._send(400, {"object": "error", "message": message, "code": 400})
             else:
                 prompt = body["messages"][-1]["content"][-1]["text"]
@@ -246,3 +256,36 @@ def test_factory_refuses_unknown_engines_and_a_vllm_engine_without_url() -> None
         make_engine("gpt")
     with pytest.raises(EngineError, match="server_url"):
         make_engine("vllm", server_url="")
+
+
+def test_vllm_names_a_study_image_by_its_pixels_so_follow_ups_share_the_server_cache(
+    fake_vllm: tuple[str, FakeServerState],
+) -> None:
+    url, state = fake_vllm
+    engine = VllmEngine(url, "google/medgemma-4b-it")
+    whole, crop = radiograph(3), radiograph(4)
+    study = prefix_metadata("1.2.3")
+    engine.generate([EngineRequest(images=(whole,), prompt="Read.", metadata=study)])
+    engine.generate([EngineRequest(images=(whole, crop), prompt="Describe.", metadata=study)])
+    engine.generate([EngineRequest(images=(radiograph(5), crop), prompt="x", metadata=study)])
+    engine.generate([EngineRequest(images=(whole,), prompt="No study.")])
+    parts = [body["messages"][-1]["content"] for body in state.received]
+    # the same image: the same bytes and the same id, for the pre-read and the follow-up
+    assert parts[0][0] == parts[1][0] and parts[0][0]["uuid"].startswith("sha256-")
+    assert "uuid" not in parts[1][1]  # the crop is new each time: content-hashed by vLLM
+    assert parts[2][0]["uuid"] != parts[0][0]["uuid"]  # another image never shares the id
+    assert "uuid" not in parts[3][0]  # a request that names no study sends none
+
+
+def test_vllm_server_refusing_uuid_gets_the_request_without_it(
+    fake_vllm: tuple[str, FakeServerState], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, state = fake_vllm
+    state.refuse_uuid = True
+    engine = VllmEngine(url, "google/medgemma-4b-it")
+    request = EngineRequest(images=(radiograph(3),), prompt="Read.", metadata=prefix_metadata("1"))
+    assert engine.generate([request]) == ["Final Answer: echo Read."]
+    assert engine.generate([request]) == ["Final Answer: echo Read."]
+    refused, retried, later = (body["messages"][-1]["content"][0] for body in state.received)
+    assert "uuid" in refused and "uuid" not in retried and "uuid" not in later
+    assert "refused image uuid" in caplog.text

@@ -258,6 +258,7 @@ def answer_question(
         image=_image_loader(settings, ledger, study),
         earlier=tuple(EarlierTurn(t.question, t.answer, t.resolved, t.focus) for t in turns),
         anchor_hint=_anchor_hint(study.result, job.anchor_ref),
+        study_uid=study_uid,
     )
     out = answer_turn(inp)
     result = _amend(settings, ledger, study, out) if out.amends else study.result

@@ -21,7 +21,13 @@ from node.rules import decide_study
 from node.settings import EngineSettings, FhirSettings, Settings
 from sr_templates.model import Anchor, PrereadResult, ViewRef
 from workers.anchors import build_anchors
-from workers.engines.base import Engine, EngineError, EngineRequest, TransientEngineError
+from workers.engines.base import (
+    Engine,
+    EngineError,
+    EngineRequest,
+    TransientEngineError,
+    prefix_metadata,
+)
 from workers.imaging import (
     ImagingError,
     ViewChoice,
@@ -136,6 +142,7 @@ def engine_for(settings: EngineSettings) -> Engine:
         settings.server_url,
         str(settings.local_files_only),
         str(settings.demo_delay_seconds),
+        str(settings.prefix_cache_studies),
     )
     if key not in _engines:
         from workers.engines.factory import make_engine
@@ -150,6 +157,7 @@ def engine_for(settings: EngineSettings) -> Engine:
             device=settings.device,
             server_url=settings.server_url,
             demo_delay_seconds=settings.demo_delay_seconds,
+            prefix_cache_studies=settings.prefix_cache_studies,
         )
         log.info("engine %s loaded in %.1f s", settings.name, time.monotonic() - loading)
     return _engines[key]
@@ -196,17 +204,21 @@ def analyse_study(
         raise PrereadFailure("no CR/DX image in the study to read")
     progress("views chosen")
     if ask_engine:
-        confirm_chest_radiograph(engine, frontal)
+        confirm_chest_radiograph(engine, frontal, study_uid=study_uid)
     prior: Sequence[Anchor] = ()
     if version > 1:
         previous = ledger.get_study(study_uid, version - 1)
         if previous is not None and previous.result is not None:
             prior = previous.result.anchors
-    return analyse_views(engine, frontal, lateral, prior=prior, progress=progress)
+    return analyse_views(
+        engine, frontal, lateral, prior=prior, progress=progress, study_uid=study_uid
+    )
 
 
-def confirm_chest_radiograph(engine: Engine, image: ViewChoice) -> None:
+def confirm_chest_radiograph(engine: Engine, image: ViewChoice, *, study_uid: str = "") -> None:
     """Ask the engine whether ``image`` is a frontal chest radiograph; return on yes.
+
+    study_uid: the study the image belongs to (lets the engine keep its image prefix).
 
     Raises :class:`NotAChestRadiograph` on no or an unclear answer, PrereadFailure when
     the image cannot be decoded, TransientPrereadError on a transient engine error.
@@ -218,7 +230,14 @@ def confirm_chest_radiograph(engine: Engine, image: ViewChoice) -> None:
     system, prompt = build_chest_check_prompt()
     try:
         (text,) = engine.generate(
-            [EngineRequest(images=(model_image,), prompt=prompt, system=system)]
+            [
+                EngineRequest(
+                    images=(model_image,),
+                    prompt=prompt,
+                    system=system,
+                    metadata=prefix_metadata(study_uid) if study_uid else {},
+                )
+            ]
         )
     except TransientEngineError as exc:
         raise TransientPrereadError(str(exc)) from exc
@@ -246,11 +265,13 @@ def analyse_views(
     *,
     prior: Sequence[Anchor] = (),
     progress: Progress = _no_progress,
+    study_uid: str = "",
 ) -> PrereadResult:
     """The result of reading a frontal image (and a lateral as second image).
 
     decode + LUTs -> square model images -> engine -> tolerant parse -> anchors on the
-    frontal image in source pixels, with sizes from its pixel spacing.
+    frontal image in source pixels, with sizes from its pixel spacing. ``study_uid`` names
+    the study (lets the engine keep the frontal image's prefix for follow-ups).
     """
     try:
         image = load_display_image(frontal.source)
@@ -268,7 +289,14 @@ def analyse_views(
     started = time.monotonic()
     try:
         (text,) = engine.generate(
-            [EngineRequest(images=tuple(images), prompt=prompt, system=system)]
+            [
+                EngineRequest(
+                    images=tuple(images),
+                    prompt=prompt,
+                    system=system,
+                    metadata=prefix_metadata(study_uid) if study_uid else {},
+                )
+            ]
         )
     except TransientEngineError as exc:
         raise TransientPrereadError(str(exc)) from exc

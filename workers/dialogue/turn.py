@@ -43,7 +43,13 @@ from workers.dialogue.prompts import (
     build_relation_prompt,
 )
 from workers.dialogue.resolve import Anchors, Clarify, NewRegion, resolve
-from workers.engines.base import Engine, EngineError, EngineRequest, TransientEngineError
+from workers.engines.base import (
+    Engine,
+    EngineError,
+    EngineRequest,
+    TransientEngineError,
+    prefix_metadata,
+)
 from workers.geometry import ROUND_FINDINGS, iou, measure, region_distance
 from workers.imaging import DisplayImage, SquareTransform, crop_source, to_model_image
 
@@ -83,6 +89,7 @@ class TurnInput:
     image: Callable[[], DisplayImage]  # the frontal image the anchors are drawn on
     earlier: Sequence[EarlierTurn] = ()
     anchor_hint: str | None = None  # an anchor id given with the question (FHIR)
+    study_uid: str = ""  # lets the engine reuse the study's whole-image prefix
 
 
 @dataclass
@@ -133,8 +140,13 @@ class _Turn:
 
     def ask(self, task: FollowupTask, images: tuple[Any, ...], system: str, prompt: str) -> str:
         started = time.monotonic()
+        # every request of a turn sends the whole frontal image first (then a crop)
         request = EngineRequest(
-            images=images, prompt=prompt, system=system, json_schema=FOLLOWUP_SCHEMAS[task]
+            images=images,
+            prompt=prompt,
+            system=system,
+            json_schema=FOLLOWUP_SCHEMAS[task],
+            metadata=prefix_metadata(self.inp.study_uid) if self.inp.study_uid else {},
         )
         try:
             (text,) = self.inp.engine.generate([request])

@@ -8,6 +8,7 @@ happen outside the engine.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -33,6 +34,10 @@ class EngineRequest:
     json_schema: optional JSON schema of the answer; an engine that can constrain decoding
         to it does (vLLM ``response_format``), the others ignore it. Its "title", when
         given, names the schema.
+    metadata: what the request belongs to. ``study_uid`` names the study and
+        ``prefix_images="1"`` says the first image is the study's whole image, shared with
+        its other requests: an engine may then reuse the work on that prefix (see
+        ``prefix_metadata``); others ignore both.
     """
 
     images: tuple[npt.NDArray[np.uint8], ...]
@@ -41,6 +46,23 @@ class EngineRequest:
     max_new_tokens: int = 1024
     metadata: dict[str, str] = field(default_factory=dict)
     json_schema: Mapping[str, Any] | None = None
+
+
+def image_digest(image: npt.NDArray[np.uint8]) -> str:
+    """SHA-256 (hex) of an image's shape and pixels: the same image, the same digest."""
+    pixels = np.ascontiguousarray(image)
+    return hashlib.sha256(f"{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
+
+
+def shares_prefix(request: EngineRequest) -> bool:
+    """The request says its first image is its study's whole image (``prefix_metadata``)."""
+    metadata = request.metadata
+    return bool(metadata.get("study_uid")) and metadata.get("prefix_images") == "1"
+
+
+def prefix_metadata(study_uid: str) -> dict[str, str]:
+    """The metadata of a request whose first image is ``study_uid``'s whole image."""
+    return {"study_uid": study_uid, "prefix_images": "1"}
 
 
 @dataclass(frozen=True)

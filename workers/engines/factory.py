@@ -21,6 +21,7 @@ def make_engine(
     device: str = "auto",
     server_url: str = "",
     demo_delay_seconds: float = 0.0,
+    prefix_cache_studies: int = EngineSettings.model_fields["prefix_cache_studies"].default,
 ) -> Engine:
     """The engine named ``name`` (the ``[engine]`` settings), loaded and ready to generate.
 
@@ -33,7 +34,13 @@ def make_engine(
     if name == "medgemma":
         from workers.engines.medgemma import get_engine
 
-        return get_engine(model, revision, local_files_only=local_files_only, device=device)
+        return get_engine(
+            model,
+            revision,
+            local_files_only=local_files_only,
+            device=device,
+            prefix_cache_studies=prefix_cache_studies,
+        )
     if name == "vllm":
         if not server_url:
             raise EngineError(

@@ -15,14 +15,29 @@ Special tokens in the output: control tokens (``<end_of_turn>``, ``<eos>``, padd
 dropped, but the MedGemma 1.5 thinking-trace markers ``<unused94>`` / ``<unused95>`` are kept
 in the text even when the tokenizer marks them special, so that the output parser can find and
 strip the trace. This is done on token ids (``decode_new_tokens``), not by editing the text.
+
+Follow-up prefix cache: a single request whose ``metadata`` names its study (``study_uid``)
+and says that its first image is the shared prefix (``prefix_images="1"``) runs in two steps:
+the prompt tokens up to the end of the first image (system text included: Gemma 3 folds it
+in front of the image) are looked up in a per-study KV cache, computed once on a miss, and
+generation continues from a deep copy of that cache with the full input ids; only the other
+images are encoded. Gemma 3 takes pixel values only in the first forward pass, so the cached
+prefix holds the whole image. The match is made on the prefix's token ids AND a SHA-256 of the
+first image's pixels (image placeholder tokens are the same for every image): a request whose
+prefix differs from every cached prefix of its study (another image, another system text)
+computes its own. At most ``prefix_cache_studies`` studies are kept (least recently used evicted,
+``PREFIXES_PER_STUDY`` prefixes each); 0 turns the cache off. Greedy output is the same with
+and without it.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,13 +46,24 @@ import numpy as np
 import numpy.typing as npt
 
 from node.settings import EngineSettings
-from workers.engines.base import EngineError, EngineInfo, EngineRequest, TransientEngineError
+from workers.engines.base import (
+    EngineError,
+    EngineInfo,
+    EngineRequest,
+    TransientEngineError,
+    image_digest,
+    shares_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL: str = EngineSettings.model_fields["model"].default  # one default: settings
 THINKING_MARKERS: tuple[str, ...] = ("<unused94>", "<unused95>")
 """MedGemma 1.5 wraps a thinking trace in these; they stay in the returned text."""
+
+PREFIXES_PER_STUDY = 3
+"""Prefixes kept per study: one per system text (chest check, pre-read, follow-ups)."""
+END_OF_IMAGE_TOKEN = "<end_of_image>"
 
 _WARMUP_PROMPT = "Describe the image."
 _SNAPSHOT_COMMIT = re.compile(r"[\\/]snapshots[\\/]([0-9a-f]{40})[\\/]")
@@ -62,17 +88,90 @@ def get_engine(
     revision: str = "",
     local_files_only: bool = True,
     device: str = "auto",
+    prefix_cache_studies: int = EngineSettings.model_fields["prefix_cache_studies"].default,
 ) -> MedGemmaEngine:
-    """The process-wide engine for (model, revision, device), loaded and warmed on first use."""
+    """The process-wide engine for (model, revision, device), loaded and warmed on first use;
+    its prefix cache keeps ``prefix_cache_studies`` studies (the latest call's value)."""
     key = (model, revision, device)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
             engine = MedGemmaEngine(
-                model, revision, local_files_only=local_files_only, device=device
+                model,
+                revision,
+                local_files_only=local_files_only,
+                device=device,
+                prefix_cache_studies=prefix_cache_studies,
             )
             _ENGINES[key] = engine
+        else:
+            engine.prefix_cache.resize(prefix_cache_studies)
         return engine
+
+
+PrefixKey = tuple[tuple[int, ...], str]
+"""A cached prefix: its token ids and the SHA-256 of its image's pixels."""
+
+
+class PrefixCache:
+    """KV caches of prompt prefixes per study, least recently used study evicted first.
+
+    max_studies: the most studies kept (0 = nothing is kept). Each study keeps up to
+    ``per_study`` prefixes (the most recent). Not thread-safe: the engine's lock guards it.
+    """
+
+    def __init__(self, max_studies: int, per_study: int = PREFIXES_PER_STUDY) -> None:
+        if max_studies < 0 or per_study < 1:
+            raise ValueError("max_studies must be >= 0 and per_study >= 1")
+        self.max_studies = max_studies
+        self.per_study = per_study
+        self.hits = 0
+        self.misses = 0
+        self._studies: OrderedDict[str, OrderedDict[PrefixKey, Any]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_studies > 0
+
+    def studies(self) -> list[str]:
+        """The studies held, least recently used first."""
+        return list(self._studies)
+
+    def get(self, study: str, prefix: PrefixKey) -> Any | None:
+        """The cache of exactly these prefix tokens for ``study``, or None (counted)."""
+        entries = self._studies.get(study)
+        cache = None if entries is None else entries.get(prefix)
+        if cache is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._studies.move_to_end(study)
+        entries.move_to_end(prefix)  # type: ignore[union-attr]
+        return cache
+
+    def put(self, study: str, prefix: PrefixKey, cache: Any) -> None:
+        if not self.enabled:
+            return
+        entries = self._studies.setdefault(study, OrderedDict())
+        entries[prefix] = cache
+        entries.move_to_end(prefix)
+        self._studies.move_to_end(study)
+        while len(entries) > self.per_study:
+            entries.popitem(last=False)
+        self._evict()
+
+    def resize(self, max_studies: int) -> None:
+        if max_studies < 0:
+            raise ValueError("max_studies must be >= 0")
+        self.max_studies = max_studies
+        self._evict()
+
+    def clear(self) -> None:
+        self._studies.clear()
+
+    def _evict(self) -> None:
+        while len(self._studies) > self.max_studies:
+            self._studies.popitem(last=False)
 
 
 def clear_engine_cache() -> None:
@@ -89,6 +188,8 @@ class MedGemmaEngine:
     revision: the pinned commit (or tag) of a repo id; recorded in ``info`` when no commit hash
         can be resolved from the cache. Ignored by transformers for a local directory.
     device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    prefix_cache_studies: studies whose image prefix is kept as a KV cache (0 = off); see the
+        module docstring.
     """
 
     def __init__(
@@ -97,12 +198,15 @@ class MedGemmaEngine:
         revision: str,
         local_files_only: bool = True,
         device: str = "auto",
+        prefix_cache_studies: int = 0,
     ) -> None:
         started = time.perf_counter()
         self._lock = threading.Lock()
+        self.prefix_cache = PrefixCache(prefix_cache_studies)
         self.processor, self.model, self.device = _load(model, revision, local_files_only, device)
         self.dtype = self.model.dtype
         self._drop_ids = droppable_token_ids(self.processor.tokenizer)
+        self._end_of_image_id = _token_id(self.processor.tokenizer, END_OF_IMAGE_TOKEN)
         self.info = EngineInfo(
             name="medgemma",
             model_id=model,
@@ -160,9 +264,15 @@ class MedGemmaEngine:
         with self._lock:
             inputs = self.prepare(requests)
             prompt_length = int(inputs["input_ids"].shape[1])
+            study = _prefix_study(requests)
             try:
                 with torch.inference_mode():
-                    output = self.model.generate(**inputs, **options)
+                    output = None
+                    if study is not None and self.prefix_cache.enabled:
+                        first_image = requests[0].images[0]
+                        output = self._generate_from_prefix(study, first_image, inputs, options)
+                    if output is None:
+                        output = self.model.generate(**inputs, **options)
             except torch.cuda.OutOfMemoryError as exc:
                 torch.cuda.empty_cache()
                 raise TransientEngineError(
@@ -176,6 +286,53 @@ class MedGemmaEngine:
             )
             for row, request in zip(new_tokens, requests, strict=True)
         ]
+
+    def _generate_from_prefix(
+        self,
+        study: str,
+        first_image: npt.NDArray[np.uint8],
+        inputs: Any,
+        options: Mapping[str, Any],
+    ) -> Any | None:
+        """Generate one request from the study's cached image prefix (computed on a miss);
+        None when the prompt has no single-crop first image (the caller runs it in full)."""
+        ids: list[int] = inputs["input_ids"][0].tolist()
+        pixel_values = inputs.get("pixel_values")
+        if (
+            self._end_of_image_id is None
+            or self._end_of_image_id not in ids
+            or pixel_values is None
+            or int(pixel_values.shape[0]) != ids.count(self._end_of_image_id)
+        ):
+            return None  # pan-and-scan crops or no image: no one-image prefix to share
+        end = ids.index(self._end_of_image_id) + 1
+        prefix = (tuple(ids[:end]), image_digest(first_image))
+        cache = self.prefix_cache.get(study, prefix)
+        if cache is None:
+            prefill = self.model(
+                input_ids=inputs["input_ids"][:, :end],
+                attention_mask=inputs["attention_mask"][:, :end],
+                token_type_ids=inputs["token_type_ids"][:, :end],
+                pixel_values=pixel_values[:1],
+                use_cache=True,
+            )
+            cache = prefill.cache
+            self.prefix_cache.put(study, prefix, cache)
+        extra: dict[str, Any] = {}
+        if int(pixel_values.shape[0]) > 1:  # the other images (a crop) are encoded now
+            extra["mm_encoder_outputs"] = {
+                "image": self.model.get_image_features(
+                    pixel_values=pixel_values[1:], return_dict=True
+                )
+            }
+        return self.model.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            token_type_ids=inputs["token_type_ids"],
+            cache=copy.deepcopy(cache),
+            **extra,
+            **options,
+        )
 
     def _warm_up(self) -> None:
         """One tiny generation so that the first study does not pay for lazy initialisation."""
@@ -211,6 +368,19 @@ def droppable_token_ids(tokenizer: Any) -> frozenset[int]:
     vocab = tokenizer.get_vocab()
     keep = {vocab[marker] for marker in THINKING_MARKERS if marker in vocab}
     return frozenset(special - keep)
+
+
+def _prefix_study(requests: Sequence[EngineRequest]) -> str | None:
+    """The study whose image prefix a one-request call may share, else None."""
+    if len(requests) != 1 or not shares_prefix(requests[0]):
+        return None
+    return requests[0].metadata["study_uid"]
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    """The id of a token the vocabulary really holds, else None."""
+    vocab = tokenizer.get_vocab()
+    return int(vocab[token]) if token in vocab else None
 
 
 def _conversation(request: EngineRequest) -> list[dict[str, Any]]:

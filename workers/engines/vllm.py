@@ -11,6 +11,14 @@ Structured output: a request with ``json_schema`` is sent with ``response_format
 refuses it with HTTP 400 naming ``response_format`` is an older one: the request is sent
 again without it, a warning is logged, and later requests leave it out.
 
+Follow-ups reuse the study's image work through vLLM's own caches (V1 prefix caching keys
+blocks on the image too; recent versions also keep encoder outputs): a request whose first
+image is its study's whole image (``prefix_metadata``) sends exactly the same PNG bytes
+every time and gives that image a stable id, the content item's ``uuid`` (vLLM's
+chat-completions form of ``multi_modal_uuids``), derived from the pixels
+(``sha256-<hex>``), so the same id never names two different images. A server that refuses
+``uuid`` with HTTP 400 gets the request again without it and later requests leave it out.
+
 Special tokens: ``skip_special_tokens`` is turned off so that the MedGemma 1.5 thinking-trace
 markers ``<unused94>``/``<unused95>`` reach the parser; trailing Gemma control tokens are
 removed from the text.
@@ -33,7 +41,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from workers.engines.base import EngineError, EngineInfo, EngineRequest, TransientEngineError
+from workers.engines.base import (
+    EngineError,
+    EngineInfo,
+    EngineRequest,
+    TransientEngineError,
+    image_digest,
+    shares_prefix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +94,7 @@ class VllmEngine:
         self.max_concurrency = max_concurrency
         self.info = EngineInfo(name="vllm", model_id=model, revision=revision)
         self._response_format_supported = True  # until the server refuses it once
+        self._uuid_supported = True  # until the server refuses it once
         self._check_server()
 
     def generate(self, requests: list[EngineRequest]) -> list[str]:
@@ -121,6 +137,8 @@ class VllmEngine:
             {"type": "image_url", "image_url": {"url": png_data_url(image)}}
             for image in request.images
         ]
+        if shares_prefix(request) and self._uuid_supported:
+            content[0]["uuid"] = image_uuid(request.images[0])
         content.append({"type": "text", "text": request.prompt})
         messages: list[dict[str, Any]] = []
         if request.system:
@@ -139,9 +157,9 @@ class VllmEngine:
 
     def _complete(self, payload: Mapping[str, Any]) -> str:
         """POST one chat completion and return the message text; a server too old for
-        ``response_format`` gets the request again without it."""
+        ``response_format`` or image ``uuid`` gets the request again without it."""
         try:
-            body = self._request("POST", "/chat/completions", payload, timeout=self.timeout)
+            body = self._post(payload)
         except _HttpClientError as exc:
             if not ("response_format" in payload and _refuses_response_format(exc)):
                 raise
@@ -155,7 +173,7 @@ class VllmEngine:
                     exc.status,
                 )
             plain = {key: value for key, value in payload.items() if key != "response_format"}
-            body = self._request("POST", "/chat/completions", plain, timeout=self.timeout)
+            body = self._post(plain)
         try:
             text = body["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError) as exc:
@@ -163,6 +181,25 @@ class VllmEngine:
                 f"vLLM server at {self.server_url} answered without choices[0].message.content"
             ) from exc
         return strip_trailing_control_tokens(str(text or ""))
+
+    def _post(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """POST one chat completion; a server that refuses image ``uuid`` gets it without."""
+        try:
+            return self._request("POST", "/chat/completions", payload, timeout=self.timeout)
+        except _HttpClientError as exc:
+            if not (exc.status == 400 and "uuid" in exc.body and _has_uuid(payload)):
+                raise
+            if self._uuid_supported:
+                self._uuid_supported = False
+                logger.warning(
+                    "vLLM server at %s refused image uuid (HTTP %d): an older server; "
+                    "follow-ups still share its prefix cache by sending the same image bytes",
+                    self.server_url,
+                    exc.status,
+                )
+            return self._request(
+                "POST", "/chat/completions", _without_uuid(payload), timeout=self.timeout
+            )
 
     def _request(
         self, method: str, path: str, payload: Mapping[str, Any] | None, timeout: float
@@ -213,6 +250,36 @@ def png_data_url(image: npt.NDArray[np.uint8]) -> str:
     # Level 1: a radiograph PNG is sent once; size matters less than encoding time.
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image_uuid(image: npt.NDArray[np.uint8]) -> str:
+    """The stable multimodal id of an image: ``sha256-`` and the digest of its pixels."""
+    return f"sha256-{image_digest(image)}"
+
+
+def _has_uuid(payload: Mapping[str, Any]) -> bool:
+    return any(
+        isinstance(item, dict) and "uuid" in item
+        for message in payload.get("messages", [])
+        if isinstance(message.get("content"), list)
+        for item in message["content"]
+    )
+
+
+def _without_uuid(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload with every content item's ``uuid`` removed."""
+    messages = []
+    for message in payload.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [
+                {key: value for key, value in item.items() if key != "uuid"}
+                if isinstance(item, dict)
+                else item
+                for item in content
+            ]
+        messages.append({**message, "content": content})
+    return {**payload, "messages": messages}
 
 
 def strip_trailing_control_tokens(text: str) -> str:
