@@ -302,6 +302,7 @@ class MedGemmaEngine:
             self._end_of_image_id is None
             or self._end_of_image_id not in ids
             or pixel_values is None
+            or "token_type_ids" not in inputs
             or int(pixel_values.shape[0]) != ids.count(self._end_of_image_id)
         ):
             return None  # pan-and-scan crops or no image: no one-image prefix to share
