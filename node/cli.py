@@ -20,6 +20,7 @@ from node.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:  # imported when run: the demo's modules load only for `demo`
     from node.demo import DemoOutcome
+    from node.ledger import StudyLedger
 
 log = logging.getLogger("medgemma.cli")
 
@@ -190,22 +191,31 @@ def _default_operator() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def _existing_ledger(settings: Settings, command: str) -> StudyLedger | None:
+    """The node's ledger for a command that reads what a node wrote; None (after a one-line
+    message) when no node has made one in this data directory yet."""
+    from node.ledger import StudyLedger
+
+    missing = settings.storage.missing_ledger()
+    if missing is not None:
+        print(
+            f"medgemma-node {command}: no ledger at {missing}; has a node run with this "
+            "data_dir? (storage.data_dir or MEDGEMMA_NODE_STORAGE__DATA_DIR)",
+            file=sys.stderr,
+        )
+        return None
+    return StudyLedger(settings.storage.resolved_database_url())
+
+
 def cmd_outbox(args: argparse.Namespace, settings: Settings) -> int:
     """List, replay or drop SR/SEG deliveries (dead letters after ``outbox.max_attempts``)."""
     import json
 
-    from node.ledger import StudyLedger
     from node.outbox import DeliveryState, Outbox
 
-    sqlite_file = settings.storage.data_path / "ledger.sqlite3"
-    if not settings.storage.database_url and not sqlite_file.is_file():
-        print(
-            f"medgemma-node outbox: no ledger at {sqlite_file}; has a node run with this "
-            "data_dir? (storage.data_dir or MEDGEMMA_NODE_STORAGE__DATA_DIR)",
-            file=sys.stderr,
-        )
+    ledger = _existing_ledger(settings, "outbox")
+    if ledger is None:
         return 2
-    ledger = StudyLedger(settings.storage.resolved_database_url())
     try:
         outbox = Outbox(ledger, settings.outbox)
         if args.action == "list":
@@ -378,18 +388,11 @@ def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_retention(args: argparse.Namespace, settings: Settings) -> int:
     """One spool retention pass: what would go (--dry-run) or remove it now (--now)."""
-    from node.ledger import StudyLedger
     from node.retention import SpoolRetention, write_retention_state
 
-    sqlite_file = settings.storage.data_path / "ledger.sqlite3"
-    if not settings.storage.database_url and not sqlite_file.is_file():
-        print(
-            f"medgemma-node retention: no ledger at {sqlite_file}; has a node run with this "
-            "data_dir? (storage.data_dir or MEDGEMMA_NODE_STORAGE__DATA_DIR)",
-            file=sys.stderr,
-        )
+    ledger = _existing_ledger(settings, "retention")
+    if ledger is None:
         return 2
-    ledger = StudyLedger(settings.storage.resolved_database_url())
     try:
         report = SpoolRetention(settings, ledger).run_once(dry_run=args.dry_run)
         if not args.dry_run:

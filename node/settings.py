@@ -118,10 +118,20 @@ class StorageSettings(Section):
         """Where C-STORE datasets are written while they arrive (emptied at start)."""
         return self.data_path / "receiving"
 
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite ledger file used when ``database_url`` is empty."""
+        return self.data_path / "ledger.sqlite3"
+
+    def missing_ledger(self) -> Path | None:
+        """The SQLite file a command expected to find, when no node has made it yet (None
+        when it exists or the ledger is a database server)."""
+        return None if self.database_url or self.sqlite_path.is_file() else self.sqlite_path
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite:///{self.data_path / 'ledger.sqlite3'}"
+        return f"sqlite:///{self.sqlite_path}"
 
 
 class CompletionSettings(Section):

@@ -134,9 +134,9 @@ def collect_status(
     dead_notifications: list[dict[str, Any]] = []
     retention: dict[str, Any] = {}
     url = settings.storage.resolved_database_url()
-    sqlite_file = data_dir / "ledger.sqlite3"
-    if not settings.storage.database_url and not sqlite_file.is_file():
-        ledger_detail = f"no ledger at {sqlite_file} (has a node run with this data_dir?)"
+    missing = settings.storage.missing_ledger()
+    if missing is not None:
+        ledger_detail = f"no ledger at {missing} (has a node run with this data_dir?)"
     else:
         try:
             counts, latest, study, outbox, dead = _read_ledger(url, study_uid, limit)
