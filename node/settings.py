@@ -188,6 +188,10 @@ class QueueSettings(Section):
     max_attempts: int = Field(default=3, ge=1)
     task_soft_time_limit_seconds: float = Field(default=600.0, gt=0)
     task_time_limit_seconds: float = Field(default=900.0, gt=0)
+    # a pre-read task also claims up to max_batch - 1 other queued studies from the ledger
+    # and runs them as one engine batch (1 = one study per task); a batch shares the task's
+    # time limits, so raise them with it
+    max_batch: int = Field(default=8, ge=1, le=256)
 
 
 class ApiSettings(Section):
