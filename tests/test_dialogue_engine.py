@@ -84,7 +84,23 @@ def test_each_prompt_names_its_task_and_only_its_task() -> None:
     ]
     assert followup_task(build_preread_prompt(False)[1]) is None
     assert followup_task("How far is the nodule from the hilum?") is None
-    assert FOLLOWUP_PROMPT_VERSION == "followup-2026.12.1"
+    assert FOLLOWUP_PROMPT_VERSION == "followup-2026.12.2"
+
+
+def test_follow_ups_share_the_pre_reads_system_text_and_say_what_they_are_after_it() -> None:
+    # Gemma 3 puts the system text before the image: only an identical one lets the first
+    # follow-up reuse the pre-read's image prefix
+    preread_system, preread = build_preread_prompt(True)
+    prompts = (
+        build_describe_prompt(FACTS),
+        build_localise_prompt("right_hilum"),
+        build_relation_prompt(FACTS, "right_hilum"),
+    )
+    for system, prompt in prompts:
+        assert system == preread_system
+        assert "follow-up question" in prompt and "preliminary AI read" in prompt
+        assert "follow-up" not in system
+    assert "preliminary read" in preread and "follow-up" not in preread
 
 
 def test_describe_prompt_states_the_anchor_facts_and_the_vocabulary() -> None:

@@ -32,6 +32,8 @@ from workers.dialogue.prompts import (  # noqa: E402
     FOLLOWUP_SCHEMAS,
     AnchorBrief,
     build_describe_prompt,
+    build_localise_prompt,
+    build_relation_prompt,
 )
 from workers.engines.base import (  # noqa: E402
     Engine,
@@ -47,6 +49,7 @@ from workers.engines.medgemma import (  # noqa: E402
     decode_new_tokens,
     get_engine,
 )
+from workers.prompts import build_preread_prompt  # noqa: E402
 
 MODEL_SIDE = 896  # what workers.imaging hands the engine; the processor resizes to its own size
 
@@ -299,23 +302,27 @@ def followup_request(study: str, whole: np.ndarray, crop: np.ndarray) -> EngineR
     )
 
 
-def preread_request(study: str, whole: np.ndarray) -> EngineRequest:
-    # the same system text as the follow-up: Gemma 3 puts it before the image
-    system, _ = build_describe_prompt(DESCRIBE_FACTS)
+def preread_request(
+    study: str, whole: np.ndarray, lateral: np.ndarray | None = None
+) -> EngineRequest:
+    """The project's pre-read prompt, as workers.preread sends it."""
+    system, prompt = build_preread_prompt(has_lateral=lateral is not None)
     return EngineRequest(
-        images=(whole,),
-        prompt="Read this chest radiograph.",
+        images=(whole,) if lateral is None else (whole, lateral),
+        prompt=prompt,
         system=system,
         max_new_tokens=24,
         metadata=prefix_metadata(study),
     )
 
 
-def test_a_follow_up_after_the_pre_read_reuses_its_image_prefix_with_the_same_text(
-    engine: MedGemmaEngine, cached_engine: MedGemmaEngine
+@pytest.mark.parametrize("lateral", [False, True])
+def test_the_first_follow_up_after_the_pre_read_reuses_its_image_prefix(
+    engine: MedGemmaEngine, cached_engine: MedGemmaEngine, lateral: bool
 ) -> None:
     whole, crop = radiograph(30), radiograph(31)
-    preread, followup = preread_request("1.2.3", whole), followup_request("1.2.3", whole, crop)
+    preread = preread_request("1.2.3", whole, radiograph(33) if lateral else None)
+    followup = followup_request("1.2.3", whole, crop)
     plain = [
         engine.generate([replace(request, metadata={})], generation_kwargs=FORCED)
         for request in (preread, followup)
@@ -329,6 +336,26 @@ def test_a_follow_up_after_the_pre_read_reuses_its_image_prefix_with_the_same_te
     # the cache is copied, never extended: the same follow-up again gives the same text
     assert cached_engine.generate([followup], generation_kwargs=FORCED) == plain[1]
     assert cached_engine.prefix_cache.hits == 2
+
+
+def test_every_follow_up_task_hits_the_pre_reads_prefix(cached_engine: MedGemmaEngine) -> None:
+    whole, crop = radiograph(30), radiograph(31)
+    cached_engine.generate([preread_request("1.2.3", whole)], generation_kwargs=FORCED)
+    prompts = (
+        (*build_describe_prompt(DESCRIBE_FACTS), (whole, crop)),
+        (*build_localise_prompt("right_hilum"), (whole,)),
+        (*build_relation_prompt(DESCRIBE_FACTS, "right_hilum"), (whole, crop)),
+    )
+    for system, prompt, images in prompts:
+        request = EngineRequest(
+            images=images,
+            prompt=prompt,
+            system=system,
+            max_new_tokens=4,
+            metadata=prefix_metadata("1.2.3"),
+        )
+        cached_engine.generate([request])
+    assert (cached_engine.prefix_cache.hits, cached_engine.prefix_cache.misses) == (3, 1)
 
 
 def test_another_image_of_the_same_study_does_not_hit_the_cache(

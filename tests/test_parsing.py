@@ -585,7 +585,7 @@ def test_prompt_names_the_whole_vocabulary(has_lateral: bool) -> None:
 
 
 def test_prompt_version_is_pinned() -> None:
-    assert PROMPT_VERSION == "preread-2026.11.1"
+    assert PROMPT_VERSION == "preread-2026.12.1"
     assert not is_preread_prompt("How far is it from the hilum?")
 
 

@@ -23,7 +23,7 @@ from types import MappingProxyType
 from sr_templates import ontology
 from workers.lenient_json import strip_thinking
 
-PROMPT_VERSION = "preread-2026.11.1"
+PROMPT_VERSION = "preread-2026.12.1"
 
 FINDING_TYPES: tuple[str, ...] = tuple(ontology.FINDINGS)
 SITES: tuple[str, ...] = tuple(ontology.SITES)
@@ -36,11 +36,21 @@ ATTRIBUTE_VALUES: Mapping[str, tuple[str, ...]] = MappingProxyType(
 # A sentence only the pre-read prompt contains: engines and tests recognise the task by it.
 PREREAD_TASK_LINE = "Task: structured pre-read of a chest radiograph."
 
-PREREAD_SYSTEM = (
-    "You are an expert thoracic radiologist assisting with a preliminary read of chest "
-    "radiographs. Your output is AI-generated, preliminary, and is reviewed by a "
-    "radiologist; describe only what is visible and say when the image is normal."
+READER_SYSTEM = (
+    "You are an expert thoracic radiologist reading chest radiographs. Your output is "
+    "AI-generated, preliminary, and is reviewed by a radiologist; describe only what is "
+    "visible, say when the image is normal, and say when you cannot tell."
 )
+"""The one system text of the pre-read and of every follow-up prompt.
+
+Gemma 3's chat template puts the system text in front of the first image, so the prompt
+prefix that ends with a study's frontal image is the same for its pre-read and its
+follow-ups only when their system texts are identical: the engine then reuses the
+pre-read's image work for the first follow-up (``workers.engines.medgemma``). What differs
+between the tasks is said in the user text, after the images (the task line and the
+context sentence under it)."""
+
+PREREAD_CONTEXT = "You are assisting with a preliminary read of this study."
 
 
 def _quoted(values: tuple[str, ...]) -> str:
@@ -66,6 +76,7 @@ def build_preread_prompt(has_lateral: bool) -> tuple[str, str]:
     else:
         images = "You are given one frontal (PA or AP) chest radiograph."
     user = f"""{PREREAD_TASK_LINE}
+{PREREAD_CONTEXT}
 {images}
 
 Report:
@@ -103,7 +114,7 @@ json block containing a single object:
  "findings_text": "...",
  "impression": "..."}}
 ```"""
-    return PREREAD_SYSTEM, user
+    return READER_SYSTEM, user
 
 
 def is_preread_prompt(prompt: str) -> bool:

@@ -13,6 +13,12 @@ Coordinates follow the MedGemma convention: ``box_2d = [y0, x0, y1, x1]``, integ
 0-1000 of the image they refer to (the padded square of the whole image, or the crop).
 Left and right are the patient's. The vocabularies come from :mod:`sr_templates.ontology`.
 
+The system text is the pre-read's (:data:`workers.prompts.READER_SYSTEM`), word for word:
+Gemma 3 puts it in front of the first image, so a follow-up's prompt starts with exactly
+the tokens of its study's pre-read up to the end of the whole image, and the engine reuses
+the pre-read's work on them. What a follow-up is (:data:`FOLLOWUP_CONTEXT`) is said after
+the images, under the task line.
+
 Every stored follow-up records :data:`FOLLOWUP_PROMPT_VERSION`; change it whenever the
 wording, a vocabulary or a schema here changes. Each prompt holds one task line that no
 other prompt contains; engines recognise the task by it (:func:`followup_task`).
@@ -27,6 +33,7 @@ from types import MappingProxyType
 from typing import Any, Final, Literal
 
 from sr_templates import ontology
+from workers.prompts import READER_SYSTEM
 
 __all__ = [
     "DESCRIBE_TASK_LINE",
@@ -45,7 +52,7 @@ __all__ = [
     "target_name",
 ]
 
-FOLLOWUP_PROMPT_VERSION: Final = "followup-2026.12.1"
+FOLLOWUP_PROMPT_VERSION: Final = "followup-2026.12.2"
 
 FollowupTask = Literal["describe", "localise", "relation"]
 
@@ -62,10 +69,13 @@ _TASK_LINES: Final[tuple[tuple[str, FollowupTask], ...]] = (
     (RELATION_TASK_LINE, "relation"),
 )
 
-FOLLOWUP_SYSTEM: Final = (
-    "You are an expert thoracic radiologist answering a follow-up question about a chest "
-    "radiograph that has had a preliminary AI read. Your output is AI-generated and "
-    "reviewed by a radiologist; describe only what is visible and say when you cannot tell."
+# The pre-read's system text, word for word: Gemma 3 puts it in front of the first image,
+# so only an identical one lets a follow-up reuse the pre-read's image prefix.
+FOLLOWUP_SYSTEM: Final = READER_SYSTEM
+#: Said after the images (the system text is shared with the pre-read).
+FOLLOWUP_CONTEXT: Final = (
+    "This radiograph has had a preliminary AI read; you are answering a follow-up question "
+    "about it."
 )
 
 _LATERALITY_RULE: Final = (
@@ -246,6 +256,7 @@ def build_describe_prompt(facts: AnchorBrief) -> tuple[str, str]:
     Images to send, in order: the whole frontal model image, the crop model image.
     """
     prompt = f"""{DESCRIBE_TASK_LINE}
+{FOLLOWUP_CONTEXT}
 {_TWO_IMAGES}
 
 {_facts_block(facts)}
@@ -300,6 +311,7 @@ def build_localise_prompt(target: str) -> tuple[str, str]:
     """
     name = target_name(target)
     prompt = f"""{LOCALISE_TASK_LINE}
+{FOLLOWUP_CONTEXT}
 You are given one frontal (PA or AP) chest radiograph.
 
 Where is the {name}?
@@ -345,6 +357,7 @@ def build_relation_prompt(facts: AnchorBrief, landmark: str) -> tuple[str, str]:
     name = target_name(landmark)
     choices = ", ".join(f'"{value}"' for value in RELATION_VALUES)
     prompt = f"""{RELATION_TASK_LINE}
+{FOLLOWUP_CONTEXT}
 {_TWO_IMAGES}
 
 {_facts_block(facts)}

@@ -25,7 +25,9 @@ images are encoded. Gemma 3 takes pixel values only in the first forward pass, s
 prefix holds the whole image. The match is made on the prefix's token ids AND a SHA-256 of the
 first image's pixels (image placeholder tokens are the same for every image): a request whose
 prefix differs from every cached prefix of its study (another image, another system text)
-computes its own. At most ``prefix_cache_studies`` studies are kept (least recently used evicted,
+computes its own. The pre-read and the follow-ups send the same system text
+(``workers.prompts.READER_SYSTEM``), so the first follow-up after a pre-read already hits
+the prefix the pre-read stored. At most ``prefix_cache_studies`` studies are kept (least recently used evicted,
 ``PREFIXES_PER_STUDY`` prefixes each); 0 turns the cache off. Greedy output is the same with
 and without it.
 """
@@ -62,7 +64,8 @@ THINKING_MARKERS: tuple[str, ...] = ("<unused94>", "<unused95>")
 """MedGemma 1.5 wraps a thinking trace in these; they stay in the returned text."""
 
 PREFIXES_PER_STUDY = 3
-"""Prefixes kept per study: one per system text (chest check, pre-read, follow-ups)."""
+"""Prefixes kept per study: one per system text before the image (the chest check's, and the
+one the pre-read and its follow-ups share, ``workers.prompts.READER_SYSTEM``), and a spare."""
 END_OF_IMAGE_TOKEN = "<end_of_image>"
 
 _WARMUP_PROMPT = "Describe the image."
