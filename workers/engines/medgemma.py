@@ -27,9 +27,9 @@ first image's pixels (image placeholder tokens are the same for every image): a 
 prefix differs from every cached prefix of its study (another image, another system text)
 computes its own. The pre-read and the follow-ups send the same system text
 (``workers.prompts.READER_SYSTEM``), so the first follow-up after a pre-read already hits
-the prefix the pre-read stored. At most ``prefix_cache_studies`` studies are kept (least recently used evicted,
-``PREFIXES_PER_STUDY`` prefixes each); 0 turns the cache off. Greedy output is the same with
-and without it.
+the prefix the pre-read stored. At most ``prefix_cache_studies`` studies are kept (least
+recently used evicted, ``PREFIXES_PER_STUDY`` prefixes each); 0 turns the cache off. Greedy
+output is the same with and without it.
 """
 
 from __future__ import annotations
