@@ -633,6 +633,86 @@ class StudyLedger:
                 f"study {study_uid} v{version} is {state.value}, not queued; refusing to run"
             )
 
+    def claim_runs(
+        self,
+        limit: int,
+        owner: str | None = None,
+        *,
+        exclude: Sequence[str] = (),
+        lease_seconds: float | None = None,
+    ) -> list[StudySummary]:
+        """Claim up to ``limit`` more study versions waiting for a worker, for one batch.
+
+        Waiting: queued, or running with a released lease (a transient error gave it back
+        for a retry); oldest queued first. Each is taken with the same conditional UPDATE
+        as :meth:`start_run`, so two workers never claim the same version. Left out: studies
+        in ``exclude`` (the batch's own) and a version while an earlier version of its study
+        is not finished (its anchors are the later one's prior anchors), one version per
+        study. Versions whose lease ran out (a dead worker) are the reconciler's: re-sent as
+        a new attempt, not claimed here. The claimed versions' own broker messages later
+        find them finished or leased and do nothing.
+        """
+        if limit <= 0:
+            return []
+        owner = owner or process_owner()
+        now = utcnow()
+        until = now + timedelta(
+            seconds=min(lease_seconds or self.run_lease_seconds, self.max_run_seconds)
+        )
+        waiting = or_(
+            and_(Study.state == StudyState.QUEUED.value, _lease_free(now)),
+            and_(Study.state == StudyState.RUNNING.value, Study.run_lease_until.is_(None)),
+        )
+        taken: set[str] = set(exclude)
+        claimed: list[StudySummary] = []
+        with self.db.transaction() as s:
+            candidates = s.execute(
+                select(Study.id, Study.study_uid, Study.version)
+                .where(waiting)
+                .order_by(Study.queued_at, Study.id)
+                .limit(limit * 4 + len(taken))
+            ).all()
+        unfinished = (
+            StudyState.RECEIVED.value,
+            StudyState.COMPLETE.value,
+            StudyState.QUEUED.value,
+            StudyState.RUNNING.value,
+        )
+        for row_id, study_uid, version in candidates:
+            if len(claimed) >= limit:
+                break
+            if study_uid in taken:
+                continue
+            with self.db.transaction() as s:
+                earlier = s.execute(
+                    select(func.count())
+                    .select_from(Study)
+                    .where(
+                        Study.study_uid == study_uid,
+                        Study.version < version,
+                        Study.state.in_(unfinished),
+                    )
+                ).scalar_one()
+                if earlier:
+                    continue
+                result: Any = s.execute(
+                    update(Study)
+                    .where(Study.id == row_id, waiting)
+                    .values(
+                        state=StudyState.RUNNING.value,
+                        reason="",
+                        run_owner=owner,
+                        run_lease_until=until,
+                        started_at=now,
+                        updated_at=now,
+                    )
+                )
+                if not result.rowcount:
+                    continue  # another worker took it meanwhile
+                taken.add(study_uid)
+                claimed.append(StudySummary.of(self._get(s, study_uid, version)))
+        return claimed
+
     def release_run(self, study_uid: str, version: int, owner: str | None = None) -> bool:
         """End ``owner``'s lease on a running version early, so a retry anywhere may claim it.
 
@@ -660,22 +740,35 @@ class StudyLedger:
         re-sent the version after the lease ran out, or the run is over) or the run has
         reached ``max_run_seconds``: the lease then runs out and the run may be taken over.
         """
+        return (study_uid, version) in self.renew_runs([(study_uid, version)], owner)
+
+    def renew_runs(
+        self, runs: Sequence[tuple[str, int]], owner: str | None = None
+    ) -> set[tuple[str, int]]:
+        """:meth:`renew_run` for every (study UID, version) of a batch, in one transaction;
+        returns those ``owner`` still holds (renewed)."""
         owner = owner or process_owner()
         now = utcnow()
+        renewed: set[tuple[str, int]] = set()
         with self.db.transaction() as s:
-            study = s.execute(
-                select(Study)
-                .where(Study.study_uid == study_uid, Study.version == version)
-                .with_for_update()
-            ).scalar_one_or_none()
-            if study is None or study.state != StudyState.RUNNING.value or study.run_owner != owner:
-                return False
-            cap = (study.started_at or now) + timedelta(seconds=self.max_run_seconds)
-            until = min(now + timedelta(seconds=self.run_lease_seconds), cap)
-            if until <= now:
-                return False
-            study.run_lease_until = until
-            return True
+            for study_uid, version in runs:
+                study = s.execute(
+                    select(Study)
+                    .where(Study.study_uid == study_uid, Study.version == version)
+                    .with_for_update()
+                ).scalar_one_or_none()
+                if (
+                    study is None
+                    or study.state != StudyState.RUNNING.value
+                    or study.run_owner != owner
+                ):
+                    continue
+                cap = (study.started_at or now) + timedelta(seconds=self.max_run_seconds)
+                until = min(now + timedelta(seconds=self.run_lease_seconds), cap)
+                if until > now:
+                    study.run_lease_until = until
+                    renewed.add((study_uid, version))
+        return renewed
 
     def holds_run(self, study_uid: str, version: int, owner: str | None = None) -> bool:
         """Whether ``owner`` (default: this process) runs the version under a live lease."""

@@ -10,12 +10,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from node import __version__ as node_version
 from node.db import process_owner
+from node.dispatch import error_summary
 from node.ledger import LedgerError, StudyLedger, StudyState, StudySummary
 from node.rules import decide_study
 from node.settings import EngineSettings, FhirSettings, Settings
@@ -29,7 +32,9 @@ from workers.engines.base import (
     prefix_metadata,
 )
 from workers.imaging import (
+    DisplayImage,
     ImagingError,
+    SquareTransform,
     ViewChoice,
     choose_views,
     load_display_image,
@@ -45,6 +50,9 @@ from workers.prompts import (
 )
 
 log = logging.getLogger("medgemma.preread")
+
+#: A study version held by a run: (study UID, version).
+RunKey = tuple[str, int]
 
 DEMO_NOTICE = "DEMO - not for clinical use"
 AI_NOTICE = "AI-generated, preliminary, not a diagnosis"
@@ -80,25 +88,28 @@ def ledger_for(settings: Settings) -> StudyLedger:
 
 
 class RunHeartbeat:
-    """Renews a run's lease every quarter of ``run_lease_seconds`` while the run works, in
-    a thread of the running process: when the process dies (a killed worker, a crashed
-    node) the renewals stop and the reconciler re-sends the study once the lease runs out.
+    """Renews the leases of a run's study versions (one, or a batch's) every quarter of
+    ``run_lease_seconds`` while the run works, in a thread of the running process: when the
+    process dies (a killed worker, a crashed node) the renewals stop and the reconciler
+    re-sends every study of the run once its lease runs out.
 
-    ``lost`` is set when a renewal finds the version no longer held by this owner (the
-    process stalled past its lease and the study was re-sent): the run's outcome is then
-    not recorded.
+    :meth:`is_lost` is true for a version found no longer held by this owner (the process
+    stalled past its lease and the study was re-sent): that study's outcome is then not
+    recorded. :meth:`finished` stops renewing a version whose outcome is recorded.
     """
 
-    def __init__(self, ledger: StudyLedger, study_uid: str, version: int, owner: str) -> None:
+    def __init__(self, ledger: StudyLedger, runs: Sequence[RunKey], owner: str) -> None:
         self.ledger = ledger
-        self.study_uid = study_uid
-        self.version = version
+        self.runs = list(runs)
         self.owner = owner
         self.interval = ledger.run_lease_seconds / 4
-        self.lost = threading.Event()
+        self._lost: set[RunKey] = set()
+        self._finished: set[RunKey] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
+        first = self.runs[0][0][-12:] if self.runs else "none"
         self._thread = threading.Thread(
-            target=self._run, name=f"medgemma-lease-{study_uid[-12:]}", daemon=True
+            target=self._run, name=f"medgemma-lease-{first}", daemon=True
         )
 
     def __enter__(self) -> RunHeartbeat:
@@ -109,24 +120,38 @@ class RunHeartbeat:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    def is_lost(self, study_uid: str, version: int) -> bool:
+        with self._lock:
+            return (study_uid, version) in self._lost
+
+    def finished(self, study_uid: str, version: int) -> None:
+        with self._lock:
+            self._finished.add((study_uid, version))
+
+    def _active(self) -> list[RunKey]:
+        with self._lock:
+            return [r for r in self.runs if r not in self._lost and r not in self._finished]
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                renewed = self.ledger.renew_run(self.study_uid, self.version, self.owner)
-            except Exception as exc:  # the database is away: the next beat tries again
-                log.warning(
-                    "lease of study %s v%d not renewed: %s", self.study_uid, self.version, exc
-                )
+            active = self._active()
+            if not active:
                 continue
-            if not renewed:
+            try:
+                renewed = self.ledger.renew_runs(active, self.owner)
+            except Exception as exc:  # the database is away: the next beat tries again
+                log.warning("leases of %d studies not renewed: %s", len(active), exc)
+                continue
+            with self._lock:
+                lost = [r for r in active if r not in renewed and r not in self._finished]
+                self._lost.update(lost)
+            for study_uid, version in lost:
                 log.warning(
                     "study %s v%d: this run no longer holds it (lease lost or run time "
                     "limit reached); its outcome will not be recorded",
-                    self.study_uid,
-                    self.version,
+                    study_uid,
+                    version,
                 )
-                self.lost.set()
-                return
 
 
 _engines: dict[tuple[str, ...], Engine] = {}
@@ -181,98 +206,53 @@ def stage_reporter(ledger: StudyLedger, study_uid: str, version: int, owner: str
     return report
 
 
-def analyse_study(
-    ledger: StudyLedger,
-    spool_root: Path,
-    engine: Engine,
-    study_uid: str,
-    version: int,
-    *,
-    ask_engine: bool = False,
-    progress: Progress = _no_progress,
-) -> PrereadResult:
-    """Read one study version and return its result (anchors, narrative, provenance).
+@dataclass(frozen=True)
+class PreparedViews:
+    """A study's images decoded and made model-ready, with its pre-read request.
 
-    Anchors that match those of the previous version keep their ids and tracking UIDs.
-    With ``ask_engine`` (a study whose header names no body part) the engine is first
-    asked whether the frontal image is a frontal chest radiograph; anything but yes
-    raises :class:`NotAChestRadiograph`.
+    ``image``/``transform``: the frontal image as displayed and its map to model space
+    (anchors are drawn back through it); ``prior``: the previous version's anchors.
     """
+
+    frontal: ViewChoice
+    lateral: ViewChoice | None
+    image: DisplayImage
+    transform: SquareTransform
+    request: EngineRequest
+    prior: tuple[Anchor, ...] = ()
+
+    def chest_check_request(self) -> EngineRequest:
+        """The engine request asking whether the frontal image is a frontal chest radiograph."""
+        system, prompt = build_chest_check_prompt()
+        return replace(self.request, prompt=prompt, system=system)
+
+
+def study_views(
+    ledger: StudyLedger, spool_root: Path, study_uid: str, version: int
+) -> tuple[ViewChoice, ViewChoice | None, tuple[Anchor, ...]]:
+    """(frontal, lateral, prior anchors) of a study version; PrereadFailure without a frontal."""
     instances = ledger.instances_of(study_uid, up_to_version=version)
     frontal, lateral = choose_views([spool_root / i.path for i in instances])
     if frontal is None:
         raise PrereadFailure("no CR/DX image in the study to read")
-    progress("views chosen")
-    if ask_engine:
-        confirm_chest_radiograph(engine, frontal, study_uid=study_uid)
-    prior: Sequence[Anchor] = ()
+    prior: tuple[Anchor, ...] = ()
     if version > 1:
         previous = ledger.get_study(study_uid, version - 1)
         if previous is not None and previous.result is not None:
-            prior = previous.result.anchors
-    return analyse_views(
-        engine, frontal, lateral, prior=prior, progress=progress, study_uid=study_uid
-    )
+            prior = tuple(previous.result.anchors)
+    return frontal, lateral, prior
 
 
-def confirm_chest_radiograph(engine: Engine, image: ViewChoice, *, study_uid: str = "") -> None:
-    """Ask the engine whether ``image`` is a frontal chest radiograph; return on yes.
-
-    study_uid: the study the image belongs to (lets the engine keep its image prefix).
-
-    Raises :class:`NotAChestRadiograph` on no or an unclear answer, PrereadFailure when
-    the image cannot be decoded, TransientPrereadError on a transient engine error.
-    """
-    try:
-        model_image, _ = to_model_image(load_display_image(image.source))
-    except ImagingError as exc:
-        raise PrereadFailure(f"cannot decode the image: {exc}") from exc
-    system, prompt = build_chest_check_prompt()
-    try:
-        (text,) = engine.generate(
-            [
-                EngineRequest(
-                    images=(model_image,),
-                    prompt=prompt,
-                    system=system,
-                    metadata=prefix_metadata(study_uid) if study_uid else {},
-                )
-            ]
-        )
-    except TransientEngineError as exc:
-        raise TransientPrereadError(str(exc)) from exc
-    except EngineError as exc:
-        raise PrereadFailure(f"engine error: {exc}") from exc
-    answer = parse_chest_check(text)
-    log.info(
-        "chest check (%s) of SOP instance %s: %s",
-        CHEST_CHECK_VERSION,
-        image.sop_instance_uid,
-        {True: "yes", False: "no", None: "unclear"}[answer],
-    )
-    if answer is False:
-        raise NotAChestRadiograph("the engine said it is not a frontal chest radiograph")
-    if answer is None:
-        raise NotAChestRadiograph(
-            "the engine did not answer yes or no to: is this a frontal chest radiograph?"
-        )
-
-
-def analyse_views(
-    engine: Engine,
+def prepare_views(
     frontal: ViewChoice,
     lateral: ViewChoice | None = None,
     *,
     prior: Sequence[Anchor] = (),
-    progress: Progress = _no_progress,
     study_uid: str = "",
-) -> PrereadResult:
-    """The result of reading a frontal image (and a lateral as second image).
-
-    decode + LUTs -> square model images -> engine -> tolerant parse -> anchors on the
-    frontal image in source pixels, with sizes from its pixel spacing. ``study_uid`` names
-    the study (lets the engine keep the frontal image's prefix for follow-ups).
-    """
+) -> PreparedViews:
+    """Decode + LUTs -> square model images -> the pre-read request (PrereadFailure when an
+    image cannot be decoded). ``study_uid`` names the study (lets the engine keep the
+    frontal image's prefix for follow-ups)."""
     try:
         image = load_display_image(frontal.source)
         model_image, transform = to_model_image(image)
@@ -282,36 +262,61 @@ def analyse_views(
             images.append(lateral_image)
     except ImagingError as exc:
         raise PrereadFailure(f"cannot decode the image: {exc}") from exc
-    progress("decoded")
-
     system, prompt = build_preread_prompt(has_lateral=lateral is not None)
-    progress("engine")
-    started = time.monotonic()
+    request = EngineRequest(
+        images=tuple(images),
+        prompt=prompt,
+        system=system,
+        metadata=prefix_metadata(study_uid) if study_uid else {},
+    )
+    return PreparedViews(frontal, lateral, image, transform, request, tuple(prior))
+
+
+def generate_each(engine: Engine, requests: list[EngineRequest]) -> list[str | Exception]:
+    """One engine batch; per request its text, or the error that fails only that request.
+
+    A batch that fails is run again one request at a time, so that a request the engine
+    cannot take (or out of memory at this batch size) fails alone. Errors come back as
+    TransientPrereadError (worth retrying) or PrereadFailure ("engine error: ...").
+    """
+    if not requests:
+        return []
     try:
-        (text,) = engine.generate(
-            [
-                EngineRequest(
-                    images=tuple(images),
-                    prompt=prompt,
-                    system=system,
-                    metadata=prefix_metadata(study_uid) if study_uid else {},
-                )
-            ]
-        )
-    except TransientEngineError as exc:
-        raise TransientPrereadError(str(exc)) from exc
-    except EngineError as exc:
-        raise PrereadFailure(f"engine error: {exc}") from exc
-    engine_seconds = time.monotonic() - started
+        texts = engine.generate(requests)
+        if len(texts) != len(requests):
+            raise EngineError(f"the engine answered {len(texts)} of {len(requests)} requests")
+        return list(texts)
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:
+        if len(requests) > 1:
+            log.warning(
+                "engine batch of %d failed (%s): running its requests one at a time",
+                len(requests),
+                error_summary(exc),
+            )
+            return [answer for request in requests for answer in generate_each(engine, [request])]
+        if isinstance(exc, TransientEngineError):
+            return [TransientPrereadError(str(exc))]
+        if isinstance(exc, EngineError):
+            return [PrereadFailure(f"engine error: {exc}")]
+        return [exc]
+
+
+def interpret(
+    engine: Engine, prepared: PreparedViews, text: str, engine_seconds: float
+) -> PrereadResult:
+    """The result of the engine's answer: tolerant parse -> anchors on the frontal image in
+    source pixels, with sizes from its pixel spacing, and the provenance."""
     parsed = parse_preread(text)
-    progress("parsed")
+    image, frontal, lateral = prepared.image, prepared.frontal, prepared.lateral
     anchors = build_anchors(
         parsed,
-        transform,
+        prepared.transform,
         source_sop_instance_uid=frontal.sop_instance_uid,
         spacing_mm=image.pixel_spacing_mm,
         spacing_source=image.spacing_source,
-        prior=prior,
+        prior=prepared.prior,
     )
     info = engine.info
     notice = f"{DEMO_NOTICE}. {AI_NOTICE}" if info.is_demo else AI_NOTICE
@@ -342,18 +347,110 @@ def analyse_views(
     return result
 
 
+def _answer(answer: str | Exception) -> str:
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
+def analyse_study(
+    ledger: StudyLedger,
+    spool_root: Path,
+    engine: Engine,
+    study_uid: str,
+    version: int,
+    *,
+    ask_engine: bool = False,
+    progress: Progress = _no_progress,
+) -> PrereadResult:
+    """Read one study version and return its result (anchors, narrative, provenance).
+
+    Anchors that match those of the previous version keep their ids and tracking UIDs.
+    With ``ask_engine`` (a study whose header names no body part) the engine is first
+    asked whether the frontal image is a frontal chest radiograph; anything but yes
+    raises :class:`NotAChestRadiograph`.
+    """
+    frontal, lateral, prior = study_views(ledger, spool_root, study_uid, version)
+    progress("views chosen")
+    prepared = prepare_views(frontal, lateral, prior=prior, study_uid=study_uid)
+    progress("decoded")
+    if ask_engine:
+        (answer,) = generate_each(engine, [prepared.chest_check_request()])
+        confirm_chest_answer(_answer(answer), frontal)
+    progress("engine")
+    started = time.monotonic()
+    (answer,) = generate_each(engine, [prepared.request])
+    return interpret(engine, prepared, _answer(answer), time.monotonic() - started)
+
+
+def confirm_chest_radiograph(engine: Engine, image: ViewChoice, *, study_uid: str = "") -> None:
+    """Ask the engine whether ``image`` is a frontal chest radiograph; return on yes.
+
+    study_uid: the study the image belongs to (lets the engine keep its image prefix).
+
+    Raises :class:`NotAChestRadiograph` on no or an unclear answer, PrereadFailure when
+    the image cannot be decoded, TransientPrereadError on a transient engine error.
+    """
+    prepared = prepare_views(image, study_uid=study_uid)
+    (answer,) = generate_each(engine, [prepared.chest_check_request()])
+    confirm_chest_answer(_answer(answer), image)
+
+
+def confirm_chest_answer(text: str, image: ViewChoice) -> None:
+    """Return when the chest check's answer is yes; else raise NotAChestRadiograph."""
+    answer = parse_chest_check(text)
+    log.info(
+        "chest check (%s) of SOP instance %s: %s",
+        CHEST_CHECK_VERSION,
+        image.sop_instance_uid,
+        {True: "yes", False: "no", None: "unclear"}[answer],
+    )
+    if answer is False:
+        raise NotAChestRadiograph("the engine said it is not a frontal chest radiograph")
+    if answer is None:
+        raise NotAChestRadiograph(
+            "the engine did not answer yes or no to: is this a frontal chest radiograph?"
+        )
+
+
+def analyse_views(
+    engine: Engine,
+    frontal: ViewChoice,
+    lateral: ViewChoice | None = None,
+    *,
+    prior: Sequence[Anchor] = (),
+    progress: Progress = _no_progress,
+    study_uid: str = "",
+) -> PrereadResult:
+    """The result of reading a frontal image (and a lateral as second image).
+
+    decode + LUTs -> square model images -> engine -> tolerant parse -> anchors on the
+    frontal image in source pixels, with sizes from its pixel spacing. ``study_uid`` names
+    the study (lets the engine keep the frontal image's prefix for follow-ups).
+    """
+    prepared = prepare_views(frontal, lateral, prior=prior, study_uid=study_uid)
+    progress("decoded")
+    progress("engine")
+    started = time.monotonic()
+    (answer,) = generate_each(engine, [prepared.request])
+    return interpret(engine, prepared, _answer(answer), time.monotonic() - started)
+
+
 def run_preread(
     settings: Settings, study_uid: str, version: int, engine: Engine | None = None
 ) -> str:
-    """Run the pre-read of a study version and record the outcome in the ledger.
+    """Run the pre-read of a study version, with up to ``queue.max_batch - 1`` other queued
+    studies as one engine batch, and record each outcome in the ledger.
 
-    Returns the final state ("done", "failed", "skipped": the engine said the image of a
-    study without body part information is not a chest radiograph) or "noop" when there
-    was nothing to do.
-    Raises TransientPrereadError (the study stays running) for the task to retry.
-    While it runs, :class:`RunHeartbeat` renews its lease; a run that lost its lease
-    meanwhile (it stalled, the study was re-sent and taken by another) records nothing
-    and returns "noop".
+    Returns this study version's final state ("done", "failed", "skipped": the engine said
+    the image of a study without body part information is not a chest radiograph) or "noop"
+    when there was nothing to do (finished, or running elsewhere: a batch took it).
+    Raises TransientPrereadError (the study stays running, its lease released) for the task
+    to retry; the batch's other studies with a transient error are released likewise and
+    taken by a later batch (or re-sent by the reconciler).
+    While it runs, :class:`RunHeartbeat` renews every lease of the batch; a study whose
+    lease was lost meanwhile (the run stalled, the study was re-sent and taken by another)
+    records nothing.
     """
     ledger = ledger_for(settings)
     owner = process_owner()
@@ -365,9 +462,205 @@ def run_preread(
     if started is None:
         log.info("study %s v%d finished or running elsewhere: nothing to do", study_uid, version)
         return "noop"
-    log.info("pre-read of study %s v%d started", study_uid, version)
-    with RunHeartbeat(ledger, study_uid, version, owner):
-        return _run_started(settings, ledger, started, owner, engine)
+    batch = [started]
+    if settings.queue.max_batch > 1:
+        try:
+            batch += ledger.claim_runs(settings.queue.max_batch - 1, owner, exclude=[study_uid])
+        except Exception:  # the batch is an optimisation: this study runs alone
+            log.exception("no other queued studies claimed for the batch of %s", study_uid)
+    size = f" (batch of {len(batch)}, with {study_uid} v{version})" if len(batch) > 1 else ""
+    for study in batch:
+        log.info("pre-read of study %s v%d started%s", study.study_uid, study.version, size)
+    members = [_Member(s, stage_reporter(ledger, s.study_uid, s.version, owner)) for s in batch]
+    with RunHeartbeat(ledger, [m.key for m in members], owner) as heartbeat:
+        _run_batch(settings, ledger, members, owner, engine, heartbeat)
+    leader = members[0]
+    if leader.outcome == "transient":
+        assert isinstance(leader.error, TransientPrereadError)
+        raise leader.error
+    return leader.outcome
+
+
+@dataclass
+class _Member:
+    """One study version of a run's batch, held by this run until its outcome is set."""
+
+    study: StudySummary
+    progress: Progress
+    ask_engine: bool = False
+    prepared: PreparedViews | None = None
+    result: PrereadResult | None = None
+    outcome: str = ""  # done | failed | skipped | noop | transient
+    error: Exception | None = None
+
+    @property
+    def key(self) -> RunKey:
+        return (self.study.study_uid, self.study.version)
+
+
+def _run_batch(
+    settings: Settings,
+    ledger: StudyLedger,
+    members: list[_Member],
+    owner: str,
+    engine: Engine | None,
+    heartbeat: RunHeartbeat,
+) -> None:
+    """Every member of the batch gets an outcome; an error of one study fails only it.
+
+    views, decode -> one engine batch of chest checks (studies without body part) -> one
+    engine batch of pre-reads -> parse, anchors -> per study SR/SEG, anchors, finish, FHIR.
+    """
+
+    def settle(member: _Member, exc: Exception) -> None:
+        member.outcome = _settle(settings, ledger, owner, member, exc, heartbeat)
+        member.error = exc
+
+    def pending() -> list[_Member]:
+        return [m for m in members if not m.outcome]
+
+    if engine is None:
+        for member in members:
+            member.progress("model load")
+        try:
+            engine = engine_for(settings.engine)
+        except Exception as exc:
+            for member in members:
+                settle(member, exc)
+            return
+    spool_root = settings.storage.spool_path
+    for member in pending():
+        uid, version = member.key
+        try:
+            member.ask_engine = decide_study(
+                ledger, spool_root, member.study, settings.preread
+            ).ask_engine
+            frontal, lateral, prior = study_views(ledger, spool_root, uid, version)
+            member.progress("views chosen")
+            member.prepared = prepare_views(frontal, lateral, prior=prior, study_uid=uid)
+            member.progress("decoded")
+        except Exception as exc:
+            settle(member, exc)
+
+    checks = [m for m in pending() if m.ask_engine and m.prepared is not None]
+    answers = generate_each(
+        engine, [m.prepared.chest_check_request() for m in checks if m.prepared]
+    )
+    for member, answer in zip(checks, answers, strict=True):
+        try:
+            assert member.prepared is not None
+            confirm_chest_answer(_answer(answer), member.prepared.frontal)
+        except Exception as exc:
+            settle(member, exc)
+
+    reads = [m for m in pending() if m.prepared is not None]
+    for member in reads:
+        member.progress("engine")
+    started = time.monotonic()
+    answers = generate_each(engine, [m.prepared.request for m in reads if m.prepared])
+    engine_seconds = time.monotonic() - started  # what each study of the batch waited
+    for member, answer in zip(reads, answers, strict=True):
+        try:
+            assert member.prepared is not None
+            member.result = interpret(engine, member.prepared, _answer(answer), engine_seconds)
+            member.progress("parsed")
+        except Exception as exc:
+            settle(member, exc)
+
+    for member in pending():
+        try:
+            member.outcome = _publish(settings, ledger, owner, member, heartbeat)
+        except Exception as exc:
+            settle(member, exc)
+
+
+def _settle(
+    settings: Settings,
+    ledger: StudyLedger,
+    owner: str,
+    member: _Member,
+    exc: Exception,
+    heartbeat: RunHeartbeat,
+) -> str:
+    """Record the outcome of a study whose run ended in ``exc``; returns the outcome."""
+    study_uid, version = member.key
+    heartbeat.finished(study_uid, version)
+    if isinstance(exc, NotAChestRadiograph):
+        ledger.set_state(study_uid, version, StudyState.SKIPPED, str(exc))
+        log.info("study %s v%d kept, not pre-read: %s", study_uid, version, exc)
+        record_fhir(ledger, study_uid, version, settings.fhir)  # the registered report ends
+        return "skipped"
+    if isinstance(exc, TransientPrereadError):
+        # the retry may land in another worker process: it must find the version free
+        ledger.release_run(study_uid, version, owner)
+        log.warning("pre-read of study %s v%d: transient error, released: %s", *member.key, exc)
+        return "transient"
+    if isinstance(exc, PrereadFailure | EngineError):
+        if not _finish(ledger, study_uid, version, owner, ok=False, reason=str(exc)):
+            return "noop"
+        log.error("pre-read of study %s v%d failed: %s", study_uid, version, exc)
+        record_fhir(ledger, study_uid, version, settings.fhir)  # a cancelled report says so
+        return "failed"
+    reason = f"internal error: {exc!r}"[:500]
+    if not _finish(ledger, study_uid, version, owner, ok=False, reason=reason):
+        return "noop"
+    log.error(
+        "pre-read of study %s v%d failed unexpectedly",
+        study_uid,
+        version,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    # cancelled with the reason, not registered
+    record_fhir(ledger, study_uid, version, settings.fhir)
+    return "failed"
+
+
+def _publish(
+    settings: Settings,
+    ledger: StudyLedger,
+    owner: str,
+    member: _Member,
+    heartbeat: RunHeartbeat,
+) -> str:
+    """SR/SEG, anchors, done and FHIR of a study read successfully; returns the outcome."""
+    study_uid, version = member.key
+    result = member.result
+    assert result is not None
+    if heartbeat.is_lost(study_uid, version) or _superseded(ledger, study_uid, version, owner):
+        heartbeat.finished(study_uid, version)
+        return "noop"
+    try:
+        from workers.results import publish_results
+
+        result = replace(
+            result, outputs=publish_results(settings, ledger, study_uid, version, result)
+        )
+        member.progress("SR/SEG built")
+    except Exception as exc:
+        heartbeat.finished(study_uid, version)
+        reason = f"cannot build SR/SEG: {exc}"[:500]
+        if not _finish(ledger, study_uid, version, owner, ok=False, reason=reason):
+            return "noop"
+        log.exception("SR/SEG of study %s v%d could not be built", study_uid, version)
+        record_fhir(ledger, study_uid, version, settings.fhir)
+        return "failed"
+    # anchors before done: readers see both
+    ledger.save_anchors(study_uid, version, result.anchors)
+    heartbeat.finished(study_uid, version)
+    if not _finish(ledger, study_uid, version, owner, ok=True, reason="", result=result):
+        return "noop"
+    record_fhir(ledger, study_uid, version, settings.fhir)
+    log.info(
+        "pre-read of study %s v%d done: %d findings, %d anchors, %s engine %.1f s%s",
+        study_uid,
+        version,
+        len(result.findings),
+        len(result.anchors),
+        result.engine,
+        result.engine_seconds,
+        "" if result.structured else " (text-only: the answer had no parsable JSON)",
+    )
+    return "done"
 
 
 def _superseded(ledger: StudyLedger, study_uid: str, version: int, owner: str) -> bool:
@@ -400,88 +693,6 @@ def _finish(
         log.warning("pre-read of study %s v%d: %s", study_uid, version, lost)
         return False
     return True
-
-
-def _run_started(
-    settings: Settings,
-    ledger: StudyLedger,
-    started: StudySummary,
-    owner: str,
-    engine: Engine | None,
-) -> str:
-    """The body of :func:`run_preread` once ``owner`` holds the run of ``started``."""
-    study_uid, version = started.study_uid, started.version
-    progress = stage_reporter(ledger, study_uid, version, owner)
-    try:
-        if engine is None:
-            progress("model load")
-            engine = engine_for(settings.engine)
-        spool_root = settings.storage.spool_path
-        ask_engine = decide_study(ledger, spool_root, started, settings.preread).ask_engine
-        result = analyse_study(
-            ledger,
-            spool_root,
-            engine,
-            study_uid,
-            version,
-            ask_engine=ask_engine,
-            progress=progress,
-        )
-    except NotAChestRadiograph as exc:
-        ledger.set_state(study_uid, version, StudyState.SKIPPED, str(exc))
-        log.info("study %s v%d kept, not pre-read: %s", study_uid, version, exc)
-        record_fhir(ledger, study_uid, version, settings.fhir)  # the registered report ends
-        return "skipped"
-    except TransientPrereadError:
-        # the retry may land in another worker process: it must find the version free
-        ledger.release_run(study_uid, version, owner)
-        raise
-    except (PrereadFailure, EngineError) as exc:
-        if not _finish(ledger, study_uid, version, owner, ok=False, reason=str(exc)):
-            return "noop"
-        log.error("pre-read of study %s v%d failed: %s", study_uid, version, exc)
-        record_fhir(ledger, study_uid, version, settings.fhir)  # a cancelled report says so
-        return "failed"
-    except Exception as exc:
-        reason = f"internal error: {exc!r}"[:500]
-        if not _finish(ledger, study_uid, version, owner, ok=False, reason=reason):
-            return "noop"
-        log.exception("pre-read of study %s v%d failed unexpectedly", study_uid, version)
-        # cancelled with the reason, not registered
-        record_fhir(ledger, study_uid, version, settings.fhir)
-        return "failed"
-    if _superseded(ledger, study_uid, version, owner):
-        return "noop"
-    try:
-        from workers.results import publish_results
-
-        result = replace(
-            result, outputs=publish_results(settings, ledger, study_uid, version, result)
-        )
-        progress("SR/SEG built")
-    except Exception as exc:
-        reason = f"cannot build SR/SEG: {exc}"[:500]
-        if not _finish(ledger, study_uid, version, owner, ok=False, reason=reason):
-            return "noop"
-        log.exception("SR/SEG of study %s v%d could not be built", study_uid, version)
-        record_fhir(ledger, study_uid, version, settings.fhir)
-        return "failed"
-    # anchors before done: readers see both
-    ledger.save_anchors(study_uid, version, result.anchors)
-    if not _finish(ledger, study_uid, version, owner, ok=True, reason="", result=result):
-        return "noop"
-    record_fhir(ledger, study_uid, version, settings.fhir)
-    log.info(
-        "pre-read of study %s v%d done: %d findings, %d anchors, %s engine %.1f s%s",
-        study_uid,
-        version,
-        len(result.findings),
-        len(result.anchors),
-        result.engine,
-        result.engine_seconds,
-        "" if result.structured else " (text-only: the answer had no parsable JSON)",
-    )
-    return "done"
 
 
 def record_fhir(ledger: StudyLedger, study_uid: str, version: int, fhir: FhirSettings) -> None:
