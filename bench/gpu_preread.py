@@ -15,15 +15,19 @@ included; the best repeat is kept, the first acting as warm-up):
   per_seq_tok_s  (N - 1) / (t_N - t_1): tokens per second seen by one request
   studies_per_h  B * 3600 / t_N, one pre-read (one study, one image) per request
 
-Follow-up prefix cache (``--followup-cache``, instead of the batch measurements): on one study,
-a first follow-up (whole image + crop, the follow-up system text) fills the engine's prefix
-cache; then, per repeat, the time to the first token of
-  cached_ttft_s   a second follow-up of the same study and image (its prefix is cached)
-  control_ttft_s  the same follow-up on an unseen image (an unseen prefix: computed, stored)
-  plain_ttft_s    the same follow-up without study metadata (the cache is not used at all)
-  preread_ttft_s  the pre-read of the study's image (the pre-read prompt, one image)
-Medians are reported with the ratios cached/control and cached/preread. The control goes
-through the same code path as the cached run, so warm-up is not counted as a cache win.
+Follow-up prefix cache (``--followup-cache``, instead of the batch measurements): the real
+sequence, per round and follow-up kind (describe: whole image + crop; localise: whole image
+only), on a new study each time, time to the first token of
+  preread_ttft_s        the study's pre-read (project prompt, study metadata: it stores the
+                        prefix that ends with the image)
+  <kind>_first_ttft_s   the study's FIRST follow-up (project prompt, same system text and
+                        image: it reuses the pre-read's prefix)
+  <kind>_control_ttft_s the same follow-up on an unseen study and image (an unseen prefix:
+                        computed and stored, through the same code path)
+  <kind>_plain_ttft_s   the same follow-up without study metadata (the cache not used)
+  preread_plain_ttft_s  the pre-read without study metadata (what storing the prefix costs)
+Medians over the rounds after an untimed warm-up round, with first/preread, first/control
+and first/plain, and the load average before and after (the machine may be shared).
 
 Usage:
   python bench/gpu_preread.py [--tiny] [--batch 1 8 32] [--new-tokens N] [--out FILE]
@@ -224,22 +228,32 @@ def _measure(
 def _followup_cache(
     engine: Any, args: argparse.Namespace, system: str, prompt: str
 ) -> dict[str, Any]:
-    """Median TTFTs of a follow-up with its study's prefix cached, against an unseen prefix."""
+    """Median TTFTs of the real sequence: a study's pre-read, then its FIRST follow-up
+    (which reuses the prefix the pre-read stored), against a control on an unseen prefix."""
+    import os
+
     from workers.engines.base import EngineRequest, prefix_metadata
 
-    f_system, f_prompt = _followup_prompt(args.prompt_tokens)
+    prompts = {task: _followup_prompt(task) for task in ("describe", "localise")}
     rng = np.random.default_rng(1)
 
     def image() -> Any:
         return rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), np.uint8)
 
-    def followup(whole: Any, crop: Any, study: str, question: str) -> Any:
+    def followup(task: str, whole: Any, crop: Any, study: str) -> Any:
+        f_system, f_prompt = prompts[task]
         return EngineRequest(
-            images=(whole, crop),
-            prompt=f"{question} {f_prompt}",
+            images=(whole, crop) if task == "describe" else (whole,),
+            prompt=f_prompt,
             system=f_system,
             max_new_tokens=1,
             metadata=prefix_metadata(study) if study else {},
+        )
+
+    def preread(whole: Any, study: str) -> Any:
+        metadata = prefix_metadata(study) if study else {}
+        return EngineRequest(
+            images=(whole,), prompt=prompt, system=system, max_new_tokens=1, metadata=metadata
         )
 
     def ttft(request: Any) -> float:
@@ -247,62 +261,91 @@ def _followup_cache(
         engine.generate([request], generation_kwargs={"min_new_tokens": 1})
         return time.perf_counter() - started
 
-    times: dict[str, list[float]] = {"cached": [], "control": [], "plain": [], "preread": []}
+    names = ["preread", "preread_plain"]
+    for task in prompts:
+        names += [f"{task}_first", f"{task}_control", f"{task}_plain"]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    load_before = os.getloadavg()
+    hits_before, misses_before = engine.prefix_cache.hits, engine.prefix_cache.misses
     for repeat in range(args.repeats + 1):  # the first round is an untimed warm-up
-        study, whole, crop = f"1.2.826.0.1.{repeat}", image(), image()
-        preread = EngineRequest(images=(whole,), prompt=prompt, system=system, max_new_tokens=1)
-        round_times = {
-            "preread": ttft(preread),
-            "first": ttft(followup(whole, crop, study, "Describe the nodule.")),
-            "cached": ttft(followup(whole, crop, study, "Is it connected to the hilum?")),
-            "control": ttft(followup(image(), crop, study, "Is it connected to the hilum?")),
-            "plain": ttft(followup(whole, crop, "", "Is it connected to the hilum?")),
-        }
+        round_times: dict[str, float] = {}
+        for task in prompts:
+            # a new study per task and round: its pre-read stores the prefix, its first
+            # follow-up finds it; the control is the same follow-up of an unseen study
+            study, whole, crop = f"1.2.826.0.1.{repeat}.{task}", image(), image()
+            round_times["preread"] = ttft(preread(whole, study))
+            round_times[f"{task}_first"] = ttft(followup(task, whole, crop, study))
+            control = followup(task, image(), crop, f"{study}.control")
+            round_times[f"{task}_control"] = ttft(control)
+            round_times[f"{task}_plain"] = ttft(followup(task, whole, crop, ""))
+            round_times["preread_plain"] = ttft(preread(whole, ""))
+            if repeat:
+                times["preread"].append(round_times["preread"])
+                times["preread_plain"].append(round_times["preread_plain"])
         if repeat:
-            for name in times:
+            for name in names[2:]:
                 times[name].append(round_times[name])
-    medians = {
-        f"{name}_ttft_s": round(float(np.median(values)), 4) for name, values in times.items()
-    }
-    return {
+    medians = {f"{name}_ttft_s": float(np.median(values)) for name, values in times.items()}
+    result: dict[str, Any] = {
         "repeats": args.repeats,
-        **medians,
-        "cached_over_control": round(medians["cached_ttft_s"] / medians["control_ttft_s"], 3),
-        "cached_over_preread": round(medians["cached_ttft_s"] / medians["preread_ttft_s"], 3),
-        "cached_over_plain": round(medians["cached_ttft_s"] / medians["plain_ttft_s"], 3),
-        "cache_hits": engine.prefix_cache.hits,
-        "cache_misses": engine.prefix_cache.misses,
+        **{name: round(value, 4) for name, value in medians.items()},
+        "preread_over_plain": round(medians["preread_ttft_s"] / medians["preread_plain_ttft_s"], 3),
+        "cache_hits": engine.prefix_cache.hits - hits_before,
+        "cache_misses": engine.prefix_cache.misses - misses_before,
+        "followup_text_tokens": {task: len(p[0]) + len(p[1]) for task, p in prompts.items()},
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
+    for task in prompts:
+        first = medians[f"{task}_first_ttft_s"]
+        result[f"{task}_first_over_preread"] = round(first / medians["preread_ttft_s"], 3)
+        result[f"{task}_first_over_control"] = round(first / medians[f"{task}_control_ttft_s"], 3)
+        result[f"{task}_first_over_plain"] = round(first / medians[f"{task}_plain_ttft_s"], 3)
+    return result
 
 
-def _followup_prompt(text_tokens: int) -> tuple[str, str]:
-    """(system, prompt) of a describe follow-up, cut like ``_preread_prompt``."""
-    from workers.dialogue.prompts import AnchorBrief, build_describe_prompt
+def _followup_prompt(task: str) -> tuple[str, str]:
+    """(system, prompt) of the project's describe or localise follow-up, cut to the length
+    the real Gemma tokenizer would give it (the bench tokenizer spends one token a character).
 
-    facts = AnchorBrief(
-        anchor_id="A1",
-        label="nodule",
-        finding="nodule",
-        site="right_upper_zone",
-        laterality="right",
-        box_2d_whole=(200, 180, 260, 240),
-        box_2d_crop=(400, 400, 600, 600),
-        size_text="11 x 11 mm",
-    )
-    system, prompt = build_describe_prompt(facts)
-    budget = max(text_tokens - len(system), 16)
-    return system[:text_tokens], prompt[:budget]
+    The system text is not cut: it is the pre-read's (Gemma 3 puts it before the image), so
+    the follow-up's prefix is the pre-read's.
+    """
+    from workers.dialogue.prompts import AnchorBrief, build_describe_prompt, build_localise_prompt
+
+    if task == "localise":
+        system, prompt = build_localise_prompt("right_hilum")
+    else:
+        facts = AnchorBrief(
+            anchor_id="A1",
+            label="nodule",
+            finding="nodule",
+            site="right_upper_zone",
+            laterality="right",
+            box_2d_whole=(200, 180, 260, 240),
+            box_2d_crop=(400, 400, 600, 600),
+            size_text="11 x 11 mm",
+        )
+        system, prompt = build_describe_prompt(facts)
+    real_tokens = round((len(system) + len(prompt)) / CHARS_PER_REAL_TOKEN)
+    return system, prompt[: max(real_tokens - len(system), 16)]
 
 
 def _print_followup(report: dict[str, Any]) -> None:
     result = report["followup_cache"]
     print(f"model: {report['model']} on {report['device']} ({report['dtype']})")
-    print("follow-up prefix cache, median time to first token:")
-    for name in ("preread", "cached", "control", "plain"):
-        print(f"  {name + '_ttft_s':16} {result[name + '_ttft_s']:.4f}")
-    print(f"  cached/control   {result['cached_over_control']:.3f}")
-    print(f"  cached/plain     {result['cached_over_plain']:.3f}")
-    print(f"  cached/preread   {result['cached_over_preread']:.3f}")
+    print(f"follow-up prefix cache, median time to first token of {result['repeats']} rounds:")
+    for name, value in result.items():
+        if name.endswith("_ttft_s"):
+            print(f"  {name:28} {value:.4f}")
+    for name, value in result.items():
+        if "_over_" in name:
+            print(f"  {name:28} {value:.3f}")
+    print(f"  cache hits/misses            {result['cache_hits']}/{result['cache_misses']}")
+    print(
+        f"  load average before/after    {result['load_average_before']} / "
+        f"{result['load_average_after']}"
+    )
 
 
 def _rates(batch: int, new_tokens: int, t_1: float, t_n: float) -> dict[str, Any]:
