@@ -18,14 +18,13 @@ import pytest
 from bench.nodeproc import ServerProcess
 from node.ledger import InstanceHeader, StudyLedger, StudyState
 from node.runtime import NodeRuntime
-from node.synthetic import make_chest_radiograph, write_study
+from node.synthetic import SyntheticImage, make_chest_radiograph, write_study
 from tests.conftest import storescu, wait_for_state
 from tests.peers import wait_for
 from workers.engines.base import EngineError, EngineRequest, TransientEngineError
 from workers.engines.demo import DemoEngine
 from workers.preread import TransientPrereadError, run_preread
 
-SMALL = {"rows": 256, "cols": 208}
 DEAD_BROKER = "redis://127.0.0.1:9/0"  # nobody listens: studies stay queued
 BATCH_LINE = re.compile(r"pre-read of study (\S+) v1 started \(batch of (\d+),")
 
@@ -51,9 +50,13 @@ class RecordingEngine(DemoEngine):
         return super().generate(requests)
 
 
+def radiograph(seed: int) -> SyntheticImage:
+    return make_chest_radiograph(seed=seed, rows=256, cols=208)
+
+
 def queue_studies(node: NodeRuntime, directory: Path, count: int, seed: int) -> list[str]:
     """``count`` one-image studies sent over one association; their UIDs once all are queued."""
-    images = [make_chest_radiograph(seed=seed + i, **SMALL) for i in range(count)]
+    images = [radiograph(seed + i) for i in range(count)]
     files = [
         path for i, image in enumerate(images) for path in write_study(directory / str(i), [image])
     ]
@@ -166,12 +169,12 @@ def test_serve_batches_studies_that_queue_while_its_worker_is_busy(
 ) -> None:
     caplog.set_level("INFO", logger="medgemma.preread")
     node = node_factory(queue={"max_batch": 3}, engine={"name": "demo", "demo_delay_seconds": 6})
-    first = make_chest_radiograph(seed=340, **SMALL)
+    first = radiograph(340)
     (path,) = write_study(tmp_path / "first", [first])
     assert storescu(node.scp.port, path).returncode == 0
     wait_for_state(node, str(first.dataset.StudyInstanceUID), {"running"}, timeout=30)
     # three more arrive while the embedded worker reads the first one
-    others = [make_chest_radiograph(seed=341 + i, **SMALL) for i in range(3)]
+    others = [radiograph(341 + i) for i in range(3)]
     files = [p for i, im in enumerate(others) for p in write_study(tmp_path / str(i), [im])]
     assert storescu(node.scp.port, *files).returncode == 0
     uids = [str(im.dataset.StudyInstanceUID) for im in [first, *others]]
