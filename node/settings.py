@@ -192,6 +192,13 @@ class QueueSettings(Section):
     # and runs them as one engine batch (1 = one study per task); a batch shares the task's
     # time limits, so raise them with it
     max_batch: int = Field(default=8, ge=1, le=256)
+    # send a study's follow-ups to the worker that read it (it holds the study's image
+    # prefix in memory: transformers engine, engine.prefix_cache_studies > 0) when that
+    # worker is alive, idle and consumes followup_queue; else, and when it has not started
+    # the question within followup_affinity_wait_seconds (or it is gone), the shared queue
+    followup_affinity: bool = True
+    followup_affinity_wait_seconds: float = Field(default=10.0, gt=0)
+    worker_heartbeat_seconds: float = Field(default=10.0, gt=0)  # gone after 3 missed beats
 
 
 class ApiSettings(Section):
