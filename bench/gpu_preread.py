@@ -14,6 +14,13 @@ included; the best repeat is kept, the first acting as warm-up):
   decode_tok_s   B * (N - 1) / (t_N - t_1): generated tokens per second, whole batch
   per_seq_tok_s  (N - 1) / (t_N - t_1): tokens per second seen by one request
   studies_per_h  B * 3600 / t_N, one pre-read (one study, one image) per request
+  peak_gpu_gb    (CUDA) torch.cuda.max_memory_allocated over the batch's calls
+  peak_rss_gb    (CPU, where peak GPU memory does not exist) the whole process's peak resident
+                 set (VmHWM, reset before the batch): interpreter, torch, model and batch
+The peer of each figure is measured in the same run: vLLM against transformers at the same
+batch size (``ratios.vllm_over_transformers``) when vllm imports and CUDA is there, and each
+engine against itself at batch 1 (``ratios.vs_batch1``). Without vllm (or without CUDA) the
+report says so (``vllm_measured: false`` and the reason); it is never left out silently.
 
 Follow-up prefix cache (``--followup-cache``, instead of the batch measurements): the real
 sequence, per round and follow-up kind (describe: whole image + crop; localise: whole image
@@ -185,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _release(torch)
 
         report["vllm_results"] = _vllm(directory, args, system, prompt, device)
+        report["vllm_measured"] = not isinstance(report["vllm_results"], str)
+        report["ratios"] = _ratios(report)
 
     _print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +209,8 @@ def _measure(
     prep, first, full = [], [], []
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        rss_reset = _reset_peak_rss()
     one = [_with_budget(request, 1) for request in requests]
     engine.generate(one, generation_kwargs={"min_new_tokens": 1})  # untimed: first-shape costs
     for _ in range(repeats):
@@ -222,7 +233,68 @@ def _measure(
     }
     if engine.device.type == "cuda":
         result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    else:  # None where the counter could not be reset: a lifetime peak would mislead
+        result["peak_rss_gb"] = _peak_rss_gb() if rss_reset else None
     return result
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (VmHWM; Linux ``clear_refs`` 5); False if not."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_gb() -> float | None:
+    """This process's peak resident set since the last reset, in GB (10^9 bytes)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) * 1024 / 1e9, 3)
+    return None
+
+
+def _ratios(report: dict[str, Any]) -> dict[str, Any]:
+    """Each engine against itself at batch 1, and vLLM against transformers per batch size.
+
+    studies_per_h and ttft_s as ratios (studies/h above 1: more; TTFT above 1: slower).
+    """
+    engines = {"transformers": report["transformers_results"]}
+    if report["vllm_measured"]:
+        engines["vllm"] = report["vllm_results"]
+    rows = {
+        name: {row["batch"]: row for row in results if "error" not in row}
+        for name, results in engines.items()
+    }
+    vs_batch1: dict[str, dict[int, dict[str, float]]] = {}
+    for name, by_batch in rows.items():
+        if 1 in by_batch:
+            one = by_batch[1]
+            vs_batch1[name] = {
+                batch: {
+                    "studies_per_h": round(row["studies_per_h"] / one["studies_per_h"], 2),
+                    "ttft_s": round(row["ttft_s"] / one["ttft_s"], 2),
+                }
+                for batch, row in by_batch.items()
+            }
+    ratios: dict[str, Any] = {"vs_batch1": vs_batch1}
+    if "vllm" in rows:
+        ratios["vllm_over_transformers"] = {
+            batch: {
+                "studies_per_h": round(row["studies_per_h"] / ours["studies_per_h"], 2),
+                "ttft_s": round(row["ttft_s"] / ours["ttft_s"], 2),
+            }
+            for batch, row in rows["vllm"].items()
+            if (ours := rows["transformers"].get(batch)) is not None
+        }
+    else:
+        ratios["vllm_over_transformers"] = "not measured: " + str(report["vllm_results"])
+    return ratios
 
 
 def _followup_cache(
@@ -370,11 +442,11 @@ def _vllm(
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
-        print("vllm not installed: skipped")
-        return "vllm not installed: skipped"
+        print("vllm not installed: vLLM NOT measured")
+        return "vllm not installed: vLLM not measured"
     if device != "cuda":
-        print("vllm needs CUDA: skipped")
-        return "vllm needs CUDA: skipped"
+        print("vllm needs CUDA: vLLM NOT measured")
+        return "vllm needs CUDA: vLLM not measured"
     from workers.engines.vllm import png_data_url
 
     try:
@@ -426,11 +498,23 @@ def _vllm(
                 llm.chat(conversations, full, use_tqdm=False)
                 t_ns.append(time.perf_counter() - started)
             rates = _rates(batch, args.new_tokens, min(t_1s), min(t_ns))
-            results.append({"batch": batch, **rates})
+            results.append({"batch": batch, **rates, "gpu_in_use_gb": _gpu_in_use_gb()})
         return results
     except Exception as exc:  # report and keep the transformers numbers
         print(f"vllm failed: {exc!r}")
         return f"vllm failed: {exc!r}"[:500]
+
+
+def _gpu_in_use_gb() -> float | None:
+    """Memory in use on the whole device (GB): vLLM's engine runs in another process and
+    reserves ``gpu_memory_utilization`` of the device up front, so this is its reservation,
+    not a peak of what the batch needed."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return round((total - free) / 1e9, 2)
 
 
 def _preread_prompt(text_tokens: int) -> tuple[str, str]:
@@ -488,10 +572,11 @@ def _print_table(report: dict[str, Any]) -> None:
     )
     header = (
         f"{'engine':<13}{'batch':>6}{'prep_s':>9}{'ttft_s':>9}{'total_s':>9}"
-        f"{'decode_tok/s':>14}{'per_seq_tok/s':>15}{'studies/h':>11}{'peak_GB':>9}"
+        f"{'decode_tok/s':>14}{'per_seq_tok/s':>15}{'studies/h':>11}{'x_b1':>7}{'peak_GB':>9}"
     )
     print(header)
     print("-" * len(header))
+    vs_batch1 = report["ratios"]["vs_batch1"]
     for engine, rows in (
         ("transformers", report["transformers_results"]),
         ("vllm", report["vllm_results"]),
@@ -503,17 +588,36 @@ def _print_table(report: dict[str, Any]) -> None:
             if "error" in row:
                 print(f"{engine:<13}{row['batch']:>6}  {row['error']}")
                 continue
+            x_b1 = vs_batch1.get(engine, {}).get(row["batch"], {}).get("studies_per_h")
+            peak = next((row[k] for k in PEAK_KEYS if row.get(k) is not None), None)
             print(
                 f"{engine:<13}{row['batch']:>6}{row.get('prep_s', float('nan')):>9.3f}"
                 f"{row['ttft_s']:>9.3f}{row['total_s']:>9.3f}{_num(row['decode_tok_s']):>14}"
                 f"{_num(row['per_seq_tok_s']):>15}{row['studies_per_h']:>11.1f}"
-                f"{row.get('peak_gpu_gb', float('nan')):>9.2f}"
+                f"{_num(x_b1, 2):>7}{_num(peak, 2):>9}"
+            )
+    print(
+        "x_b1: studies/h over the same engine's at batch 1. peak_GB: torch's peak allocation "
+        "(CUDA),\nthe process's peak RSS (CPU), or for vLLM the device memory in use "
+        "(its up-front reservation)."
+    )
+    versus = report["ratios"]["vllm_over_transformers"]
+    if isinstance(versus, str):
+        print(f"vLLM / transformers: {versus}")
+    else:
+        for batch, ratio in versus.items():
+            print(
+                f"vLLM / transformers at batch {batch}: studies/h {ratio['studies_per_h']:.2f}, "
+                f"TTFT {ratio['ttft_s']:.2f}"
             )
 
 
-def _num(value: float | None) -> str:
-    """One decimal, or "n/a"."""
-    return "n/a" if value is None else f"{value:.1f}"
+PEAK_KEYS = ("peak_gpu_gb", "peak_rss_gb", "gpu_in_use_gb")
+
+
+def _num(value: float | None, decimals: int = 1) -> str:
+    """``decimals`` decimals, or "n/a"."""
+    return "n/a" if value is None else f"{value:.{decimals}f}"
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -1,4 +1,6 @@
-"""The GPU pre-read benchmark script runs end to end on a tiny CPU config (a smoke check)."""
+"""Benchmark scripts run end to end on tiny inputs (smoke checks; no timing is asserted):
+the GPU pre-read benchmark on a tiny CPU config, the node memory benchmark on a few small
+files against dcmtk storescp."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+from tests.peers import dcmtk
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_preread_tiny_prints_a_results_table(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     out = tmp_path / "gpu_preread.json"
     completed = subprocess.run(
         [
@@ -50,3 +53,53 @@ def test_gpu_preread_tiny_prints_a_results_table(tmp_path: Path) -> None:
     report = json.loads(out.read_text(encoding="utf-8"))
     assert [row["batch"] for row in report["transformers_results"]] == [1, 2]
     assert all(row["studies_per_h"] > 0 for row in report["transformers_results"])
+    # on the CPU the peak is the process's resident set; GPU memory does not exist there
+    assert all(row["peak_rss_gb"] > 0 for row in report["transformers_results"])
+    assert all("peak_gpu_gb" not in row for row in report["transformers_results"])
+    # vLLM's absence is stated, in the JSON and in the output, never left out silently
+    assert report["vllm_measured"] is False
+    assert "not measured" in report["vllm_results"]
+    assert "vllm" in report["ratios"]["vllm_over_transformers"]
+    assert set(report["ratios"]["vs_batch1"]["transformers"]) == {"1", "2"}
+    assert report["ratios"]["vs_batch1"]["transformers"]["1"]["studies_per_h"] == 1.0
+    assert any("NOT measured" in line for line in lines)
+
+
+def test_node_memory_measures_both_receivers_with_every_file(tmp_path: Path) -> None:
+    dcmtk("storescu")  # fails loudly when dcmtk is missing
+    dcmtk("storescp")
+    out = tmp_path / "node_memory.json"
+    argv = [
+        sys.executable, str(REPO / "bench" / "node_memory.py"),
+        "--associations", "3", "--images", "2", "--rows", "64", "--cols", "64",
+        "--data-dir", str(tmp_path / "data"), "--json", str(out),
+    ]  # fmt: skip
+    completed = subprocess.run(
+        argv,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert "ours/storescp" in completed.stdout
+
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["files"] == 6
+    assert report["measured"]["commit"]
+    runs = {run["receiver"]: run for run in report["runs"]}
+    assert set(runs) == {"ours", "storescp"}
+    for run in runs.values():
+        assert run["files"] == 6  # the script stops with an error when a file is missing
+        assert run["samples"] >= 1
+        assert 0 < run["idle_rss_mib"] <= run["peak_rss_mib"]
+        assert run["median_rss_mib"] <= run["peak_rss_mib"]
+        assert 0 < run["peak_pss_mib"] <= run["peak_rss_mib"]
+    assert runs["ours"]["peak_processes"] >= 1
+    # storescp serves each association in a forked child, which the tree sum includes
+    assert runs["storescp"]["peak_processes"] >= 2
+    ratio = report["summary"]["ours_over_storescp"]
+    for measure in ("peak_rss_mib", "median_rss_mib", "peak_pss_mib", "median_pss_mib"):
+        expected = report["summary"]["ours"][measure] / report["summary"]["storescp"][measure]
+        assert ratio[measure] == pytest.approx(expected, rel=0.01, abs=0.01)
