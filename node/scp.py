@@ -81,6 +81,7 @@ from node.netlimits import (
     limit_connection,
     peer_text,
 )
+from node.pynetdicom_io import read_in_large_chunks
 from node.settings import DicomSettings, TlsSettings
 from node.spool import (
     DISK_FULL,
@@ -300,6 +301,11 @@ def _end_unassociated_connection(event: evt.Event) -> None:
         queue.put(None)
 
 
+def _read_large_chunks(event: evt.Event) -> None:
+    """A new connection reads its PDUs in large chunks (node.pynetdicom_io)."""
+    read_in_large_chunks(event.assoc)
+
+
 def _failure(status: StoreStatus, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = int(status)
@@ -368,6 +374,7 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_association_end),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_CONN_CLOSE, _end_unassociated_connection),
+            (evt.EVT_CONN_OPEN, _read_large_chunks),
         ]
         ssl_context = make_ssl_context(self.settings.tls)
         if ssl_context is not None:
@@ -449,7 +456,9 @@ class StorageSCP:
             self.counters.refused += 1
             return self._receive_failed(receiving.error, calling_ae, rq_sop)
         try:
-            status = self._store(path, calling_ae, str(request.AffectedSOPClassUID or ""), rq_sop)
+            digest = receiving.digest() if receiving is not None else None
+            rq_class = str(request.AffectedSOPClassUID or "")
+            status = self._store(path, calling_ae, rq_class, rq_sop, digest)
         except Exception as exc:
             # Any unexpected failure: the sender gets a failure and may retry; nothing is lost.
             # One line (the traceback only at DEBUG): the message may quote what the peer sent.
@@ -488,8 +497,20 @@ class StorageSCP:
             return _failure(StoreStatus.OUT_OF_RESOURCES, "out of disk space on the node")
         return _failure(StoreStatus.OUT_OF_RESOURCES, "cannot write the received dataset")
 
-    def _store(self, path: Path, calling_ae: str, rq_class: str, rq_sop: str) -> int | Dataset:
-        """Store one received file. Returns the study row id, or a failure status dataset."""
+    def _store(
+        self,
+        path: Path,
+        calling_ae: str,
+        rq_class: str,
+        rq_sop: str,
+        digest: tuple[str, int] | None = None,
+    ) -> int | Dataset:
+        """Store one received file. Returns the study row id, or a failure status dataset.
+
+        ``digest``: (SHA-256, size) computed while the file was received
+        (:meth:`node.spool.ReceivingFile.digest`); used when the file still has that size,
+        else the file is hashed here.
+        """
         who, sop = peer_text(calling_ae), peer_text(rq_sop)
         limit = self.limits.max_dataset_bytes
         try:
@@ -569,7 +590,10 @@ class StorageSCP:
                 "SOP Instance/Class UID differ from the C-STORE request",
             )
 
-        sha256, size = sha256_of(path)
+        if digest is not None and digest[1] == path.stat().st_size:
+            sha256, size = digest
+        else:
+            sha256, size = sha256_of(path)
         identical, latest_revision = self.ledger.lookup_instance(header.sop_instance_uid, sha256)
         if identical is not None:
             self.counters.duplicates += 1

@@ -96,6 +96,10 @@ class ReceivingFile:
     """A dataset being written into the receive directory, as it arrives (the binary file
     object pynetdicom's chunked receive writes to and flushes; ``file`` is itself).
 
+    The SHA-256 of what is written is computed as it is written (:meth:`digest`), so the
+    stored file is not read a second time to hash it: every byte of the file passes through
+    :meth:`write`, in order, and nothing else writes to it.
+
     A failing write (disk full: ENOSPC, EDQUOT; any OSError, creating the file too) does not
     stop the transfer: the first error is kept in :attr:`error`, the partial file is deleted
     at once (its space freed), and the rest of the dataset is dropped as it comes, so the
@@ -106,6 +110,8 @@ class ReceivingFile:
     def __init__(self, directory: Path, prefix: str = "rx-", suffix: str = ".dcm") -> None:
         self.error: OSError | None = None
         self._file: BinaryIO | None = None
+        self._sha256 = hashlib.sha256()
+        self._size = 0
         try:
             fd, name = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=directory)
         except OSError as exc:
@@ -128,10 +134,20 @@ class ReceivingFile:
         """Write ``data``; after a failure, drop it. Returns ``len(data)`` either way."""
         if self._file is not None and self.error is None:
             try:
-                self._file.write(data)
+                self._file.write(data)  # buffered: all of it, or an OSError
             except OSError as exc:
                 self._fail(exc)
+            else:
+                self._sha256.update(data)
+                self._size += len(data)
         return len(data)
+
+    def digest(self) -> tuple[str, int] | None:
+        """(SHA-256 hex digest, size in bytes) of everything written so far, or None after
+        a failed write (the file is gone)."""
+        if self.error is not None or self._file is None:
+            return None
+        return self._sha256.hexdigest(), self._size
 
     def flush(self) -> None:
         if self._file is not None and self.error is None:

@@ -8,6 +8,7 @@ any machine."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import resource
 import signal
 from collections.abc import Iterator
@@ -45,6 +46,17 @@ def test_a_dataset_that_fits_is_written_whole(tmp_path: Path) -> None:
     assert Path(receiving.name).stat().st_mode & 0o777 == 0o600
 
 
+def test_the_digest_is_of_exactly_the_bytes_in_the_file(tmp_path: Path) -> None:
+    receiving = ReceivingFile(tmp_path)
+    for i in range(50):
+        receiving.write(bytes([i]) * (1000 + 37 * i))
+        receiving.flush()
+    digest = receiving.digest()
+    receiving.close()
+    stored = Path(receiving.name).read_bytes()
+    assert digest == (hashlib.sha256(stored).hexdigest(), len(stored))
+
+
 def test_a_failed_write_deletes_the_partial_file_and_drops_the_rest(
     tmp_path: Path, file_size_limit: int
 ) -> None:
@@ -59,6 +71,7 @@ def test_a_failed_write_deletes_the_partial_file_and_drops_the_rest(
     assert receiving.error.errno == errno.EFBIG
     assert not Path(receiving.name).exists(), "partial file left behind"
     assert receiving.write(chunk) == len(chunk)  # the rest of the dataset: dropped, no error
+    assert receiving.digest() is None  # no file, so no digest of one
     receiving.file.flush()
     receiving.close()
     assert receiving.closed
