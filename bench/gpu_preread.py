@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -230,6 +231,9 @@ def _measure(
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "prep_s": round(min(prep), 4),
         **_rates(batch, new_tokens, t_1, t_n),
+        # the machine's 1-minute load average after the batch: on a shared CPU, other work
+        # slows the runs (the best repeat is kept, which removes some of it)
+        "load1_after": round(os.getloadavg()[0], 2),
     }
     if engine.device.type == "cuda":
         result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
@@ -573,6 +577,7 @@ def _print_table(report: dict[str, Any]) -> None:
     header = (
         f"{'engine':<13}{'batch':>6}{'prep_s':>9}{'ttft_s':>9}{'total_s':>9}"
         f"{'decode_tok/s':>14}{'per_seq_tok/s':>15}{'studies/h':>11}{'x_b1':>7}{'peak_GB':>9}"
+        f"{'load1':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -594,12 +599,13 @@ def _print_table(report: dict[str, Any]) -> None:
                 f"{engine:<13}{row['batch']:>6}{row.get('prep_s', float('nan')):>9.3f}"
                 f"{row['ttft_s']:>9.3f}{row['total_s']:>9.3f}{_num(row['decode_tok_s']):>14}"
                 f"{_num(row['per_seq_tok_s']):>15}{row['studies_per_h']:>11.1f}"
-                f"{_num(x_b1, 2):>7}{_num(peak, 2):>9}"
+                f"{_num(x_b1, 2):>7}{_num(peak, 2):>9}{_num(row.get('load1_after'), 2):>7}"
             )
     print(
         "x_b1: studies/h over the same engine's at batch 1. peak_GB: torch's peak allocation "
         "(CUDA),\nthe process's peak RSS (CPU), or for vLLM the device memory in use "
-        "(its up-front reservation)."
+        "(its up-front reservation).\nload1: the machine's 1-minute load average after "
+        "the batch (other work on a shared machine)."
     )
     versus = report["ratios"]["vllm_over_transformers"]
     if isinstance(versus, str):
