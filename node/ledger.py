@@ -34,16 +34,28 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
+    case,
     func,
+    insert,
     not_,
     or_,
     select,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from node.db import Base, Database, insert_new, make_engine, process_owner, utcnow
+from node.db import (
+    Base,
+    Database,
+    insert_new,
+    make_engine,
+    process_owner,
+    table_of,
+    utcnow,
+)
 from node.settings import QueueSettings
 from sr_templates.model import Anchor, PrereadResult
 
@@ -345,22 +357,31 @@ class StudyLedger:
     def lookup_instance(
         self, sop_instance_uid: str, sha256: str
     ) -> tuple[InstanceSummary | None, int]:
-        """(the revision holding exactly these bytes or None, the latest revision number or 0)."""
-        with self.db.transaction() as s:
-            rows = s.execute(
-                select(Instance, Series.series_uid)
-                .join(Series, Series.id == Instance.series_id)
-                .where(Instance.sop_instance_uid == sop_instance_uid)
-            ).all()
-            identical = next(
-                (
-                    _instance_summary(i, uid)
-                    for i, uid in rows
-                    if i.sha256 == sha256 and i.purged_at is None
-                ),
-                None,
-            )
-            return identical, max((i.revision for i, _ in rows), default=0)
+        """(the revision holding exactly these bytes or None, the latest revision number or 0).
+
+        Once per C-STORE, so a plain read (SQL expression, no ORM session): the SCP's hot path.
+        """
+        with self.engine.connect() as conn:
+            rows = conn.execute(_LOOKUP, {"sop": sop_instance_uid}).all()
+        identical = next(
+            (
+                InstanceSummary(
+                    r.study_id,
+                    r.sop_instance_uid,
+                    r.revision,
+                    r.sop_class_uid,
+                    r.transfer_syntax_uid,
+                    r.series_uid,
+                    r.path,
+                    r.sha256,
+                    r.size_bytes,
+                )
+                for r in rows
+                if r.sha256 == sha256 and r.purged_at is None
+            ),
+            None,
+        )
+        return identical, max((r.revision for r in rows), default=0)
 
     def record_instance(
         self,
@@ -372,99 +393,19 @@ class StudyLedger:
         revision: int,
         calling_ae: str,
     ) -> RecordOutcome:
-        """Record a stored instance in the open version of its study (creating one if needed)."""
+        """Record a stored instance in the open version of its study (creating one if needed).
+
+        One transaction of SQL expressions (no ORM unit of work): it runs once per C-STORE,
+        before the response.
+        """
         for attempt in range(3):
             try:
-                with self._lock, self.db.transaction() as s:
-                    return self._record(s, header, path, sha256, size_bytes, revision, calling_ae)
+                with self._lock, self.engine.begin() as conn:
+                    return _record(conn, header, path, sha256, size_bytes, revision, calling_ae)
             except IntegrityError:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
-
-    def _record(
-        self,
-        s: Session,
-        h: InstanceHeader,
-        path: str,
-        sha256: str,
-        size_bytes: int,
-        revision: int,
-        calling_ae: str,
-    ) -> RecordOutcome:
-        now = utcnow()
-        existing = s.execute(
-            select(Instance).where(
-                Instance.sop_instance_uid == h.sop_instance_uid,
-                Instance.sha256 == sha256,
-                Instance.purged_at.is_(None),
-            )
-        ).scalar_one_or_none()
-        if existing is not None:
-            study = s.get(Study, existing.study_id)
-            assert study is not None
-            return RecordOutcome(study.id, study.version, existing.revision, duplicate=True)
-
-        latest = s.execute(
-            select(Study)
-            .where(Study.study_uid == h.study_uid)
-            .order_by(Study.version.desc())
-            .limit(1)
-            .with_for_update()
-        ).scalar_one_or_none()
-        if latest is None or latest.state != StudyState.RECEIVED.value:
-            study = Study(
-                study_uid=h.study_uid,
-                version=1 if latest is None else latest.version + 1,
-                state=StudyState.RECEIVED.value,
-                created_at=now,
-            )
-            s.add(study)
-            s.flush()
-        else:
-            study = latest
-        study.patient_id = study.patient_id or h.patient_id[:64]
-        study.accession_number = study.accession_number or h.accession_number[:64]
-        study.study_date = study.study_date or h.study_date[:8]
-        study.study_description = study.study_description or h.study_description[:128]
-        study.instance_count += 1
-        study.last_instance_at = now
-        study.updated_at = now
-
-        series = s.execute(
-            select(Series).where(Series.study_id == study.id, Series.series_uid == h.series_uid)
-        ).scalar_one_or_none()
-        if series is None:
-            series = Series(
-                study_id=study.id,
-                series_uid=h.series_uid,
-                modality=h.modality[:16],
-                body_part=h.body_part[:64],
-                view_position=h.view_position[:16],
-                series_description=h.series_description[:128],
-                protocol_name=h.protocol_name[:128],
-                instance_count=0,
-            )
-            s.add(series)
-            s.flush()
-        series.instance_count += 1
-        s.add(
-            Instance(
-                study_id=study.id,
-                series_id=series.id,
-                study_uid=h.study_uid,
-                sop_instance_uid=h.sop_instance_uid,
-                revision=revision,
-                sop_class_uid=h.sop_class_uid,
-                transfer_syntax_uid=h.transfer_syntax_uid,
-                path=path,
-                sha256=sha256,
-                size_bytes=size_bytes,
-                calling_ae=calling_ae[:16],
-                received_at=now,
-            )
-        )
-        return RecordOutcome(study.id, study.version, revision, duplicate=False)
 
     # --- study state -------------------------------------------------------------------
 
@@ -1014,6 +955,137 @@ class StudyLedger:
     def instance_count(self) -> int:
         with self.db.transaction() as s:
             return int(s.execute(select(func.count()).select_from(Instance)).scalar_one())
+
+
+_I, _S, _SE = table_of(Instance), table_of(Study), table_of(Series)
+# every revision of one SOP instance, with its series UID (lookup_instance)
+_LOOKUP = (
+    select(
+        _I.c.study_id,
+        _I.c.sop_instance_uid,
+        _I.c.revision,
+        _I.c.sop_class_uid,
+        _I.c.transfer_syntax_uid,
+        _SE.c.series_uid,
+        _I.c.path,
+        _I.c.sha256,
+        _I.c.size_bytes,
+        _I.c.purged_at,
+    )
+    .join(_SE, _SE.c.id == _I.c.series_id)
+    .where(_I.c.sop_instance_uid == bindparam("sop"))
+)
+
+
+def _keep_or(column: Any, value: str) -> Any:
+    """SQL for ``column or value``: a header fact is kept from the study's first instance."""
+    return case((column == "", value), else_=column)
+
+
+def _record(
+    conn: Connection,
+    h: InstanceHeader,
+    path: str,
+    sha256: str,
+    size_bytes: int,
+    revision: int,
+    calling_ae: str,
+) -> RecordOutcome:
+    """record_instance's transaction: the study version and series rows (created or
+    counted up) and the instance row, unless these exact bytes are already recorded."""
+    now = utcnow()
+    existing = conn.execute(
+        select(_I.c.revision, _S.c.id, _S.c.version)
+        .join(_S, _S.c.id == _I.c.study_id)
+        .where(
+            _I.c.sop_instance_uid == h.sop_instance_uid,
+            _I.c.sha256 == sha256,
+            _I.c.purged_at.is_(None),
+        )
+    ).first()
+    if existing is not None:
+        return RecordOutcome(existing.id, existing.version, existing.revision, duplicate=True)
+
+    latest = conn.execute(
+        select(_S.c.id, _S.c.version, _S.c.state)
+        .where(_S.c.study_uid == h.study_uid)
+        .order_by(_S.c.version.desc())
+        .limit(1)
+        .with_for_update()
+    ).first()
+    if latest is None or latest.state != StudyState.RECEIVED.value:
+        version = 1 if latest is None else latest.version + 1
+        study_id = conn.execute(
+            insert(_S)
+            .values(
+                study_uid=h.study_uid,
+                version=version,
+                state=StudyState.RECEIVED.value,
+                patient_id=h.patient_id[:64],
+                accession_number=h.accession_number[:64],
+                study_date=h.study_date[:8],
+                study_description=h.study_description[:128],
+                instance_count=1,
+                created_at=now,
+                updated_at=now,
+                last_instance_at=now,
+            )
+            .returning(_S.c.id)
+        ).scalar_one()
+    else:
+        study_id, version = latest.id, latest.version
+        conn.execute(
+            update(_S)
+            .where(_S.c.id == study_id)
+            .values(
+                patient_id=_keep_or(_S.c.patient_id, h.patient_id[:64]),
+                accession_number=_keep_or(_S.c.accession_number, h.accession_number[:64]),
+                study_date=_keep_or(_S.c.study_date, h.study_date[:8]),
+                study_description=_keep_or(_S.c.study_description, h.study_description[:128]),
+                instance_count=_S.c.instance_count + 1,
+                last_instance_at=now,
+                updated_at=now,
+            )
+        )
+
+    series_id = conn.execute(
+        update(_SE)
+        .where(_SE.c.study_id == study_id, _SE.c.series_uid == h.series_uid)
+        .values(instance_count=_SE.c.instance_count + 1)
+        .returning(_SE.c.id)
+    ).scalar_one_or_none()
+    if series_id is None:
+        series_id = conn.execute(
+            insert(_SE)
+            .values(
+                study_id=study_id,
+                series_uid=h.series_uid,
+                modality=h.modality[:16],
+                body_part=h.body_part[:64],
+                view_position=h.view_position[:16],
+                series_description=h.series_description[:128],
+                protocol_name=h.protocol_name[:128],
+                instance_count=1,
+            )
+            .returning(_SE.c.id)
+        ).scalar_one()
+    conn.execute(
+        insert(_I).values(
+            study_id=study_id,
+            series_id=series_id,
+            study_uid=h.study_uid,
+            sop_instance_uid=h.sop_instance_uid,
+            revision=revision,
+            sop_class_uid=h.sop_class_uid,
+            transfer_syntax_uid=h.transfer_syntax_uid,
+            path=path,
+            sha256=sha256,
+            size_bytes=size_bytes,
+            calling_ae=calling_ae[:16],
+            received_at=now,
+        )
+    )
+    return RecordOutcome(study_id, version, revision, duplicate=False)
 
 
 def run_owner_gone(owner: str | None) -> bool:
