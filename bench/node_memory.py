@@ -7,7 +7,9 @@ senders are imported, not copied):
 
   ours      ``python -m node.cli serve`` (what ``medgemma-node serve`` runs: SCP, FHIR API
             and the embedded worker with the demo engine, the quiet period out of reach so
-            no pre-read runs): the serve process and every process below it;
+            no pre-read runs; ``dicom.max_associations`` and ``max_associations_per_host``
+            raised to N + 2, since every sender connects from 127.0.0.1): the serve process
+            and every process below it;
   storescp  dcmtk ``storescp --fork``: the listening parent plus the child it forks for
             each association, summed.
 
@@ -39,6 +41,7 @@ Needs dcmtk 3.6 (``/usr/bin/storescu``, ``storescp``; see bench/README.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -48,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import bench.ingest  # noqa: E402
 from bench.ingest import (  # noqa: E402
     PROPOSE_FLAG,
     STORESCP,
@@ -164,6 +168,46 @@ class TreeSampler:
             next_at += self.interval
             self._stop.wait(max(0.0, next_at - time.perf_counter()))
         self.cpu_seconds = time.thread_time() - cpu0
+
+
+# --------------------------------------------------------------------------------------
+# Receivers
+
+
+class LoadedScp(OurScp):
+    """bench/ingest.py's ``serve`` receiver with the association limits raised to the run's
+    concurrency: the defaults (``dicom.max_associations`` 16, ``max_associations_per_host``
+    8) refuse most of 20 senders that all connect from 127.0.0.1.
+
+    OurScp builds its environment inside ``start``; until it takes extra settings, the
+    ``start_node`` it calls is wrapped for the call to add these (its own settings kept).
+    """
+
+    def __init__(self, associations: int) -> None:
+        super().__init__()
+        slots = str(associations + 2)  # + the readiness C-ECHO's connection, still closing
+        self.settings = {
+            "MEDGEMMA_NODE_DICOM__MAX_ASSOCIATIONS": slots,
+            "MEDGEMMA_NODE_DICOM__MAX_ASSOCIATIONS_PER_HOST": slots,
+        }
+
+    def start(self, run_dir: Path, log: Path) -> int:
+        with _node_settings(self.settings):
+            return super().start(run_dir, log)
+
+
+@contextlib.contextmanager
+def _node_settings(settings: Mapping[str, str]) -> Iterator[None]:
+    original = bench.ingest.start_node
+
+    def start_node(*args: Any, env: Mapping[str, str] | None = None, **kwargs: Any) -> Any:
+        return original(*args, env={**(env or {}), **settings}, **kwargs)
+
+    bench.ingest.start_node = start_node
+    try:
+        yield
+    finally:
+        bench.ingest.start_node = original
 
 
 # --------------------------------------------------------------------------------------
@@ -363,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = data_dir.parent / "logs"
     work_root.mkdir(parents=True, exist_ok=True)
     env = dcmtk_environment(nagle=False)
-    receivers: list[Receiver] = [OurScp(), DcmtkStorescp(STORESCP_ARGS, env)]
+    receivers: list[Receiver] = [LoadedScp(args.associations), DcmtkStorescp(STORESCP_ARGS, env)]
     runs: list[MemoryRun] = []
     try:
         data = ensure_data(data_dir, args.syntax, count, args.rows, args.cols, args.seed)
