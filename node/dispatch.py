@@ -58,7 +58,7 @@ def error_summary(exc: BaseException, limit: int = 160) -> str:
 class Dispatcher(Protocol):
     def send_preread(self, study_uid: str, version: int) -> str: ...
 
-    def send_followup(self, question_id: str) -> str: ...
+    def send_followup(self, question_id: str, route: str = "") -> str: ...
 
     def queue_depth(self) -> int | None: ...
 
@@ -89,13 +89,20 @@ class CeleryDispatcher:
         self._send(PREREAD_TASK, [study_uid, version], task_id, self.preread_queue)
         return task_id
 
-    def send_followup(self, question_id: str) -> str:
-        """Queue a follow-up question (its id) on the follow-up queue."""
+    def send_followup(self, question_id: str, route: str = "") -> str:
+        """Queue a follow-up question (its id) on the follow-up queue, or with ``route`` (a
+        worker's Celery node name) on that worker's direct queue (``worker_direct``); the
+        route travels in the message so that the worker can tell a stale one."""
         task_id = followup_task_id(question_id)
-        self._send(FOLLOWUP_TASK, [question_id], task_id, self.followup_queue)
+        if route:
+            from celery.utils.nodenames import worker_direct
+
+            self._send(FOLLOWUP_TASK, [question_id, route], task_id, worker_direct(route))
+        else:
+            self._send(FOLLOWUP_TASK, [question_id], task_id, self.followup_queue)
         return task_id
 
-    def _send(self, task: str, args: list[object], task_id: str, queue: str) -> None:
+    def _send(self, task: str, args: list[object], task_id: str, queue: object) -> None:
         """Hand one task to the broker by name, with a short bounded retry."""
         try:
             self.app.send_task(
@@ -170,7 +177,8 @@ class InProcessDispatcher:
         self._queue.put((study_uid, version))
         return preread_task_id(study_uid, version)
 
-    def send_followup(self, question_id: str) -> str:
+    def send_followup(self, question_id: str, route: str = "") -> str:
+        """One process: every follow-up runs here (``route`` needs no queue of its own)."""
         if self._followup_handler is None:
             raise DispatchError("this process has no follow-up worker")
         self._followups.put(question_id)

@@ -3,6 +3,11 @@
 Long GPU work follows the nothing-lost rules: a message is acknowledged only after the
 task ends (acks_late), a worker takes one message at a time (prefetch 1), and a message
 whose worker died is given back to the queue (reject on worker lost).
+
+With ``queue.followup_affinity`` each worker also consumes its own direct queue
+(``worker_direct``: ``<node name>.dq2``), where the node sends the follow-ups of the
+studies whose image prefix it holds; its heartbeat, busy marks and held studies are
+written by :mod:`workers.affinity` from the signals below.
 """
 
 from __future__ import annotations
@@ -12,7 +17,15 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import (
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 from kombu import Queue
 
 from node.settings import Settings, get_settings
@@ -43,6 +56,7 @@ def make_celery(settings: Settings) -> Celery:
         },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        worker_direct=settings.queue.followup_affinity,
     )
     return app
 
@@ -60,6 +74,45 @@ def _load_engine(**_: Any) -> None:
     except Exception:
         # the first task fails with the same error and records it on the study
         logging.getLogger("medgemma.worker").exception("engine could not be loaded")
+
+
+if get_settings().queue.followup_affinity:
+    _heartbeat: list[Any] = []
+
+    @worker_init.connect
+    def _name_worker(sender: Any = None, **_: Any) -> None:
+        """The node name, before the pool forks: every pool process records it."""
+        from workers.affinity import set_worker_name
+
+        set_worker_name(str(getattr(sender, "hostname", "") or ""))
+
+    @worker_ready.connect
+    def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+        from workers.affinity import Heartbeat
+
+        if sender is None:
+            return
+        queues = [q.name for q in sender.task_consumer.queues]
+        beat = Heartbeat(get_settings(), str(sender.hostname), queues)
+        beat.start()
+        _heartbeat.append(beat)
+
+    @worker_shutdown.connect
+    def _stop_heartbeat(**_: Any) -> None:
+        while _heartbeat:
+            _heartbeat.pop().stop()
+
+    @task_prerun.connect
+    def _busy(**_: Any) -> None:
+        from workers.affinity import task_started
+
+        task_started(get_settings())
+
+    @task_postrun.connect
+    def _idle(**_: Any) -> None:
+        from workers.affinity import task_ended
+
+        task_ended(get_settings())
 
 
 if get_settings().logging.format == "json":

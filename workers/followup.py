@@ -301,18 +301,22 @@ def run_followup(
     question_id: str,
     store: FhirStore | None = None,
     engine: Engine | None = None,
+    *,
+    route: str = "",
 ) -> str:
     """Answer one follow-up question and store the answer.
 
+    route: where the message was sent ("" the shared queue, else this worker's name).
     Returns "answered", "failed" (the answer says why, status not-done) or "noop" when
-    the question is unknown or already answered (a redelivered task). Raises
+    the question is unknown or already answered (a redelivered task), or was re-sent to
+    the shared queue after this message was sent here (node.fhir.followups). Raises
     TransientTurnError when the engine is busy: the caller retries, then gives up with
     :func:`fail_followup`.
     """
     store = store or store_for(settings)
-    job = start_followup(store, question_id)
+    job = start_followup(store, question_id, route)
     if job is None:
-        log.info("follow-up %s already answered or unknown: nothing to do", question_id)
+        log.info("follow-up %s already answered, unknown or re-routed: nothing to do", question_id)
         return "noop"
     try:
         answer = answer_question(settings, store, job, engine)

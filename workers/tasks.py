@@ -38,12 +38,14 @@ FOLLOWUP_RETRIES = 3
 
 
 @app.task(name="medgemma.followup", bind=True, acks_late=True)
-def followup(self: Task, question_id: str) -> str:
+def followup(self: Task, question_id: str, route: str = "") -> str:
     """Answer one follow-up question; idempotent (an answered question is not redone).
 
+    route: the worker the node sent it to ("" = the shared queue); a message whose route
+    is no longer the question's (re-sent to the shared queue since) does nothing.
     A busy engine is retried with backoff, then the question is answered not-done."""
     try:
-        return run_followup(get_settings(), str(question_id))
+        return run_followup(get_settings(), str(question_id), route=str(route))
     except TransientTurnError as exc:
         if self.request.retries >= FOLLOWUP_RETRIES:
             fail_followup(

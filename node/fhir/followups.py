@@ -9,6 +9,15 @@ answer (:func:`finish_followup`: answer, amended resources, question status and 
 in one transaction).
 
     queued -> running -> answered | failed
+
+Routing (``queue.followup_affinity``): the publisher sends a question to the worker that
+holds its study's image prefix (:mod:`node.affinity`) when that worker is alive and idle,
+else to the shared follow-up queue. The choice is recorded on the job before the message
+is sent (``route``) and travels in the message; a job whose worker has not started it
+within ``queue.followup_affinity_wait_seconds``, or whose worker is gone (queued or
+running), is re-routed to the shared queue once (:func:`reroute_followups`), and a worker
+that later takes the first message finds the route changed and does nothing
+(:func:`start_followup` is a conditional update): answered once, never lost.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +34,7 @@ from typing import Any, Final
 
 from sqlalchemy import func, insert, select, update
 
+from node.affinity import WorkerRegistry
 from node.db import utcnow
 from node.delivery import backoff_seconds
 from node.dispatch import Dispatcher, DispatchError
@@ -47,6 +57,7 @@ class FollowupJob:
     answer_id: str
     error: str
     attempts: int
+    route: str | None = None  # None: not yet sent; "": the shared queue; else a worker
 
     @classmethod
     def of(cls, row: FollowupRow) -> FollowupJob:
@@ -60,6 +71,7 @@ class FollowupJob:
             row.answer_id,
             row.error,
             row.attempts,
+            row.route,
         )
 
     @property
@@ -167,19 +179,101 @@ def followup(store: FhirStore, job_id: str) -> FollowupJob | None:
         return FollowupJob.of(row) if row else None
 
 
-def start_followup(store: FhirStore, job_id: str) -> FollowupJob | None:
-    """Move a job to running (a redelivered one too); None when it is finished or unknown.
+def start_followup(store: FhirStore, job_id: str, route: str = "") -> FollowupJob | None:
+    """Move a job to running (a redelivered one too); None when it is finished or unknown,
+    or when ``route`` (where the message was sent: "" the shared queue, else a worker) is
+    not the job's route: a stale message of a job re-routed since.
 
-    This is what makes a redelivered follow-up task idempotent.
+    This is what makes a redelivered follow-up task idempotent. One conditional UPDATE, so
+    that it and :func:`reroute_followups` cannot both succeed on the same job.
     """
     with store.db.transaction() as s:
-        row = s.get(FollowupRow, job_id)
-        if row is None or row.state in (FollowupState.ANSWERED, FollowupState.FAILED):
+        result: Any = s.execute(
+            update(FollowupRow)
+            .where(
+                FollowupRow.id == job_id,
+                FollowupRow.state.not_in(_FINISHED),
+                func.coalesce(FollowupRow.route, "") == route,
+            )
+            .values(
+                state=FollowupState.RUNNING.value,
+                attempts=FollowupRow.attempts + 1,
+                updated_at=utcnow(),
+            )
+        )
+        started = int(result.rowcount)
+        if not started:
             return None
-        row.state = FollowupState.RUNNING.value
-        row.attempts += 1
-        row.updated_at = utcnow()
-        return FollowupJob.of(row)
+        row = s.get(FollowupRow, job_id)
+        return FollowupJob.of(row) if row else None
+
+
+_FINISHED: Final = (FollowupState.ANSWERED.value, FollowupState.FAILED.value)
+
+
+def assign_route(store: FhirStore, job_id: str, wanted: str) -> str:
+    """Where to send a job: ``wanted`` ("" = the shared queue, else a worker) when its
+    route is not decided yet and it is queued, else the route it already has."""
+    with store.db.transaction() as s:
+        s.execute(
+            update(FollowupRow)
+            .where(
+                FollowupRow.id == job_id,
+                FollowupRow.route.is_(None),
+                FollowupRow.state == FollowupState.QUEUED.value,
+            )
+            .values(route=wanted)
+        )
+        route = s.execute(select(FollowupRow.route).where(FollowupRow.id == job_id)).scalar()
+    return route or ""
+
+
+def reroute_followups(
+    store: FhirStore, wait_seconds: float, gone: Callable[[str], bool], limit: int = 100
+) -> list[str]:
+    """Move to the shared queue the jobs sent to a worker that did not start them within
+    ``wait_seconds`` or is ``gone`` (queued, or running when it went: queued again); they
+    become unsent (the caller publishes them; else the unsent sweep finds them). Each move
+    is conditional on the job being unchanged."""
+    cutoff = utcnow() - timedelta(seconds=wait_seconds)
+    with store.db.transaction() as s:
+        rows = s.execute(
+            select(FollowupRow.id, FollowupRow.state, FollowupRow.route, FollowupRow.sent_at)
+            .where(
+                FollowupRow.state.in_([FollowupState.QUEUED.value, FollowupState.RUNNING.value]),
+                FollowupRow.route.is_not(None),
+                FollowupRow.route != "",
+            )
+            .limit(limit)
+        ).all()
+    moved: list[str] = []
+    for job_id, state, route, sent_at in rows:
+        route = str(route)
+        late = state == FollowupState.QUEUED.value and sent_at is not None and sent_at <= cutoff
+        if not late and not gone(route):
+            continue
+        with store.db.transaction() as s:
+            result: Any = s.execute(
+                update(FollowupRow)
+                .where(
+                    FollowupRow.id == job_id,
+                    FollowupRow.state == state,
+                    FollowupRow.route == route,
+                )
+                .values(
+                    route="", sent_at=None, state=FollowupState.QUEUED.value, updated_at=utcnow()
+                )
+            )
+            changed = int(result.rowcount)
+        if changed:
+            log.info(
+                "follow-up %s re-sent to the shared queue: worker %s %s",
+                job_id,
+                route,
+                "did not start it in time" if late else "is gone",
+            )
+            moved.append(job_id)
+    return moved
 
 
 def finish_followup(
@@ -274,6 +368,31 @@ class QuestionWriter:
         self._thread.join(timeout=10)
 
 
+@dataclass(frozen=True)
+class FollowupRouting:
+    """How the publisher routes questions to the worker holding their study (see the
+    module docstring): the registry, the follow-up queue a holder must consume, and how
+    long a worker has to start a question before it goes to the shared queue."""
+
+    registry: WorkerRegistry
+    queue: str
+    wait_seconds: float
+
+    @property
+    def check_seconds(self) -> float:
+        return min(2.0, self.wait_seconds / 2)
+
+    def holder(self, study_uid: str) -> str:
+        try:
+            return self.registry.holder(study_uid, self.queue)
+        except Exception:  # no routing is better than no sending
+            log.exception("could not look up the worker holding a study")
+            return ""
+
+    def gone(self, worker: str) -> bool:
+        return not self.registry.alive(worker)
+
+
 class FollowupPublisher:
     """Hands stored questions to the work queue from a background thread.
 
@@ -292,11 +411,13 @@ class FollowupPublisher:
         *,
         retry_base: float = 1.0,
         unsent_after: float = 10.0,
+        routing: FollowupRouting | None = None,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.retry_base = retry_base
         self.unsent_after = unsent_after  # seconds: younger ones are still being published
+        self.routing = routing
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._pending: set[str] = set()
         self._lock = threading.Lock()
@@ -313,11 +434,14 @@ class FollowupPublisher:
 
     def _run(self) -> None:
         failures = 0
-        next_sweep = time.monotonic()
+        next_sweep = next_reroute = time.monotonic()
         while not self._stop.is_set():
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + self.SWEEP_SECONDS
                 self._sweep()
+            if self.routing is not None and time.monotonic() >= next_reroute:
+                next_reroute = time.monotonic() + self.routing.check_seconds
+                self._reroute(self.routing)
             try:
                 first = self._queue.get(timeout=1.0)
             except queue.Empty:
@@ -355,7 +479,11 @@ class FollowupPublisher:
         sent: list[str] = []
         for i, job_id in enumerate(batch):
             try:
-                self.dispatcher.send_followup(job_id)
+                route = self._route(job_id)
+                if route:
+                    self.dispatcher.send_followup(job_id, route)
+                else:
+                    self.dispatcher.send_followup(job_id)
             except DispatchError as exc:
                 log.warning(
                     "%d follow-up question(s) wait for the queue (%s); retrying",
@@ -364,8 +492,29 @@ class FollowupPublisher:
                 )
                 return sent, batch[i:]
             sent.append(job_id)
-            log.info("follow-up %s queued", job_id)
+            log.info("follow-up %s queued%s", job_id, f" for worker {route}" if route else "")
         return sent, []
+
+    def _route(self, job_id: str) -> str:
+        """The job's route, decided (and recorded) before its first send."""
+        if self.routing is None:
+            return ""
+        job = followup(self.store, job_id)
+        if job is None:
+            return ""
+        if job.route is not None:
+            return job.route
+        wanted = self.routing.holder(job.study_uid) if job.study_uid else ""
+        return assign_route(self.store, job_id, wanted)
+
+    def _reroute(self, routing: FollowupRouting) -> None:
+        try:
+            moved = reroute_followups(self.store, routing.wait_seconds, routing.gone)
+        except Exception:
+            log.exception("could not look for follow-ups to re-route")
+            return
+        for job_id in moved:
+            self.publish(job_id)
 
     def _sweep(self) -> None:
         try:
@@ -385,14 +534,17 @@ class FollowupPublisher:
 __all__ = [
     "FollowupJob",
     "FollowupPublisher",
+    "FollowupRouting",
     "NewQuestion",
     "QuestionWriter",
+    "assign_route",
     "create_followup",
     "create_followups",
     "finish_followup",
     "followup",
     "followup_counts",
     "mark_sent",
+    "reroute_followups",
     "start_followup",
     "unsent_followups",
 ]

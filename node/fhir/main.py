@@ -26,13 +26,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node import __version__
+from node.affinity import WorkerRegistry
 from node.dispatch import Dispatcher
 from node.fhir import FHIR_JSON
 from node.fhir.audit import AccessRecord, AuditTrail
 from node.fhir.auth import Authenticator
 from node.fhir.deps import DB_THREADS, ApiContext
 from node.fhir.errors import FhirError, outcome_body
-from node.fhir.followups import FollowupPublisher, QuestionWriter
+from node.fhir.followups import FollowupPublisher, FollowupRouting, QuestionWriter
 from node.fhir.resources import fast_id
 from node.fhir.routers import (
     audit_event,
@@ -234,6 +235,18 @@ async def _metrics_route(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE)
 
 
+def followup_routing(settings: Settings, store: FhirStore) -> FollowupRouting | None:
+    """Follow-ups to the worker holding their study (``queue.followup_affinity``), with
+    Celery workers only: the embedded worker of ``serve`` is one process."""
+    queue = settings.queue
+    if not queue.followup_affinity or not queue.broker_url:
+        return None
+    registry = WorkerRegistry(
+        store.db.engine, queue.worker_heartbeat_seconds, queue.task_time_limit_seconds
+    )
+    return FollowupRouting(registry, queue.followup_queue, queue.followup_affinity_wait_seconds)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -253,7 +266,9 @@ def create_app(
         audit=trail,
         db_limiter=CapacityLimiter(DB_THREADS),
         writer=QuestionWriter(store) if dispatcher is not None else None,
-        publisher=FollowupPublisher(store, dispatcher) if dispatcher is not None else None,
+        publisher=FollowupPublisher(store, dispatcher, routing=followup_routing(settings, store))
+        if dispatcher is not None
+        else None,
     )
 
     @asynccontextmanager

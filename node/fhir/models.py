@@ -93,6 +93,10 @@ class FollowupRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # to the queue
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # where it is sent: NULL not yet decided, "" the shared follow-up queue, else the Celery
+    # node name of the worker that holds the study (node.affinity); decided once, and only
+    # ever changed from a worker to "" (the fallback), so a stale message is recognised
+    route: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class SubscriptionDeliveryRow(DeliveryColumns, Base):

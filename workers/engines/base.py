@@ -65,6 +65,14 @@ def prefix_metadata(study_uid: str) -> dict[str, str]:
     return {"study_uid": study_uid, "prefix_images": "1"}
 
 
+def held_studies(engine: object) -> list[str]:
+    """The studies whose image prefix ``engine`` keeps in this process (least recently used
+    first); [] for an engine that keeps none (the demo engine; vLLM keeps its cache in the
+    server, shared by every worker)."""
+    held = getattr(engine, "held_studies", None)
+    return list(held()) if callable(held) else []
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     """What every output names: the model, its revision, and whether it is the demo engine."""

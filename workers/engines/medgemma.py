@@ -225,6 +225,11 @@ class MedGemmaEngine:
             time.perf_counter() - started,
         )
 
+    def held_studies(self) -> list[str]:
+        """The studies whose image prefix this process keeps (``workers.engines.base``)."""
+        with self._lock:
+            return self.prefix_cache.studies() if self.prefix_cache.enabled else []
+
     @property
     def image_size(self) -> int:
         """The side, in pixels, that the processor resizes every image to (896 for MedGemma)."""
