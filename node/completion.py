@@ -1,8 +1,12 @@
 """Study completion, the pre-read decision, queueing, and the reconciler.
 
-A study version is complete after a quiet period with no new instance (and, when
-configured, when the sending association is released). A complete study is either
-skipped (not a chest radiograph, reason recorded) or queued for a pre-read. The
+A study version is complete when the association that sent it has ended and nothing new
+arrived for ``completion.release_grace_seconds`` after it (``on_association_release``, the
+common path), or after a quiet period with no new instance (``quiet_seconds``: an
+association that stays open, a caller in ``quiet_only_callers``, a node stopped before the
+grace time ended). The completion thread sleeps until the next of these is due (at most
+``poll_seconds``) and is woken by a release, so neither waits on a fixed poll. A complete
+study is either skipped (not a chest radiograph, reason recorded) or queued for a pre-read. The
 reconciler re-sends work stuck in complete, queued or running beyond a timeout (a lost
 broker message), running work whose run lease ran out (a dead worker stops renewing it)
 and, in ``serve``, at start what the node's previous process left queued or running; it
@@ -15,7 +19,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from datetime import datetime
 
+from node.db import utcnow
 from node.dispatch import Dispatcher, DispatchError, preread_task_id
 from node.ledger import LedgerError, StudyLedger, StudyState, StudySummary, run_owner_gone
 from node.rules import decide_study
@@ -30,7 +36,11 @@ class StudyCoordinator:
         self.ledger = ledger
         self.dispatcher = dispatcher
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a release to complete: look now, not at the next poll
         self._thread: threading.Thread | None = None
+        # study version id -> (monotonic time its grace ends, when it was released, UTC)
+        self._released: dict[int, tuple[float, datetime]] = {}
+        self._released_lock = threading.Lock()
 
     # --- completion --------------------------------------------------------------------
 
@@ -40,9 +50,66 @@ class StudyCoordinator:
         return done
 
     def complete_on_release(self, study_ids: set[int]) -> None:
-        """SCP callback: an association that stored into these studies has ended."""
-        if self.settings.completion.on_association_release:
-            self._route(self.ledger.complete_studies(sorted(study_ids)))
+        """SCP callback: an association that stored into these studies has ended.
+
+        With ``release_grace_seconds`` 0 they complete here and now; otherwise the
+        completion thread completes them once the grace time has passed, unless an instance
+        arrived meanwhile (another association of the same sender, whose own end counts).
+        Versions with an instance from a caller in ``quiet_only_callers`` are left to the
+        quiet period.
+        """
+        completion = self.settings.completion
+        if not completion.on_association_release:
+            return
+        released = utcnow()
+        if completion.release_grace_seconds <= 0:
+            self._route(
+                self.ledger.complete_studies(
+                    sorted(study_ids),
+                    quiet_since=released,
+                    except_callers=completion.quiet_only_callers,
+                )
+            )
+            return
+        due = time.monotonic() + completion.release_grace_seconds
+        with self._released_lock:
+            for study_id in study_ids:
+                self._released[study_id] = (due, released)
+        self._wake.set()
+
+    def complete_released_studies(self) -> list[StudySummary]:
+        """Complete the released study versions whose grace time has passed."""
+        now = time.monotonic()
+        by_release: dict[datetime, list[int]] = {}
+        with self._released_lock:
+            for study_id, (due, released) in list(self._released.items()):
+                if due <= now:
+                    del self._released[study_id]
+                    by_release.setdefault(released, []).append(study_id)
+        done: list[StudySummary] = []
+        for released, ids in by_release.items():
+            done += self.ledger.complete_studies(
+                sorted(ids),
+                quiet_since=released,
+                except_callers=self.settings.completion.quiet_only_callers,
+            )
+        self._route(done)
+        return done
+
+    def _next_wait(self) -> float:
+        """Seconds until the next completion may be due: a grace time or a quiet period
+        ending, at most ``poll_seconds`` (at least 10 ms, so a clock step cannot spin)."""
+        completion = self.settings.completion
+        wait = completion.poll_seconds
+        with self._released_lock:
+            if self._released:
+                due = min(d for d, _ in self._released.values())
+                wait = min(wait, due - time.monotonic())
+        last = self.ledger.last_open_instance_at()
+        if last is not None:
+            quiet_ends = (last - utcnow()).total_seconds() + completion.quiet_seconds
+            wait = min(wait, quiet_ends)
+        return max(0.01, wait)
 
     def _route(self, studies: Iterable[StudySummary]) -> None:
         for study in studies:
@@ -194,20 +261,28 @@ class StudyCoordinator:
         self._thread.start()
 
     def _loop(self) -> None:
-        poll = self.settings.completion.poll_seconds
         next_reconcile = time.monotonic() + self.settings.queue.reconcile_interval_seconds
-        while not self._stop.wait(poll):
+        wait = self.settings.completion.poll_seconds
+        while True:
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
+                self.complete_released_studies()
                 self.complete_quiet_studies()
                 if time.monotonic() >= next_reconcile:
                     self.reconcile()
                     next_reconcile = (
                         time.monotonic() + self.settings.queue.reconcile_interval_seconds
                     )
+                wait = self._next_wait()
             except Exception:
                 log.exception("completion loop iteration failed; continuing")
+                wait = self.settings.completion.poll_seconds
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)

@@ -459,21 +459,43 @@ class StudyLedger:
                 self._transition(s, study, StudyState.COMPLETE)
             return [StudySummary.of(x) for x in rows]
 
-    def complete_studies(self, study_ids: Sequence[int]) -> list[StudySummary]:
-        """Close the given open study versions now (``complete on association release``)."""
-        with self._lock, self.db.transaction() as s:
-            rows = (
-                s.execute(
-                    select(Study).where(
-                        Study.id.in_(list(study_ids)), Study.state == StudyState.RECEIVED.value
-                    )
-                )
-                .scalars()
-                .all()
+    def complete_studies(
+        self,
+        study_ids: Sequence[int],
+        *,
+        quiet_since: datetime | None = None,
+        except_callers: Sequence[str] = (),
+    ) -> list[StudySummary]:
+        """Close the given open study versions now (``complete on association release``).
+
+        ``quiet_since`` (naive UTC): only versions that received nothing after it (another
+        association went on sending into the study). ``except_callers``: not versions that
+        received an instance from one of these calling AE titles (they wait for the quiet
+        period).
+        """
+        conditions = [Study.id.in_(list(study_ids)), Study.state == StudyState.RECEIVED.value]
+        if quiet_since is not None:
+            conditions.append(Study.last_instance_at <= quiet_since)
+        if except_callers:
+            from_listed = select(Instance.study_id).where(
+                Instance.calling_ae.in_(list(except_callers))
             )
+            conditions.append(Study.id.not_in(from_listed))
+        with self._lock, self.db.transaction() as s:
+            rows = s.execute(select(Study).where(*conditions)).scalars().all()
             for study in rows:
                 self._transition(s, study, StudyState.COMPLETE)
             return [StudySummary.of(x) for x in rows]
+
+    def last_open_instance_at(self) -> datetime | None:
+        """The oldest ``last_instance_at`` of an open (received) study version, naive UTC:
+        the next quiet-period completion is due ``quiet_seconds`` after it."""
+        with self.db.transaction() as s:
+            return s.execute(
+                select(func.min(Study.last_instance_at)).where(
+                    Study.state == StudyState.RECEIVED.value
+                )
+            ).scalar_one_or_none()
 
     def set_state(
         self, study_uid: str, version: int, new: StudyState, reason: str | None = None

@@ -30,7 +30,7 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from sqlalchemy import DateTime, String, Text, UniqueConstraint, and_, or_, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from node import delivery
+from node import delivery, wakeup
 from node.db import Base, insert_new, process_owner, utcnow
 from node.delivery import DeliveryColumns, DeliveryState
 
@@ -349,32 +349,69 @@ def send_dicom(
     dest: Destination, path: Path, calling_ae: str, timeout: float = SEND_TIMEOUT_SECONDS
 ) -> None:
     """C-STORE one file to a DICOM destination, in its stored transfer syntax."""
+    error = send_dicom_files(dest, [path], calling_ae, timeout)[0]
+    if error is not None:
+        raise error
+
+
+def send_dicom_files(
+    dest: Destination, paths: Sequence[Path], calling_ae: str, timeout: float = SEND_TIMEOUT_SECONDS
+) -> list[DeliveryError | None]:
+    """C-STORE files to a DICOM destination over one association, each in its stored
+    transfer syntax; returns, per file, None (the PACS kept it) or why not.
+
+    One association for a study's SR and SEG instead of one each: association set-up and
+    release are most of the cost of a small C-STORE. A file that cannot be read fails
+    alone; an association that is refused or lost fails the files it did not store.
+    """
     from pydicom import dcmread
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
 
-    ds = dcmread(path)
-    ts = ds.file_meta.TransferSyntaxUID
+    outcome: list[DeliveryError | None] = [None] * len(paths)
+    datasets: dict[int, Any] = {}
+    for i, path in enumerate(paths):
+        try:
+            datasets[i] = dcmread(path)
+        except Exception as exc:  # a damaged file must not hold up the others
+            outcome[i] = DeliveryError(f"result file {path} is not readable: {exc}")
+    if not datasets:
+        return outcome
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    syntaxes = list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
-    ae.add_requested_context(ds.SOPClassUID, syntaxes)
+    contexts = dict.fromkeys(
+        (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets.values()
+    )
+    for sop_class, ts in contexts:
+        syntaxes = list(dict.fromkeys([ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+        ae.add_requested_context(sop_class, syntaxes)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         how = "rejected the association" if assoc.is_rejected else "is unreachable"
-        raise DeliveryError(f"{dest.key} {how}")
+        for i in datasets:
+            outcome[i] = DeliveryError(f"{dest.key} {how}")
+        return outcome
     try:
-        status = assoc.send_c_store(ds)
+        for i, ds in datasets.items():
+            if not assoc.is_established:
+                outcome[i] = DeliveryError(f"{dest.key}: the association ended before this file")
+                continue
+            outcome[i] = _store_outcome(dest, assoc.send_c_store(ds))
     finally:
         if assoc.is_established:
             assoc.release()
+    return outcome
+
+
+def _store_outcome(dest: Destination, status: Any) -> DeliveryError | None:
     code = getattr(status, "Status", None)
     if code is None:
-        raise DeliveryError(f"{dest.key}: no C-STORE response (connection lost or timed out)")
+        return DeliveryError(f"{dest.key}: no C-STORE response (connection lost or timed out)")
     # Success and Warning (coercion, elements discarded ...) mean the PACS kept the instance.
     if code_to_category(int(code)) not in (STATUS_SUCCESS, STATUS_WARNING):
         comment = getattr(status, "ErrorComment", "")
-        raise DeliveryError(f"{dest.key}: C-STORE failed with status 0x{code:04X} {comment}")
+        return DeliveryError(f"{dest.key}: C-STORE failed with status 0x{code:04X} {comment}")
+    return None
 
 
 def send_stow(dest: Destination, path: Path, timeout: float = SEND_TIMEOUT_SECONDS) -> None:
@@ -405,76 +442,126 @@ def send_stow(dest: Destination, path: Path, timeout: float = SEND_TIMEOUT_SECON
 
 
 class OutboxSender:
-    """Background delivery of due outbox rows (one thread in the node process)."""
+    """Background delivery of due outbox rows (one thread in the node process).
 
-    def __init__(self, outbox: Outbox, destinations: list[Destination], calling_ae: str) -> None:
+    The thread sleeps until woken (:mod:`node.wakeup`: a worker of this process or, through
+    Redis, of another committed new rows) or ``poll_seconds`` have passed (retries,
+    a lost wake-up). A study's files to one DICOM destination go over one association.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destinations: list[Destination],
+        calling_ae: str,
+        *,
+        broker_url: str = "",
+    ) -> None:
         self.outbox = outbox
         self.destinations = {d.key: d for d in destinations}
         self.calling_ae = calling_ae
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._remote: wakeup.RemoteWakeups | None = None
+        if broker_url and wakeup.is_redis(broker_url):
+            self._remote = wakeup.RemoteWakeups(broker_url, self._wake)
 
     def deliver_due(self) -> int:
         """One pass over the due rows; returns how many were delivered."""
-        delivered = 0
-        for d in self.outbox.due():
+        claimed = self.outbox.due()
+        outcomes: dict[int, Exception | None] = {}
+        dicom: dict[str, list[Delivery]] = {}
+        for d in claimed:
             dest = self.destinations.get(d.destination)
+            if dest is None:
+                error = f"destination {d.destination} is no longer configured"
+                outcomes[d.id] = DeliveryError(error)
+            elif not Path(d.path).is_file():
+                outcomes[d.id] = DeliveryError(f"result file {d.path} is missing")
+            elif dest.kind == "dicomweb":
+                try:
+                    send_stow(dest, Path(d.path))
+                    outcomes[d.id] = None
+                except Exception as exc:
+                    outcomes[d.id] = exc
+            else:
+                dicom.setdefault(dest.key, []).append(d)
+        for key, rows in dicom.items():
+            sent: list[Exception | None]
             try:
-                if dest is None:
-                    raise DeliveryError(f"destination {d.destination} is no longer configured")
-                path = Path(d.path)
-                if not path.is_file():
-                    raise DeliveryError(f"result file {path} is missing")
-                if dest.kind == "dicomweb":
-                    send_stow(dest, path)
-                else:
-                    send_dicom(dest, path, self.calling_ae)
-            except DeliveryError as exc:
-                state = self.outbox.mark_failed(d.id, str(exc))
-                if state is None:
-                    log.warning("delivery %d was taken over by another sender meanwhile", d.id)
-                    continue
-                log.warning(
-                    "%s %s of study %s to %s failed (attempt %d)%s: %s",
-                    d.kind.upper(),
-                    d.sop_instance_uid,
-                    d.study_uid,
-                    d.destination,
-                    d.attempts + 1,
-                    ", dead-lettered" if state is DeliveryState.DEAD else ", will retry",
-                    exc,
+                sent = list(
+                    send_dicom_files(
+                        self.destinations[key], [Path(d.path) for d in rows], self.calling_ae
+                    )
                 )
-                continue
             except Exception as exc:
-                self.outbox.mark_failed(d.id, f"internal error: {exc!r}")
-                log.exception("delivery %d failed unexpectedly", d.id)
-                continue
-            if not self.outbox.mark_delivered(d.id):
+                sent = [exc] * len(rows)
+            outcomes.update({d.id: e for d, e in zip(rows, sent, strict=True)})
+        return sum(self._settle(d, outcomes[d.id]) for d in claimed)
+
+    def _settle(self, d: Delivery, exc: Exception | None) -> bool:
+        """Record one claimed row's attempt; True when it was delivered."""
+        if isinstance(exc, DeliveryError):
+            state = self.outbox.mark_failed(d.id, str(exc))
+            if state is None:
                 log.warning("delivery %d was taken over by another sender meanwhile", d.id)
-                continue
-            delivered += 1
-            log.info(
-                "%s %s of study %s v%d delivered to %s",
+                return False
+            log.warning(
+                "%s %s of study %s to %s failed (attempt %d)%s: %s",
                 d.kind.upper(),
                 d.sop_instance_uid,
                 d.study_uid,
-                d.study_version,
                 d.destination,
+                d.attempts + 1,
+                ", dead-lettered" if state is DeliveryState.DEAD else ", will retry",
+                exc,
             )
-        return delivered
+            return False
+        if exc is not None:
+            self.outbox.mark_failed(d.id, f"internal error: {exc!r}")
+            log.error("delivery %d failed unexpectedly: %r", d.id, exc)
+            return False
+        if not self.outbox.mark_delivered(d.id):
+            log.warning("delivery %d was taken over by another sender meanwhile", d.id)
+            return False
+        log.info(
+            "%s %s of study %s v%d delivered to %s",
+            d.kind.upper(),
+            d.sop_instance_uid,
+            d.study_uid,
+            d.study_version,
+            d.destination,
+        )
+        return True
+
+    def wake(self) -> None:
+        """Look for due rows now instead of at the next poll."""
+        self._wake.set()
 
     def start(self, poll_seconds: float) -> None:
         def loop() -> None:
-            while not self._stop.wait(poll_seconds):
+            while True:
+                self._wake.wait(poll_seconds)
+                self._wake.clear()
+                if self._stop.is_set():
+                    return
                 try:
                     self.deliver_due()
                 except Exception:
                     log.exception("outbox pass failed; continuing")
 
+        wakeup.listen(self._wake)
+        if self._remote is not None:
+            self._remote.start()
         self._thread = threading.Thread(target=loop, name="medgemma-outbox", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+        wakeup.unlisten(self._wake)
+        if self._remote is not None:
+            self._remote.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)

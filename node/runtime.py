@@ -78,7 +78,12 @@ class NodeRuntime:
         )
         track_scp(self.scp)  # its C-STORE outcomes in this process's /metrics
         self.outbox = Outbox(self.ledger, settings.outbox)
-        self.sender = OutboxSender(self.outbox, settings.destinations, settings.dicom.ae_title)
+        self.sender = OutboxSender(
+            self.outbox,
+            settings.destinations,
+            settings.dicom.ae_title,
+            broker_url=settings.queue.broker_url,  # workers elsewhere wake it through Redis
+        )
         self.retention = SpoolRetention(settings, self.ledger)
         # the node's own /metrics listener (metrics.port; 0 = off): scp has no FHIR API
         self.metrics: MetricsServer | None = None

@@ -136,7 +136,12 @@ class StorageSettings(Section):
 
 class CompletionSettings(Section):
     quiet_seconds: float = Field(default=5.0, ge=0)  # a study is complete after this quiet time
-    on_association_release: bool = False  # also complete studies when the sender releases
+    # also complete a study when the association that sent it ends, once nothing new arrived
+    # for release_grace_seconds after it (a sender that sends one series per association
+    # back to back stays one version); callers in quiet_only_callers wait for quiet_seconds
+    on_association_release: bool = True
+    release_grace_seconds: float = Field(default=0.3, ge=0)
+    quiet_only_callers: list[str] = Field(default_factory=list)  # calling AE titles
     poll_seconds: float = Field(default=0.5, gt=0)
 
 
@@ -374,6 +379,8 @@ class OutboxSettings(Section):
     max_attempts: int = Field(default=8, ge=1)  # then the delivery is dead-lettered
     backoff_base_seconds: float = Field(default=5.0, gt=0)  # 5, 10, 20, 40 ... seconds
     backoff_max_seconds: float = Field(default=600.0, gt=0)
+    # the sender's fallback poll: a worker that writes results wakes it at once (in process,
+    # or by a Redis PUBLISH on the broker), so this bounds only a lost wake-up and retries
     poll_seconds: float = Field(default=1.0, gt=0)
 
 

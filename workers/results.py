@@ -16,6 +16,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from node import wakeup
 from node.ledger import StudyLedger
 from node.outbox import Outbox
 from node.settings import Settings
@@ -161,6 +162,8 @@ def store_results(settings: Settings, ledger: StudyLedger, built: BuiltResults) 
             destinations=list(settings.destinations),
         )
         written[kind] = OutputRef(str(path), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
+    # the rows are committed: the node's sender delivers them now, not at its next poll
+    wakeup.ring(settings.queue.broker_url)
     outputs = ResultOutputs(sr=written.get("sr"), seg=written.get("seg"))
     log.info(
         "study %s v%d r%d: SR %s%s written, %d destination(s)",
