@@ -5,9 +5,12 @@ mid-batch leaves every study of the batch to the reconciler."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +28,7 @@ from workers.engines.base import EngineError, EngineRequest, TransientEngineErro
 from workers.engines.demo import DemoEngine
 from workers.preread import TransientPrereadError, run_preread
 
+REPO = Path(__file__).resolve().parents[1]
 DEAD_BROKER = "redis://127.0.0.1:9/0"  # nobody listens: studies stay queued
 BATCH_LINE = re.compile(r"pre-read of study (\S+) v1 started \(batch of (\d+),")
 
@@ -345,3 +349,27 @@ def test_a_later_version_waits_for_the_earlier_one_and_dead_runs_are_the_reconci
     assert claimed == [("1.2.3", 1)]  # not v2 (v1 unfinished), not the dead run
     ledger.finish("1.2.3", 1, ok=True, owner="w1")
     assert [(s.study_uid, s.version) for s in ledger.claim_runs(8, "w1")] == [("1.2.3", 2)]
+
+
+# ----------------------------------------------------------------- the benchmark
+
+
+def test_the_batching_benchmark_runs_every_study_through_the_worker(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    out = tmp_path / "worker_batch.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "worker_batch.py"), "--batch", "1", "2",
+         "--studies", "3", "--new-tokens", "2", "--repeats", "1", "--rows", "256",
+         "--cols", "208", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert "NOT MedGemma" in report["model"]
+    rows = {row["batch"]: row for row in report["results"]}
+    assert sorted(rows) == [1, 2]
+    # every study went through the worker in batches of at most B; the peer ran them all
+    assert rows[1]["worker_runs"][0]["engine_batches"] == [1, 1, 1]
+    assert rows[2]["worker_runs"][0]["engine_batches"] == [2, 1]
+    assert rows[2]["engine_replays"][0]["studies"] == 3
+    assert "worker/engine" in completed.stdout
