@@ -26,7 +26,11 @@ log = logging.getLogger("medgemma.tasks")
     max_retries=3,
 )
 def preread(self: object, study_uid: str, version: int) -> str:
-    """Pre-read one study version; idempotent (a finished study is not redone)."""
+    """Pre-read one study version, with up to ``queue.max_batch - 1`` other queued studies as
+    one engine batch; idempotent (a finished study, or one a batch holds, is not redone).
+
+    At the soft time limit this study is failed; the batch's others stop being renewed and
+    the reconciler re-sends them once their leases run out."""
     try:
         return run_preread(get_settings(), study_uid, int(version))
     except SoftTimeLimitExceeded:
