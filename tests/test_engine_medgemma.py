@@ -40,6 +40,7 @@ from workers.engines.base import (  # noqa: E402
     EngineError,
     EngineRequest,
     TransientEngineError,
+    held_studies,
     prefix_metadata,
 )
 from workers.engines.factory import make_engine  # noqa: E402
@@ -331,6 +332,8 @@ def test_the_first_follow_up_after_the_pre_read_reuses_its_image_prefix(
 
     assert cached_engine.generate([preread], generation_kwargs=FORCED) == plain[0]
     assert (cached_engine.prefix_cache.hits, cached_engine.prefix_cache.misses) == (0, 1)
+    # what the worker records so that the study's follow-ups are sent to it
+    assert (held_studies(cached_engine), held_studies(engine)) == (["1.2.3"], [])
     assert cached_engine.generate([followup], generation_kwargs=FORCED) == plain[1]
     assert (cached_engine.prefix_cache.hits, cached_engine.prefix_cache.misses) == (1, 1)
     # the cache is copied, never extended: the same follow-up again gives the same text

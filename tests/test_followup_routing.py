@@ -51,9 +51,13 @@ from workers.engines.demo import DemoEngine
 PRINCIPAL = Principal("ris", "token", frozenset())
 
 
-@pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[StudyLedger]:
-    ledger = StudyLedger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StudyLedger]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    ledger = StudyLedger(url)
     yield ledger
     ledger.close()
 
