@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 
 from bench.nodeproc import ServerProcess
 from node.ledger import InstanceHeader, StudyLedger, StudyState
@@ -166,6 +167,24 @@ def test_a_transient_engine_error_gives_the_batch_back_and_the_retry_takes_it_ag
     for uid in uids:
         assert node.ledger.get_study(uid).state is StudyState.DONE  # type: ignore[union-attr]
         assert len(sr_files(node, uid)) == 1
+
+
+def test_a_time_limit_mid_batch_leaves_every_study_to_the_reconciler(
+    node_factory: Callable[..., NodeRuntime], tmp_path: Path
+) -> None:
+    queue = {"broker_url": DEAD_BROKER, "max_batch": 4, "run_lease_seconds": 1}
+    node = node_factory(embedded=False, queue=queue)
+    uids = queue_studies(node, tmp_path / "in", 3, seed=335)
+    with pytest.raises(SoftTimeLimitExceeded):  # Celery's soft limit, raised in the engine
+        run_preread(
+            node.settings, uids[0], 1, engine=RecordingEngine(failure=SoftTimeLimitExceeded())
+        )
+    for uid in uids:  # nothing recorded as failed or done: no longer renewed, the leases end
+        study = node.ledger.get_study(uid)
+        assert study is not None and study.state is StudyState.RUNNING and study.run_owner
+    time.sleep(1.2)
+    stuck = {s.study_uid for s in node.ledger.stuck_studies(older_than_seconds=3600)}
+    assert stuck == set(uids)  # the reconciler re-sends every one now
 
 
 def test_serve_batches_studies_that_queue_while_its_worker_is_busy(

@@ -513,6 +513,8 @@ def _run_batch(
     """
 
     def settle(member: _Member, exc: Exception) -> None:
+        if isinstance(exc, SoftTimeLimitExceeded):
+            raise exc  # the task fails its own study; the others' leases run out
         member.outcome = _settle(settings, ledger, owner, member, exc, heartbeat)
         member.error = exc
 
