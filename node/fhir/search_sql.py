@@ -3,7 +3,7 @@ the search index, for the store's searches and for matching Subscription criteri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -13,35 +13,85 @@ from sqlalchemy.sql.elements import ColumnElement
 from node.fhir.models import FhirIndexRow, FhirResourceRow
 from node.fhir.search import Condition, SortKey, date_range
 
-__all__ = ["NO_DATE", "after_clause", "condition_clause", "sort_column"]
+__all__ = [
+    "NO_DATE",
+    "Shape",
+    "after_clause",
+    "condition_clause",
+    "condition_parts",
+    "shaped_clause",
+    "sort_column",
+]
+
+
+#: The structure of one condition's SQL without its values (hashable: a statement cache key).
+Shape = tuple[str, tuple[tuple[str, ...], ...]]
+
+
+def condition_parts(cond: Condition) -> tuple[Shape, list[Any]]:
+    """(shape, values) of ``cond``: the shape decides the SQL, the values fill its bound
+    parameters in order (:func:`shaped_clause`). Searches with the same shape share one
+    statement, built once; only the values are new (ValueError for a bad date)."""
+    index = cond.param.index
+    if index == "_id":
+        return (index, tuple(("_id",) for _ in cond.alternatives)), [
+            v for _, v, _ in cond.alternatives
+        ]
+    shapes: list[tuple[str, ...]] = []
+    values: list[Any] = []
+    for head, value, kind in cond.alternatives:
+        if index == "_lastUpdated" or kind == "date":
+            shapes.append(("instant" if index == "_lastUpdated" else "date", head))
+            values.extend(date_range(value))
+        elif kind == "id":
+            shapes.append(("id",))
+            values.append(f"%/{_escape_like(value)}")
+        elif kind == "system":
+            shapes.append(("system",))
+            values.extend((head, value))
+        elif kind == "system-only":
+            shapes.append(("system-only",))
+            values.append(head)
+        else:  # a reference or a plain value
+            shapes.append(("value",))
+            values.append(value)
+    return (index, tuple(shapes)), values
 
 
 def condition_clause(resource_type: str, cond: Condition) -> ColumnElement[bool]:
-    """``FhirResourceRow`` matches ``cond`` (one search parameter, any of its values)."""
-    param = cond.param
-    if param.index == "_id":
-        return FhirResourceRow.resource_id.in_([v for _, v, _ in cond.alternatives])
-    if param.index == "_lastUpdated":
-        return or_(*(_instant_match(head, *date_range(v)) for head, v, _ in cond.alternatives))
+    """``FhirResourceRow`` matches ``cond`` (one search parameter, any of its values), the
+    values inline (Subscription criteria; searches use :func:`shaped_clause`)."""
+    shape, values = condition_parts(cond)
+    given = iter(values)
+    return shaped_clause(resource_type, shape, lambda: next(given))
+
+
+def shaped_clause(resource_type: str, shape: Shape, take: Callable[[], Any]) -> ColumnElement[bool]:
+    """The SQL of a condition of this ``shape``; ``take()`` gives its next value: the
+    value itself, or a bound parameter to fill at execution (the order of
+    :func:`condition_parts`)."""
+    index, alternatives = shape
+    if index == "_id":
+        return FhirResourceRow.resource_id.in_([take() for _ in alternatives])
+    if index == "_lastUpdated":
+        return or_(*(_instant_match(a[1], take(), take()) for a in alternatives))
     matches: list[ColumnElement[bool]] = []
-    for head, value, kind in cond.alternatives:
+    for alt in alternatives:
+        kind = alt[0]
         if kind == "date":
-            start, end = date_range(value)
-            matches.append(_date_match(head, start, end))
-        elif kind == "reference":
-            matches.append(FhirIndexRow.value == value)
+            matches.append(_date_match(alt[1], take(), take()))
         elif kind == "id":
-            matches.append(FhirIndexRow.value.like(f"%/{_escape_like(value)}", escape="\\"))
+            matches.append(FhirIndexRow.value.like(take(), escape="\\"))
         elif kind == "system":
-            matches.append(and_(FhirIndexRow.system == head, FhirIndexRow.value == value))
+            matches.append(and_(FhirIndexRow.system == take(), FhirIndexRow.value == take()))
         elif kind == "system-only":
-            matches.append(FhirIndexRow.system == head)
+            matches.append(FhirIndexRow.system == take())
         else:
-            matches.append(FhirIndexRow.value == value)
+            matches.append(FhirIndexRow.value == take())
     return FhirResourceRow.id.in_(
         select(FhirIndexRow.row_id).where(
             FhirIndexRow.resource_type == resource_type,
-            FhirIndexRow.param == param.index,
+            FhirIndexRow.param == index,
             or_(*matches) if matches else false(),
         )
     )

@@ -9,6 +9,7 @@ committed with a resource (a follow-up job with its question) use :meth:`FhirSto
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import uuid
@@ -16,10 +17,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any, Final
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import DateTime, Select, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -28,7 +29,14 @@ from sqlalchemy.sql.elements import ColumnElement
 from node.db import Database, make_engine, utcnow
 from node.fhir.models import FHIR_TABLES, FhirHistoryRow, FhirIndexRow, FhirResourceRow
 from node.fhir.search import Condition, Cursor, IndexValue, SortKey, index_values
-from node.fhir.search_sql import NO_DATE, after_clause, condition_clause, sort_column
+from node.fhir.search_sql import (
+    NO_DATE,
+    Shape,
+    after_clause,
+    condition_parts,
+    shaped_clause,
+    sort_column,
+)
 from node.fhir.subscriptions import drop_pending, queue_notifications
 from node.ledger import StudyLedger
 
@@ -56,6 +64,29 @@ _HISTORY_COLUMNS: Final = (
     FhirHistoryRow.last_updated,
     FhirHistoryRow.body,
 )
+
+
+#: One resource by type and id (built once: building a statement costs more than running it).
+_GET: Final = select(*_COLUMNS).where(
+    FhirResourceRow.resource_type == bindparam("rtype"),
+    FhirResourceRow.resource_id == bindparam("rid"),
+)
+
+
+@lru_cache(maxsize=64)
+def _get_many(n: int) -> Select[Any]:
+    """``n`` resources by (type, id): parameters ``t0``, ``i0``, ``t1``, ``i1``..."""
+    return select(*_COLUMNS).where(
+        or_(
+            *(
+                and_(
+                    FhirResourceRow.resource_type == bindparam(f"t{k}"),
+                    FhirResourceRow.resource_id == bindparam(f"i{k}"),
+                )
+                for k in range(n)
+            )
+        )
+    )
 
 
 def _iso(ts: datetime) -> str:
@@ -213,12 +244,7 @@ class FhirStore:
 
     def get(self, resource_type: str, resource_id: str) -> StoredResource | None:
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(*_COLUMNS).where(
-                    FhirResourceRow.resource_type == resource_type,
-                    FhirResourceRow.resource_id == resource_id,
-                )
-            ).first()
+            row = conn.execute(_GET, {"rtype": resource_type, "rid": resource_id}).first()
             return StoredResource(*row) if row else None
 
     def version(self, resource_type: str, resource_id: str, version: int) -> StoredResource | None:
@@ -374,37 +400,38 @@ class FhirStore:
     ) -> SearchPage:
         """One page of matches in ``sort`` order (ties: by row), from ``offset`` or after
         the ``after`` cursor, within its snapshot: resources changed after the first page
-        was served are left out, so following the cursors never repeats or skips one."""
+        was served are left out, so following the cursors never repeats or skips one.
+
+        The statements come from :func:`_search_statements` (one per shape of search,
+        built once), run on a plain connection: building SQLAlchemy expressions and an ORM
+        session cost several times the query itself."""
         snapshot = after.snapshot if after is not None else utcnow()
-        where = [
-            FhirResourceRow.resource_type == resource_type,
-            FhirResourceRow.last_updated <= snapshot,
-        ]
-        where.extend(condition_clause(resource_type, c) for c in conditions)
-        keys: list[tuple[ColumnElement[Any], bool]]
-        keys = [(sort_column(resource_type, k), k.descending) for k in sort]
-        keys.append((FhirResourceRow.id.expression, sort[-1].descending if sort else True))
-        order = [c.desc() if d else c.asc() for c, d in keys]
-        with self.db.transaction() as s:
+        shapes: list[Shape] = []
+        values: list[Any] = []
+        for cond in conditions:
+            shape, given = condition_parts(cond)
+            shapes.append(shape)
+            values.extend(given)
+        params: dict[str, Any] = {f"p{i}": v for i, v in enumerate(values)}
+        params.update(rtype=resource_type, snapshot=snapshot)
+        sort = tuple(sort)
+        rows_sql, count_sql = _search_statements(
+            resource_type, tuple(shapes), sort, after is not None
+        )
+        if after is not None:
+            cursor_values = [_cursor_value(v) for v in after.values]
+            params.update((f"a{i}", v) for i, v in enumerate([*cursor_values, after.row]))
+        params["limit"], params["offset"] = count + 1, 0 if after is not None else offset
+        with self.engine.connect() as conn:
             rows: Sequence[Any] = []
             if count > 0:
-                query = select(*_COLUMNS, *(c for c, _ in keys)).where(*where)
-                if after is not None:
-                    values = [_cursor_value(v) for v in after.values]
-                    query = query.where(after_clause(keys, [*values, after.row]))
-                else:
-                    query = query.offset(offset)
-                rows = s.execute(query.order_by(*order).limit(count + 1)).all()
+                rows = conn.execute(rows_sql, params).all()
             more = len(rows) > count
             rows = rows[:count]
             if after is None and count > 0 and not more:
                 total = offset + len(rows)  # the last page: nothing to count
             else:
-                total = int(
-                    s.execute(
-                        select(func.count()).select_from(FhirResourceRow).where(*where)
-                    ).scalar_one()
-                )
+                total = int(conn.execute(count_sql, params).scalar_one())
         cursor = None
         if more:
             last = rows[-1]
@@ -417,20 +444,11 @@ class FhirStore:
         wanted = list(dict.fromkeys(refs))
         if not wanted:
             return []
-        with self.db.transaction() as s:
-            rows = s.execute(
-                select(*_COLUMNS).where(
-                    or_(
-                        *(
-                            and_(
-                                FhirResourceRow.resource_type == t,
-                                FhirResourceRow.resource_id == i,
-                            )
-                            for t, i in wanted
-                        )
-                    )
-                )
-            ).all()
+        params: dict[str, str] = {}
+        for n, (rtype, rid) in enumerate(wanted):
+            params[f"t{n}"], params[f"i{n}"] = rtype, rid
+        with self.engine.connect() as conn:
+            rows = conn.execute(_get_many(len(wanted)), params).all()
             found = {(r.resource_type, r.resource_id): StoredResource(*r) for r in rows}
         return [found[k] for k in wanted if k in found]
 
@@ -487,6 +505,33 @@ class SearchPage:
     total: int
     resources: list[StoredResource]
     next: Cursor | None  # None: this is the last page
+
+
+@lru_cache(maxsize=512)
+def _search_statements(
+    resource_type: str, shapes: tuple[Shape, ...], sort: tuple[SortKey, ...], keyset: bool
+) -> tuple[Select[Any], Select[Any]]:
+    """(page, count) statements of a search of this shape, with bound parameters: ``rtype``,
+    ``snapshot``, ``p0``... (the conditions' values, :func:`condition_parts` order), ``a0``...
+    (``keyset``: the cursor's sort values, then its row), ``limit`` and ``offset``."""
+    numbered = (bindparam(f"p{i}") for i in itertools.count())
+    where = [
+        FhirResourceRow.resource_type == bindparam("rtype"),
+        FhirResourceRow.last_updated <= bindparam("snapshot", type_=DateTime()),
+    ]
+    where.extend(shaped_clause(resource_type, shape, lambda: next(numbered)) for shape in shapes)
+    keys: list[tuple[ColumnElement[Any], bool]]
+    keys = [(sort_column(resource_type, k), k.descending) for k in sort]
+    keys.append((FhirResourceRow.id.expression, sort[-1].descending if sort else True))
+    order = [c.desc() if d else c.asc() for c, d in keys]
+    page = select(*_COLUMNS, *(c for c, _ in keys)).where(*where)
+    if keyset:
+        cursor = [bindparam(f"a{i}", type_=DateTime()) for i in range(len(keys) - 1)]
+        page = page.where(after_clause(keys, [*cursor, bindparam(f"a{len(keys) - 1}")]))
+    page = page.order_by(*order).limit(bindparam("limit")).offset(bindparam("offset"))
+    # the total of a later page counts the whole snapshot, as the first page's did
+    count = select(func.count()).select_from(FhirResourceRow).where(*where)
+    return page, count
 
 
 def _cursor_text(value: Any) -> str | None:
