@@ -388,10 +388,37 @@ def test_the_least_recently_used_study_is_evicted(cached_engine: MedGemmaEngine)
     assert cached_engine.prefix_cache.studies() == ["1.2.3", "1.2.1"]
 
 
-def test_batches_and_requests_without_a_study_run_in_full(cached_engine: MedGemmaEngine) -> None:
+def test_a_batch_of_pre_reads_stores_each_studys_prefix_for_its_first_follow_up(
+    engine: MedGemmaEngine, cached_engine: MedGemmaEngine
+) -> None:
+    images = [radiograph(50), radiograph(51)]
+    batch = [preread_request(f"1.2.{n}", image) for n, image in enumerate(images)]
+    plain = engine.generate([replace(r, metadata={}) for r in batch], generation_kwargs=FORCED)
+    assert cached_engine.generate(batch, generation_kwargs=FORCED) == plain
+    assert cached_engine.prefix_cache.studies() == ["1.2.0", "1.2.1"]
+    assert (cached_engine.prefix_cache.hits, cached_engine.prefix_cache.misses) == (0, 2)
+    # each study's first follow-up hits the prefix its batched pre-read stored
+    followup = followup_request("1.2.1", images[1], radiograph(31))
+    expected = engine.generate([replace(followup, metadata={})], generation_kwargs=FORCED)
+    assert cached_engine.generate([followup], generation_kwargs=FORCED) == expected
+    assert cached_engine.prefix_cache.hits == 1
+    # a batch of follow-ups with crops (two images a row) runs from the prefixes too
+    followups = [followup_request(f"1.2.{n}", images[n], radiograph(31)) for n in (0, 1)]
+    expected = engine.generate(
+        [replace(r, metadata={}) for r in followups], generation_kwargs=FORCED
+    )
+    assert cached_engine.generate(followups, generation_kwargs=FORCED) == expected
+    assert cached_engine.prefix_cache.hits == 3
+
+
+def test_requests_without_a_study_and_uneven_batches_run_in_full(
+    cached_engine: MedGemmaEngine,
+) -> None:
     whole = radiograph(30)
     cached_engine.generate([replace(preread_request("1.2.3", whole), metadata={})])
-    cached_engine.generate([preread_request("1.2.3", whole), preread_request("1.2.4", whole)])
+    # a pre-read with a lateral and one without: different lengths, left-padded
+    uneven = [preread_request("1.2.3", whole, radiograph(33)), preread_request("1.2.4", whole)]
+    cached_engine.generate(uneven)
     assert cached_engine.prefix_cache.studies() == []
     assert (cached_engine.prefix_cache.hits, cached_engine.prefix_cache.misses) == (0, 0)
 

@@ -16,8 +16,8 @@ dropped, but the MedGemma 1.5 thinking-trace markers ``<unused94>`` / ``<unused9
 in the text even when the tokenizer marks them special, so that the output parser can find and
 strip the trace. This is done on token ids (``decode_new_tokens``), not by editing the text.
 
-Follow-up prefix cache: a single request whose ``metadata`` names its study (``study_uid``)
-and says that its first image is the shared prefix (``prefix_images="1"``) runs in two steps:
+Follow-up prefix cache: a request whose ``metadata`` names its study (``study_uid``) and
+says that its first image is the shared prefix (``prefix_images="1"``) runs in two steps:
 the prompt tokens up to the end of the first image (system text included: Gemma 3 folds it
 in front of the image) are looked up in a per-study KV cache, computed once on a miss, and
 generation continues from a deep copy of that cache with the full input ids; only the other
@@ -28,8 +28,11 @@ prefix differs from every cached prefix of its study (another image, another sys
 computes its own. The pre-read and the follow-ups send the same system text
 (``workers.prompts.READER_SYSTEM``), so the first follow-up after a pre-read already hits
 the prefix the pre-read stored. At most ``prefix_cache_studies`` studies are kept (least
-recently used evicted, ``PREFIXES_PER_STUDY`` prefixes each); 0 turns the cache off. Greedy
-output is the same with and without it.
+recently used evicted, ``PREFIXES_PER_STUDY`` prefixes each); 0 turns the cache off. A
+batch of such requests (the pre-reads of a worker batch) runs the same way, its rows'
+prefix caches stacked into one, when its prompts tokenise to equal lengths (the same text
+and image count); otherwise it runs in full and stores nothing. Greedy output is the same
+with and without the cache.
 """
 
 from __future__ import annotations
@@ -272,13 +275,11 @@ class MedGemmaEngine:
         with self._lock:
             inputs = self.prepare(requests)
             prompt_length = int(inputs["input_ids"].shape[1])
-            study = _prefix_study(requests)
             try:
                 with torch.inference_mode():
                     output = None
-                    if study is not None and self.prefix_cache.enabled:
-                        first_image = requests[0].images[0]
-                        output = self._generate_from_prefix(study, first_image, inputs, options)
+                    if self.prefix_cache.enabled and all(shares_prefix(r) for r in requests):
+                        output = self._generate_from_prefixes(requests, inputs, options)
                     if output is None:
                         output = self.model.generate(**inputs, **options)
             except torch.cuda.OutOfMemoryError as exc:
@@ -295,50 +296,62 @@ class MedGemmaEngine:
             for row, request in zip(new_tokens, requests, strict=True)
         ]
 
-    def _generate_from_prefix(
-        self,
-        study: str,
-        first_image: npt.NDArray[np.uint8],
-        inputs: Any,
-        options: Mapping[str, Any],
+    def _generate_from_prefixes(
+        self, requests: Sequence[EngineRequest], inputs: Any, options: Mapping[str, Any]
     ) -> Any | None:
-        """Generate one request from the study's cached image prefix (computed on a miss);
-        None when the prompt has no single-crop first image (the caller runs it in full)."""
-        ids: list[int] = inputs["input_ids"][0].tolist()
+        """Generate from each request's cached image prefix (computed and stored on a miss),
+        the rows' caches stacked into one batch; None when the prompts do not split that way
+        (pan-and-scan crops, no image, rows of different lengths or image counts): the caller
+        then runs them in full."""
+        import torch
+
+        ids = inputs["input_ids"]
+        rows: list[list[int]] = ids.tolist()
         pixel_values = inputs.get("pixel_values")
+        end_of_image = self._end_of_image_id
+        if end_of_image is None or pixel_values is None or "token_type_ids" not in inputs:
+            return None
+        if len(rows) > 1 and not bool(inputs["attention_mask"].all()):
+            return None  # left padding: the prefixes would not line up
+        per_row = len(requests[0].images)
         if (
-            self._end_of_image_id is None
-            or self._end_of_image_id not in ids
-            or pixel_values is None
-            or "token_type_ids" not in inputs
-            or int(pixel_values.shape[0]) != ids.count(self._end_of_image_id)
+            any(len(r.images) != per_row for r in requests)
+            or any(row.count(end_of_image) != per_row for row in rows)
+            or int(pixel_values.shape[0]) != per_row * len(rows)
         ):
-            return None  # pan-and-scan crops or no image: no one-image prefix to share
-        end = ids.index(self._end_of_image_id) + 1
-        prefix = (tuple(ids[:end]), image_digest(first_image))
-        cache = self.prefix_cache.get(study, prefix)
-        if cache is None:
-            prefill = self.model(
-                input_ids=inputs["input_ids"][:, :end],
-                attention_mask=inputs["attention_mask"][:, :end],
-                token_type_ids=inputs["token_type_ids"][:, :end],
-                pixel_values=pixel_values[:1],
-                use_cache=True,
-            )
-            cache = prefill.cache
-            self.prefix_cache.put(study, prefix, cache)
+            return None  # pan-and-scan crops or rows of different shapes
+        end = rows[0].index(end_of_image) + 1
+        if any(row.index(end_of_image) + 1 != end for row in rows):
+            return None
+        caches = []
+        for index, request in enumerate(requests):
+            study = request.metadata["study_uid"]
+            key = (tuple(rows[index][:end]), image_digest(request.images[0]))
+            cache = self.prefix_cache.get(study, key)
+            if cache is None:
+                first = index * per_row
+                cache = self.model(
+                    input_ids=ids[index : index + 1, :end],
+                    attention_mask=inputs["attention_mask"][index : index + 1, :end],
+                    token_type_ids=inputs["token_type_ids"][index : index + 1, :end],
+                    pixel_values=pixel_values[first : first + 1],
+                    use_cache=True,
+                ).cache
+                self.prefix_cache.put(study, key, cache)
+            caches.append(cache)
         extra: dict[str, Any] = {}
-        if int(pixel_values.shape[0]) > 1:  # the other images (a crop) are encoded now
+        if per_row > 1:  # the other images (a crop, a lateral) are encoded now
+            others = torch.cat(
+                [pixel_values[i * per_row + 1 : (i + 1) * per_row] for i in range(len(rows))]
+            )
             extra["mm_encoder_outputs"] = {
-                "image": self.model.get_image_features(
-                    pixel_values=pixel_values[1:], return_dict=True
-                )
+                "image": self.model.get_image_features(pixel_values=others, return_dict=True)
             }
         return self.model.generate(
-            input_ids=inputs["input_ids"],
+            input_ids=ids,
             attention_mask=inputs["attention_mask"],
             token_type_ids=inputs["token_type_ids"],
-            cache=copy.deepcopy(cache),
+            cache=stacked_cache(caches),
             **extra,
             **options,
         )
@@ -347,6 +360,19 @@ class MedGemmaEngine:
         """One tiny generation so that the first study does not pay for lazy initialisation."""
         black = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)
         self.generate([EngineRequest(images=(black,), prompt=_WARMUP_PROMPT, max_new_tokens=1)])
+
+
+def stacked_cache(caches: Sequence[Any]) -> Any:
+    """One batch cache from single-row caches of equal length (new tensors: the stored
+    caches are never extended by the generation that continues from them)."""
+    import torch
+
+    stacked = copy.deepcopy(caches[0])
+    if len(caches) > 1:
+        for index, layer in enumerate(stacked.layers):
+            layer.keys = torch.cat([c.layers[index].keys for c in caches], dim=0)
+            layer.values = torch.cat([c.layers[index].values for c in caches], dim=0)
+    return stacked
 
 
 def decode_new_tokens(
@@ -377,13 +403,6 @@ def droppable_token_ids(tokenizer: Any) -> frozenset[int]:
     vocab = tokenizer.get_vocab()
     keep = {vocab[marker] for marker in THINKING_MARKERS if marker in vocab}
     return frozenset(special - keep)
-
-
-def _prefix_study(requests: Sequence[EngineRequest]) -> str | None:
-    """The study whose image prefix a one-request call may share, else None."""
-    if len(requests) != 1 or not shares_prefix(requests[0]):
-        return None
-    return requests[0].metadata["study_uid"]
 
 
 def _token_id(tokenizer: Any, token: str) -> int | None:
