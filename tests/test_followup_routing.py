@@ -237,6 +237,8 @@ def test_follow_ups_reach_the_holder_and_survive_its_death(
     # the demo engine keeps no prefixes: say that a holds the study, as a worker with the
     # transformers engine records it after reading it
     registry.note_study(uid, holder_name)
+    # idle once its pre-read task (if it ran it) has ended, a little after the study is done
+    wait_for(lambda: registry.holder(uid, queues["followup_queue"]), 10, 0.05, "a idle")
     publisher = FollowupPublisher(
         store,
         CeleryDispatcher(redis_url, queues["preread_queue"], queues["followup_queue"]),
