@@ -14,14 +14,19 @@ senders are imported, not copied):
             each association, summed.
 
 While the senders run, a thread samples the receiver's process tree every ``--interval``
-seconds (children found through ``/proc/<pid>/task/<tid>/children``) and reads each
-process's ``/proc/<pid>/smaps_rollup``:
+seconds (children found through ``/proc/<pid>/task/<tid>/children``): each process's RSS
+from ``/proc/<pid>/statm`` at every sample, its PSS from ``/proc/<pid>/smaps_rollup`` at
+every ``--pss-every``-th (the kernel walks the page tables for it: about 10 ms for our
+serve process under load, a fifth of a core at every sample):
 
   RSS  resident set, summed over the tree. Pages shared between processes (storescp's
        forked children share the parent's code and libraries) count once per process,
        so a sum of RSS overstates a forking server;
   PSS  proportional set: each shared page split between the processes that map it, so
        the sum is the tree's real share of memory. The fairer of the two for the ratio.
+       Processes are read one after another, not at one instant: a child that exits
+       between the parent's reading and its own leaves its share of the parent's pages
+       uncounted in that sample (storescp's children live as long as their association).
 
 Reported per receiver: idle (median over a second before the first sender starts), peak
 and median during the run (first sender started to last sender exited), and the most
@@ -34,7 +39,7 @@ Sampling misses spikes shorter than the interval; the sampler's own CPU time is 
 
 Usage:
   python bench/node_memory.py [--associations 20] [--images 50] [--rows 1024 --cols 1024]
-      [--interval 0.05] [--repeat 1] [--json bench/out/node_memory.json]
+      [--interval 0.05] [--pss-every 5] [--repeat 1] [--json bench/out/node_memory.json]
 Needs dcmtk 3.6 (``/usr/bin/storescu``, ``storescp``; see bench/README.md).
 """
 
@@ -107,35 +112,44 @@ def process_tree(root: int) -> list[int]:
     return found
 
 
-def process_memory(pid: int) -> tuple[int, int] | None:
-    """(RSS, PSS) of one process in bytes; None when it is gone (a zombie reads as 0, 0)."""
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def process_rss(pid: int) -> int | None:
+    """Resident set of one process in bytes; None when it is gone (a zombie reads 0)."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_pss(pid: int) -> int | None:
+    """Proportional set of one process in bytes; None when it is gone."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
         return None
-    rss = pss = 0
     for line in text.splitlines():
-        if line.startswith("Rss:"):
-            rss = int(line.split()[1]) * 1024
-        elif line.startswith("Pss:"):
-            pss = int(line.split()[1]) * 1024
-    return rss, pss
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0  # a zombie: nothing mapped
 
 
 @dataclass(frozen=True)
 class Sample:
     t: float  # seconds since the sampler started
     rss: int  # bytes, summed over the tree
-    pss: int
+    pss: int | None  # None: not read at this sample (see --pss-every)
     processes: int
 
 
 class TreeSampler:
     """A thread that samples the memory of a process tree every ``interval`` seconds."""
 
-    def __init__(self, root: int, interval: float) -> None:
+    def __init__(self, root: int, interval: float, pss_every: int) -> None:
         self.root = root
         self.interval = interval
+        self.pss_every = pss_every
         self.samples: list[Sample] = []
         self.cpu_seconds = 0.0  # the sampler thread's own CPU time
         self._stop = threading.Event()
@@ -159,12 +173,16 @@ class TreeSampler:
         cpu0 = time.thread_time()
         next_at = time.perf_counter()
         while not self._stop.is_set():
+            with_pss = len(self.samples) % self.pss_every == 0
             rss = pss = processes = 0
             for pid in process_tree(self.root):
-                memory = process_memory(pid)
-                if memory is not None:
-                    rss, pss, processes = rss + memory[0], pss + memory[1], processes + 1
-            self.samples.append(Sample(self.now(), rss, pss, processes))
+                resident = process_rss(pid)
+                if resident is None:
+                    continue
+                rss, processes = rss + resident, processes + 1
+                if with_pss:
+                    pss += process_pss(pid) or 0
+            self.samples.append(Sample(self.now(), rss, pss if with_pss else None, processes))
             next_at += self.interval
             self._stop.wait(max(0.0, next_at - time.perf_counter()))
         self.cpu_seconds = time.thread_time() - cpu0
@@ -220,7 +238,7 @@ class MemoryRun:
     repeat: int
     files: int  # sent; every one was checked to have arrived
     seconds: float  # first sender started to last sender exited
-    samples: int  # during the run
+    samples: int  # during the run (RSS; PSS in every pss_every-th of them)
     idle_rss_mib: float
     peak_rss_mib: float
     median_rss_mib: float
@@ -245,6 +263,7 @@ def measure(
     associations: int,
     repeat: int,
     interval: float,
+    pss_every: int,
     work_root: Path,
     log_dir: Path,
     sender_env: dict[str, str],
@@ -260,7 +279,7 @@ def measure(
             assert receiver.pid is not None
             load1 = os.getloadavg()[0]
             cpu0 = tree_cpu_seconds(receiver.pid)
-            sampler = TreeSampler(receiver.pid, interval)
+            sampler = TreeSampler(receiver.pid, interval, pss_every)
             sampler.start()
             try:
                 time.sleep(IDLE_SECONDS)
@@ -283,8 +302,13 @@ def measure(
         shutil.rmtree(run_dir, ignore_errors=True)
     idle = [s for s in samples if s.t < begin]
     busy = [s for s in samples if begin <= s.t <= end]
-    if not idle or not busy:
-        raise BenchError(f"{receiver.name}: no memory samples (idle {len(idle)}, run {len(busy)})")
+    idle_pss = [s.pss for s in idle if s.pss is not None]
+    busy_pss = [s.pss for s in busy if s.pss is not None]
+    if not idle_pss or not busy_pss:
+        raise BenchError(
+            f"{receiver.name}: too few memory samples (idle {len(idle)}, run {len(busy)}; "
+            f"with PSS {len(idle_pss)} and {len(busy_pss)}): lower --interval or --pss-every"
+        )
     result = MemoryRun(
         receiver=receiver.name,
         repeat=repeat,
@@ -294,9 +318,9 @@ def measure(
         idle_rss_mib=_mib([s.rss for s in idle], "median"),
         peak_rss_mib=_mib([s.rss for s in busy], "peak"),
         median_rss_mib=_mib([s.rss for s in busy], "median"),
-        idle_pss_mib=_mib([s.pss for s in idle], "median"),
-        peak_pss_mib=_mib([s.pss for s in busy], "peak"),
-        median_pss_mib=_mib([s.pss for s in busy], "median"),
+        idle_pss_mib=_mib(idle_pss, "median"),
+        peak_pss_mib=_mib(busy_pss, "peak"),
+        median_pss_mib=_mib(busy_pss, "median"),
         peak_processes=max(s.processes for s in busy),
         receiver_cpu_s=round(receiver_cpu, 2),
         sampler_cpu_s=round(sampler.cpu_seconds, 2),
@@ -382,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cols", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0, help="first seed of the synthetic set")
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between samples")
+    parser.add_argument(
+        "--pss-every", type=int, default=5, help="read PSS at every N-th sample (it costs more)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per receiver (median)")
     parser.add_argument(
         "--data-dir", type=Path, default=REPO / "bench/out/data", help="cache of generated files"
@@ -393,8 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=REPO / "bench/out/node_memory.json")
     args = parser.parse_args(argv)
-    if min(args.associations, args.images, args.repeat) < 1 or args.interval <= 0:
-        parser.error("--associations, --images and --repeat must be at least 1, --interval > 0")
+    if min(args.associations, args.images, args.repeat, args.pss_every) < 1 or args.interval <= 0:
+        parser.error(
+            "--associations, --images, --repeat and --pss-every must be at least 1, --interval > 0"
+        )
     for tool in (STORESCU, STORESCP):
         if not tool.is_file():
             print(f"node_memory: {tool} not found; install dcmtk or set DCMTK_BIN", file=sys.stderr)
@@ -416,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for receiver in receivers if rep % 2 == 0 else receivers[::-1]:
                 runs.append(
                     measure(
-                        receiver, data, args.associations, rep, args.interval, work_root,
+                        receiver, data, args.associations, rep, args.interval,
+                        args.pss_every, work_root,
                         log_dir, env,
                     )
                 )  # fmt: skip
@@ -437,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "MiB; medians of\n"
         f"{args.repeat} repeat(s). RSS and PSS summed over the receiver's process tree "
         f"(ours: serve and its children;\nstorescp: the parent and its forked children), "
-        f"sampled every {args.interval:g} s. idle: the second\nbefore the first sender; "
+        f"sampled every {args.interval:g} s\n(PSS every {args.interval * args.pss_every:g} s). "
+        "idle: the second before the first sender; "
         "peak and median: while the senders ran. procs: most processes at once."
     )
     elapsed = time.monotonic() - started
@@ -452,6 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cols": args.cols,
         "mb_per_file": round(data.mean_mb, 2),
         "interval_s": args.interval,
+        "pss_interval_s": round(args.interval * args.pss_every, 3),
         "repeat": args.repeat,
         "measured": measured_commit(),
         "environment": {**environment(), "dcmtk_tcp_nodelay": True},

@@ -71,7 +71,9 @@ def test_node_memory_measures_both_receivers_with_every_file(tmp_path: Path) -> 
     out = tmp_path / "node_memory.json"
     argv = [
         sys.executable, str(REPO / "bench" / "node_memory.py"),
-        "--associations", "3", "--images", "2", "--rows", "64", "--cols", "64",
+        "--associations", "3", "--images", "3", "--rows", "64", "--cols", "64",
+        # a run this small lasts a fraction of a second: sample often enough to see it
+        "--interval", "0.01", "--pss-every", "1",
         "--data-dir", str(tmp_path / "data"), "--json", str(out),
     ]  # fmt: skip
     completed = subprocess.run(
@@ -86,12 +88,12 @@ def test_node_memory_measures_both_receivers_with_every_file(tmp_path: Path) -> 
     assert "ours/storescp" in completed.stdout
 
     report = json.loads(out.read_text(encoding="utf-8"))
-    assert report["files"] == 6
+    assert report["files"] == 9
     assert report["measured"]["commit"]
     runs = {run["receiver"]: run for run in report["runs"]}
     assert set(runs) == {"ours", "storescp"}
     for run in runs.values():
-        assert run["files"] == 6  # the script stops with an error when a file is missing
+        assert run["files"] == 9  # the script stops with an error when a file is missing
         assert run["samples"] >= 1
         assert 0 < run["idle_rss_mib"] <= run["peak_rss_mib"]
         assert run["median_rss_mib"] <= run["peak_rss_mib"]
