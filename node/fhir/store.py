@@ -73,6 +73,13 @@ _GET: Final = select(*_COLUMNS).where(
 )
 
 
+#: Bulk inserts of new resources (their row ids in the order given) and of index rows.
+_INSERT_RESOURCES: Final = insert(FhirResourceRow.__table__).returning(
+    FhirResourceRow.__table__.c.id, sort_by_parameter_order=True
+)
+_INSERT_INDEX: Final = insert(FhirIndexRow.__table__)
+
+
 @lru_cache(maxsize=64)
 def _get_many(n: int) -> Select[Any]:
     """``n`` resources by (type, id): parameters ``t0``, ``i0``, ``t1``, ``i1``..."""
@@ -331,23 +338,15 @@ class FhirStore:
             )
             values.append(index_values(body))
         with self.writing() as w:
-            ids = (
-                w.session.execute(
-                    insert(FhirResourceRow).returning(
-                        FhirResourceRow.id, sort_by_parameter_order=True
-                    ),
-                    rows,
-                )
-                .scalars()
-                .all()
-            )
+            conn = w.session.connection()  # Core statements: no ORM bookkeeping per row
+            ids = conn.execute(_INSERT_RESOURCES, rows).scalars().all()
             index_rows = [
                 _index_row(row_id, str(row["resource_type"]), v)
                 for row_id, row, vals in zip(ids, rows, values, strict=True)
                 for v in vals
             ]
             if index_rows:
-                w.session.execute(insert(FhirIndexRow), index_rows)
+                conn.execute(_INSERT_INDEX, index_rows)
         return len(rows)
 
     def delete(self, resource_type: str, resource_id: str) -> bool:
