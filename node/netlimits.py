@@ -147,7 +147,7 @@ class PeerStream:
             )
         return f"PDU from {self.host} not complete {self.limits.pdu_seconds:g} s after it began"
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Account for ``data``, the next bytes the peer sent."""
         pos = 0
         while pos < len(data):
@@ -183,7 +183,7 @@ class PeerStream:
         self._header.clear()
         self.pdus += 1
 
-    def _feed_pdata(self, data: bytes) -> None:
+    def _feed_pdata(self, data: bytes | memoryview) -> None:
         pos = 0
         while pos < len(data):
             if self._pdv_left == 0:
@@ -208,7 +208,7 @@ class PeerStream:
         if self._pdv_left == 0:
             self._end_pdv()
 
-    def _message_bytes(self, chunk: bytes) -> None:
+    def _message_bytes(self, chunk: bytes | memoryview) -> None:
         if self._pdv_is_command:
             self._command_bytes += len(chunk)
             if self._command_bytes > MAX_COMMAND_SET:
@@ -250,22 +250,45 @@ class _LimitedRecv:
         stream = self.peer_stream
         if stream is None:
             return super().recv(bufsize, flags)  # type: ignore[misc]
-        left = stream.seconds_left(time.monotonic())
-        if left <= 0:
-            raise PduTimeout(stream.timeout_message())
-        self.settimeout(left)  # type: ignore[attr-defined]
+        self._before_read(stream)
         try:
             data: bytes = super().recv(bufsize, flags)  # type: ignore[misc]
         except TimeoutError:
             raise PduTimeout(stream.timeout_message()) from None
         finally:
             self.settimeout(self.idle_timeout)  # type: ignore[attr-defined]
+        self._account(stream, memoryview(data))
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        """As :meth:`recv`, into ``buffer`` (no copy of the bytes read)."""
+        args = (buffer,) if nbytes is None else (buffer, nbytes, flags)
+        stream = self.peer_stream
+        if stream is None:
+            return int(super().recv_into(*args))  # type: ignore[misc]
+        self._before_read(stream)
+        try:
+            count = int(super().recv_into(*args))  # type: ignore[misc]
+        except TimeoutError:
+            raise PduTimeout(stream.timeout_message()) from None
+        finally:
+            self.settimeout(self.idle_timeout)  # type: ignore[attr-defined]
+        self._account(stream, memoryview(buffer)[:count])
+        return count
+
+    def _before_read(self, stream: PeerStream) -> None:
+        left = stream.seconds_left(time.monotonic())
+        if left <= 0:
+            raise PduTimeout(stream.timeout_message())
+        self.settimeout(left)  # type: ignore[attr-defined]
+
+    def _account(self, stream: PeerStream, data: memoryview) -> None:
+        """Feed what was read to the byte limits (a view: its slices copy nothing)."""
         try:
             stream.feed(data)
         except PeerLimitExceeded:
             self._send_abort()
             raise
-        return data
 
     def _send_abort(self) -> None:
         try:

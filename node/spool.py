@@ -14,6 +14,7 @@ the next start. A write that fails there (the disk full) deletes the partial fil
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -24,7 +25,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from node.datadir import PRIVATE_FILE, open_private, private_dirs
 
@@ -33,6 +34,32 @@ _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _CHUNK = 1 << 20
 #: errno values that mean the disk (or the user's quota on it) is full.
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: A file being received has its written bytes sent on to the disk every this many bytes
+#: (:func:`start_writeback`), so the fsync before the C-STORE response waits for the last
+#: few MiB instead of the whole dataset.
+WRITEBACK_BYTES = 4 << 20
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start write-out of dirty pages, do not wait
+
+
+def _sync_file_range() -> object | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux (glibc/musl)
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_range: Any = _sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``length`` bytes of ``fd`` from ``offset`` to the disk, without waiting
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; nothing elsewhere). Only earlier:
+    durability still comes from the fsync, which then has less left to write."""
+    if _sync_range is not None:
+        _sync_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
 
 
 class SpoolError(Exception):
@@ -112,6 +139,7 @@ class ReceivingFile:
         self._file: BinaryIO | None = None
         self._sha256 = hashlib.sha256()
         self._size = 0
+        self._written_back = 0  # bytes handed to start_writeback so far
         try:
             fd, name = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=directory)
         except OSError as exc:
@@ -140,7 +168,19 @@ class ReceivingFile:
             else:
                 self._sha256.update(data)
                 self._size += len(data)
+                if self._size - self._written_back >= WRITEBACK_BYTES:
+                    self._write_back()
         return len(data)
+
+    def _write_back(self) -> None:
+        assert self._file is not None
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self._fail(exc)
+            return
+        start_writeback(self._file.fileno(), self._written_back, self._size - self._written_back)
+        self._written_back = self._size
 
     def digest(self) -> tuple[str, int] | None:
         """(SHA-256 hex digest, size in bytes) of everything written so far, or None after

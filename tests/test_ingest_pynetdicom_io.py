@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from pathlib import Path
+from typing import Any
 
 import pynetdicom
 import pytest
@@ -43,13 +44,20 @@ def test_a_large_dataset_is_read_in_large_chunks_through_the_limited_socket(
     node: NodeRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     asked: list[int] = []
-    recv = PeerSocket.recv
+    recv, recv_into = PeerSocket.recv, PeerSocket.recv_into
 
     def counting_recv(self: PeerSocket, bufsize: int = 1024, flags: int = 0, /) -> bytes:
         asked.append(bufsize)
         return recv(self, bufsize, flags)
 
+    def counting_recv_into(
+        self: PeerSocket, buffer: Any, nbytes: int | None = None, flags: int = 0
+    ) -> int:
+        asked.append(len(buffer) if nbytes is None else nbytes)
+        return recv_into(self, buffer, nbytes, flags)
+
     monkeypatch.setattr(PeerSocket, "recv", counting_recv)
+    monkeypatch.setattr(PeerSocket, "recv_into", counting_recv_into)
     image = make_chest_radiograph(seed=7, rows=1024, cols=1024)  # 2 MiB of pixels
     (path,) = write_study(tmp_path / "in", [image])
     result = storescu(node.scp.port, path)
