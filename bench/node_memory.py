@@ -468,8 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.repeat} repeat(s). RSS and PSS summed over the receiver's process tree "
         f"(ours: serve and its children;\nstorescp: the parent and its forked children), "
         f"sampled every {args.interval:g} s\n(PSS every {args.interval * args.pss_every:g} s). "
-        "idle: the second before the first sender; "
-        "peak and median: while the senders ran. procs: most processes at once."
+        "idle: the second before the first sender; peak and median: while the senders\n"
+        "ran. procs: most processes at once."
     )
     elapsed = time.monotonic() - started
     print(f"total {elapsed:.0f} s")
