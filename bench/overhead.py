@@ -20,6 +20,8 @@ Modes, each on a fresh data directory and a fresh Orthanc:
   ``--redis``) + ``medgemma-node api``.
 - ``serve-quiet``: ``serve`` with ``completion.on_association_release = false``: the path of
   an association that stays open, completed by the quiet period (``--quiet-seconds``).
+- ``serve-nograce``: ``serve`` with ``completion.release_grace_seconds = 0``: what the grace
+  time that keeps back-to-back associations of one study at one version costs.
 
 The "beyond the quiet period" figure is the latency less the time the node waits on
 purpose: nothing when completion on release applies, the quiet period otherwise.
@@ -80,7 +82,7 @@ DCMTK_BIN = Path(os.environ.get("DCMTK_BIN", "/usr/bin"))
 NODE_AE = "MEDGEMMA"
 TOKEN = "bench-" + secrets.token_hex(8)
 READY_REPORT = {"preliminary", "final", "amended"}
-MODES = ("serve", "worker", "serve-quiet")
+MODES = ("serve", "worker", "serve-quiet", "serve-nograce")
 
 
 class BenchError(Exception):
@@ -260,6 +262,7 @@ def start_mode(
         "completion": {
             "quiet_seconds": args.quiet_seconds,
             "on_association_release": release,
+            **({"release_grace_seconds": 0} if mode == "serve-nograce" else {}),
             **extra.get("completion", {}),
         },
         "engine": {"name": "demo"},
