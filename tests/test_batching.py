@@ -148,6 +148,24 @@ def test_a_broken_image_and_a_refused_request_fail_only_their_studies(
     assert sr_files(node, broken) == [] and sr_files(node, refused) == []
 
 
+def test_an_engine_that_cannot_load_fails_the_tasks_study_alone(
+    node_factory: Callable[..., NodeRuntime], tmp_path: Path
+) -> None:
+    pytest.importorskip("transformers")
+    node = node_factory(
+        embedded=False,
+        queue={"broker_url": DEAD_BROKER, "max_batch": 4},
+        engine={"name": "medgemma", "model": str(tmp_path / "no-such-model"), "device": "cpu"},
+    )
+    uids = queue_studies(node, tmp_path / "in", 3, seed=325)
+    assert run_preread(node.settings, uids[0], 1) == "failed"
+    failed = node.ledger.get_study(uids[0])
+    assert failed is not None and "does not exist" in failed.reason
+    # nothing else was claimed: another (healthy) worker may still read them
+    for uid in uids[1:]:
+        assert node.ledger.get_study(uid).state is StudyState.QUEUED  # type: ignore[union-attr]
+
+
 def test_a_transient_engine_error_gives_the_batch_back_and_the_retry_takes_it_again(
     queued_node: NodeRuntime, tmp_path: Path
 ) -> None:

@@ -93,9 +93,10 @@ class RunHeartbeat:
     process dies (a killed worker, a crashed node) the renewals stop and the reconciler
     re-sends every study of the run once its lease runs out.
 
-    :meth:`is_lost` is true for a version found no longer held by this owner (the process
-    stalled past its lease and the study was re-sent): that study's outcome is then not
-    recorded. :meth:`finished` stops renewing a version whose outcome is recorded.
+    :meth:`hold` adds versions claimed later (a batch's other studies). :meth:`is_lost` is
+    true for a version found no longer held by this owner (the process stalled past its
+    lease and the study was re-sent): that study's outcome is then not recorded.
+    :meth:`finished` stops renewing a version whose outcome is recorded.
     """
 
     def __init__(self, ledger: StudyLedger, runs: Sequence[RunKey], owner: str) -> None:
@@ -123,6 +124,11 @@ class RunHeartbeat:
     def is_lost(self, study_uid: str, version: int) -> bool:
         with self._lock:
             return (study_uid, version) in self._lost
+
+    def hold(self, runs: Sequence[RunKey]) -> None:
+        """Renew these versions too from now on (the other studies claimed for the batch)."""
+        with self._lock:
+            self.runs.extend(runs)
 
     def finished(self, study_uid: str, version: int) -> None:
         with self._lock:
@@ -462,19 +468,34 @@ def run_preread(
     if started is None:
         log.info("study %s v%d finished or running elsewhere: nothing to do", study_uid, version)
         return "noop"
-    batch = [started]
-    if settings.queue.max_batch > 1:
-        try:
-            batch += ledger.claim_runs(settings.queue.max_batch - 1, owner, exclude=[study_uid])
-        except Exception:  # the batch is an optimisation: this study runs alone
-            log.exception("no other queued studies claimed for the batch of %s", study_uid)
-    size = f" (batch of {len(batch)}, with {study_uid} v{version})" if len(batch) > 1 else ""
-    for study in batch:
-        log.info("pre-read of study %s v%d started%s", study.study_uid, study.version, size)
-    members = [_Member(s, stage_reporter(ledger, s.study_uid, s.version, owner)) for s in batch]
-    with RunHeartbeat(ledger, [m.key for m in members], owner) as heartbeat:
-        _run_batch(settings, ledger, members, owner, engine, heartbeat)
-    leader = members[0]
+    leader = _Member(started, stage_reporter(ledger, study_uid, version, owner))
+    members = [leader]
+    with RunHeartbeat(ledger, [leader.key], owner) as heartbeat:
+        loaded: Engine | Exception | None = engine
+        if loaded is None:
+            leader.progress("model load")
+            try:
+                loaded = engine_for(settings.engine)
+            except Exception as exc:  # fails this study alone; the others stay queued
+                loaded = exc
+        if settings.queue.max_batch > 1 and not isinstance(loaded, Exception):
+            try:
+                others = ledger.claim_runs(settings.queue.max_batch - 1, owner, exclude=[study_uid])
+            except Exception:  # the batch is an optimisation: this study runs alone
+                log.exception("no other queued studies claimed for the batch of %s", study_uid)
+                others = []
+            members += [
+                _Member(s, stage_reporter(ledger, s.study_uid, s.version, owner)) for s in others
+            ]
+            heartbeat.hold([m.key for m in members[1:]])
+        size = f" (batch of {len(members)}, with {study_uid} v{version})"
+        for member in members:
+            log.info(
+                "pre-read of study %s v%d started%s",
+                *member.key,
+                size if len(members) > 1 else "",
+            )
+        _run_batch(settings, ledger, members, owner, loaded, heartbeat)
     if leader.outcome == "transient":
         assert isinstance(leader.error, TransientPrereadError)
         raise leader.error
@@ -503,10 +524,11 @@ def _run_batch(
     ledger: StudyLedger,
     members: list[_Member],
     owner: str,
-    engine: Engine | None,
+    engine: Engine | Exception,
     heartbeat: RunHeartbeat,
 ) -> None:
     """Every member of the batch gets an outcome; an error of one study fails only it.
+    ``engine``: the loaded engine, or why it could not be loaded (every member fails).
 
     views, decode -> one engine batch of chest checks (studies without body part) -> one
     engine batch of pre-reads -> parse, anchors -> per study SR/SEG, anchors, finish, FHIR.
@@ -515,21 +537,20 @@ def _run_batch(
     def settle(member: _Member, exc: Exception) -> None:
         if isinstance(exc, SoftTimeLimitExceeded):
             raise exc  # the task fails its own study; the others' leases run out
-        member.outcome = _settle(settings, ledger, owner, member, exc, heartbeat)
         member.error = exc
+        try:
+            member.outcome = _settle(settings, ledger, owner, member, exc, heartbeat)
+        except Exception:  # no longer renewed: the reconciler re-sends it
+            log.exception("pre-read of study %s v%d: outcome not recorded", *member.key)
+            member.outcome = "noop"
 
     def pending() -> list[_Member]:
         return [m for m in members if not m.outcome]
 
-    if engine is None:
+    if isinstance(engine, Exception):
         for member in members:
-            member.progress("model load")
-        try:
-            engine = engine_for(settings.engine)
-        except Exception as exc:
-            for member in members:
-                settle(member, exc)
-            return
+            settle(member, engine)
+        return
     spool_root = settings.storage.spool_path
     for member in pending():
         uid, version = member.key
