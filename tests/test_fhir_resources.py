@@ -295,3 +295,25 @@ def test_answer_and_audit_event_validate() -> None:
     event = audit_event(rec)
     r4b_valid(event)
     assert event["outcome"] == "0" and event["action"] == "E"
+
+
+def test_question_built_for_ask_validates(ledger: StudyLedger) -> None:
+    """$ask stores the question Communication without running it through fhir.resources
+    (it is built from checked parts only): the builder must still make a valid one, with
+    and without an anchor and a language."""
+    from node.fhir.auth import Principal
+    from node.fhir.questions import Question, build_question
+
+    uid = add_study(ledger)
+    record(ledger, uid)
+    report = FhirStore(ledger).get("DiagnosticReport", report_id(uid))
+    assert report is not None
+    ris = Principal("ris", "token", frozenset({"system/*.*"}))
+    for q, anchor in ((Question("How large is A1?", "", ""), ""),
+                      (Question("这个结节多大?", "A1", "zh-CN"), "Observation/o1")):  # fmt: skip
+        comm = build_question(report, q, anchor, ris)
+        r4b_valid(comm)
+        assert comm["payload"] == [{"contentString": q.text}]
+        assert comm["about"][0] == {"reference": f"DiagnosticReport/{report.id}"}
+        assert comm["subject"] == report.resource["subject"]
+        assert (comm.get("language") or "") == q.language

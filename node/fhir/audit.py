@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Final
 
 from node.fhir import codes
@@ -72,13 +73,24 @@ def _patients(served: Iterable[StoredResource]) -> list[dict[str, Any]]:
     """The patients (subject references) of served resources, each once."""
     seen: dict[str, dict[str, Any]] = {}
     for r in served:
-        subject = r.resource.get("subject")
-        if not isinstance(subject, dict) or subject.get("type", "Patient") != "Patient":
-            continue
-        what = {k: subject[k] for k in ("reference", "identifier") if k in subject}
-        if what:
-            seen.setdefault(json.dumps(what, sort_keys=True), what)
+        found = _patient_of(r.body)
+        if found is not None:
+            seen.setdefault(*found)
     return list(seen.values())
+
+
+@lru_cache(maxsize=1024)
+def _patient_of(body: str) -> tuple[str, dict[str, Any]] | None:
+    """(key, reference) of the patient a stored resource body is about, or None.
+
+    Cached by the body itself (a version's body never changes; the same reports are
+    served again and again): parsing every served body per AuditEvent cost this thread
+    more than writing the events."""
+    subject = json.loads(body).get("subject")
+    if not isinstance(subject, dict) or subject.get("type", "Patient") != "Patient":
+        return None
+    what = {k: subject[k] for k in ("reference", "identifier") if k in subject}
+    return (json.dumps(what, sort_keys=True), what) if what else None
 
 
 def _patient_entity(what: dict[str, Any]) -> dict[str, Any]:

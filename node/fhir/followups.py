@@ -30,9 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Table, func, insert, select, update
 
 from node.affinity import WorkerRegistry
 from node.db import utcnow
@@ -106,6 +106,9 @@ def create_followup(
     return job
 
 
+_INSERT_JOB: Final = insert(cast(Table, FollowupRow.__table__))
+
+
 def create_followups(store: FhirStore, items: Sequence[NewQuestion]) -> list[FollowupJob]:
     """Store several new questions and their jobs in one transaction (one commit)."""
     jobs = []
@@ -124,8 +127,8 @@ def create_followups(store: FhirStore, items: Sequence[NewQuestion]) -> list[Fol
                 attempts=0,
             )
             w.put(item.question, new=True)
-            w.session.execute(
-                insert(FollowupRow),
+            w.session.connection().execute(
+                _INSERT_JOB,
                 {
                     "id": job.id,
                     "report_id": job.report_id,
@@ -148,8 +151,10 @@ def mark_sent(store: FhirStore, job_ids: Sequence[str]) -> None:
     """Record that these questions were handed to the work queue."""
     if not job_ids:
         return
-    with store.db.transaction() as s:
-        s.execute(
+    # as the process's single writer: the question and audit writers wait on its lock
+    # instead of meeting SQLite's busy timeout (sleeps of up to 100 ms)
+    with store.writing() as w:
+        w.session.execute(
             update(FollowupRow)
             .where(FollowupRow.id.in_(list(job_ids)), FollowupRow.sent_at.is_(None))
             .values(sent_at=utcnow())

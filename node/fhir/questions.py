@@ -195,6 +195,8 @@ def build_question(
     comm["payload"] = [{"contentString": q.text}]
     if q.language:
         comm["language"] = q.language
+    if not extra:  # built here from checked parts only ($ask): nothing a client shaped
+        return comm
     try:
         return validate(comm)
     except ResourceInvalid as exc:

@@ -18,13 +18,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property, lru_cache
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy import DateTime, Select, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    DateTime,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql import Executable
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from node.db import Database, make_engine, utcnow
 from node.fhir.models import FHIR_TABLES, FhirHistoryRow, FhirIndexRow, FhirResourceRow
@@ -74,14 +87,16 @@ _GET: Final = select(*_COLUMNS).where(
 
 
 #: Bulk inserts of new resources (their row ids in the order given) and of index rows.
-_INSERT_RESOURCES: Final = insert(FhirResourceRow.__table__).returning(
-    FhirResourceRow.__table__.c.id, sort_by_parameter_order=True
+_RESOURCES: Final = cast(Table, FhirResourceRow.__table__)
+_INSERT_RESOURCES: Final = insert(_RESOURCES).returning(
+    _RESOURCES.c.id, sort_by_parameter_order=True
 )
-_INSERT_INDEX: Final = insert(FhirIndexRow.__table__)
+_INSERT_INDEX: Final = insert(cast(Table, FhirIndexRow.__table__))
+_INSERT_RESOURCE: Final = insert(_RESOURCES).returning(_RESOURCES.c.id)
 
 
 @lru_cache(maxsize=64)
-def _get_many(n: int) -> Select[Any]:
+def _get_many(n: int) -> Executable:
     """``n`` resources by (type, id): parameters ``t0``, ``i0``, ``t1``, ``i1``..."""
     return select(*_COLUMNS).where(
         or_(
@@ -156,6 +171,7 @@ class StoreWrite:
         statements, not ORM objects: this is the hot path of $ask.
         """
         s = self.session
+        conn = s.connection()  # inserts as Core statements: no ORM bookkeeping
         rtype = str(resource["resourceType"])
         rid = str(resource["id"])
         old = None
@@ -183,8 +199,8 @@ class StoreWrite:
         body.update((k, v) for k, v in resource.items() if k not in ("resourceType", "id", "meta"))
         text = _dumps(body)
         if old is None:
-            row_id = s.execute(
-                insert(FhirResourceRow).returning(FhirResourceRow.id),
+            row_id = conn.execute(
+                _INSERT_RESOURCE,
                 {
                     "resource_type": rtype,
                     "resource_id": rid,
@@ -214,7 +230,7 @@ class StoreWrite:
             s.execute(delete(FhirIndexRow).where(FhirIndexRow.row_id == row_id))
         index_rows = [_index_row(row_id, rtype, v) for v in index_values(body)]
         if index_rows:
-            s.execute(insert(FhirIndexRow), index_rows)
+            conn.execute(_INSERT_INDEX, index_rows)
         if notify:
             queue_notifications(s, row_id, rtype, rid, version)
         return StoredResource(rtype, rid, version, now, text)
@@ -513,7 +529,7 @@ def _search_statements(
     """(page, count) statements of a search of this shape, with bound parameters: ``rtype``,
     ``snapshot``, ``p0``... (the conditions' values, :func:`condition_parts` order), ``a0``...
     (``keyset``: the cursor's sort values, then its row), ``limit`` and ``offset``."""
-    numbered = (bindparam(f"p{i}") for i in itertools.count())
+    numbered: Iterator[BindParameter[Any]] = (bindparam(f"p{i}") for i in itertools.count())
     where = [
         FhirResourceRow.resource_type == bindparam("rtype"),
         FhirResourceRow.last_updated <= bindparam("snapshot", type_=DateTime()),

@@ -106,6 +106,19 @@ class Delivery:
 # --------------------------------------------------------------------------- queueing
 
 
+#: The active Subscriptions (built once: this runs in every write of a watched type).
+_ACTIVE_SUBSCRIPTIONS: Final = select(FhirResourceRow.resource_id, FhirResourceRow.body).where(
+    FhirResourceRow.resource_type == "Subscription",
+    FhirResourceRow.id.in_(
+        select(FhirIndexRow.row_id).where(
+            FhirIndexRow.resource_type == "Subscription",
+            FhirIndexRow.param == "status",
+            FhirIndexRow.value == "active",
+        )
+    ),
+)
+
+
 def queue_notifications(
     session: Session, row_id: int, resource_type: str, resource_id: str, version: int
 ) -> None:
@@ -114,18 +127,7 @@ def queue_notifications(
     Subscription whose criteria that version matches. Other resource types are ignored."""
     if resource_type not in SUBSCRIBABLE:
         return
-    subs = session.execute(
-        select(FhirResourceRow.resource_id, FhirResourceRow.body).where(
-            FhirResourceRow.resource_type == "Subscription",
-            FhirResourceRow.id.in_(
-                select(FhirIndexRow.row_id).where(
-                    FhirIndexRow.resource_type == "Subscription",
-                    FhirIndexRow.param == "status",
-                    FhirIndexRow.value == "active",
-                )
-            ),
-        )
-    ).all()
+    subs = session.connection().execute(_ACTIVE_SUBSCRIPTIONS).all()
     for sub_id, sub_body in subs:
         criteria = str(json.loads(sub_body).get("criteria", ""))
         try:
