@@ -22,12 +22,20 @@ peer's numbers show that ceiling.
 Usage:
   python bench/fhir_api.py [--clients 50] [--seconds 5] [--repeat 2] [--studies 200]
       [--redis redis://127.0.0.1:6379/15] [--json bench/out/fhir_api.json] [--quick]
+      [--profile DIR]
+
+``--profile DIR``: py-spy (``pip install py-spy``) samples our server during each of its
+runs and writes the folded stacks to ``DIR/<workload>.folded`` and, on stdout, where its
+time went: the share of samples in each part of a request (token check, SQL, Bundle
+building, validation, audit, logging, the Celery send, the framework). Profiled runs are
+slower (the sampler takes CPU from the same cores): take figures from a run without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import hashlib
 import json
 import os
@@ -36,6 +44,7 @@ import random
 import secrets
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -176,6 +185,17 @@ class Run:
     rps: float
     p50_ms: float
     p99_ms: float
+    cpu_ms_per_request: float = float("nan")  # the server process's CPU time (Linux)
+    load_1min: float = float("nan")  # the machine's load average after the run
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads); NaN where /proc is absent."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -269,17 +289,108 @@ async def _load(
 
 
 def measure(
-    server: str, workload: str, make_request: Any, clients: int, seconds: float, expect: int
+    server: str,
+    workload: str,
+    make_request: Any,
+    clients: int,
+    seconds: float,
+    expect: int,
+    pid: int | None = None,
 ) -> Run:
+    """One run; with ``pid``, the server's CPU time per request too (warm-up included on
+    both sides of the division: all requests sent, all CPU used)."""
+    counted: list[int] = []
+    cpu0 = process_cpu_seconds(pid) if pid else float("nan")
+
+    def counting(rng: random.Random) -> Request_:
+        counted.append(1)
+        return make_request(rng)  # type: ignore[no-any-return]
+
     latencies, errors, elapsed = asyncio.run(
-        _load(make_request, clients, seconds, min(1.0, seconds / 4), expect)
+        _load(counting, clients, seconds, min(1.0, seconds / 4), expect)
     )
+    cpu = process_cpu_seconds(pid) - cpu0 if pid else float("nan")
     return Run(
         server=server, workload=workload, requests=len(latencies), errors=errors,
         seconds=round(elapsed, 2), rps=round(len(latencies) / elapsed, 1),
         p50_ms=round(_percentile(latencies, 0.50) * 1000, 2),
         p99_ms=round(_percentile(latencies, 0.99) * 1000, 2),
+        cpu_ms_per_request=round(1000 * cpu / max(1, len(counted)), 3),
+        load_1min=round(os.getloadavg()[0], 2),
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Profile
+
+#: Parts of a request, matched (first match wins) against the frames of a sampled stack,
+#: innermost first: a sample counts for the innermost frame that names one of them.
+PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("logging", ("logging/__init__.py", "logging/handlers.py", "node/logfmt.py")),
+    ("token check", ("node/fhir/auth.py", "jwt/", "hashlib")),
+    ("validation (fhir.resources)", ("fhir/resources", "fhir_core", "pydantic")),
+    ("Celery send", ("celery/", "kombu/", "redis/", "node/dispatch.py")),
+    ("SQL", ("sqlalchemy/", "sqlite3", "psycopg")),
+    ("AuditEvent", ("node/fhir/audit.py",)),
+    ("Bundle / JSON", ("node/fhir/responses.py", "json/", "orjson")),
+    ("search parsing", ("node/fhir/search.py", "node/fhir/search_sql.py")),
+    ("question ($ask)", ("node/fhir/questions.py", "node/fhir/followups.py")),
+    ("FHIR routes", ("node/fhir/",)),
+    ("FastAPI / Starlette", ("fastapi/", "starlette/", "anyio/")),
+    ("uvicorn / HTTP", ("uvicorn/", "h11/", "httptools")),
+    ("asyncio loop", ("asyncio/", "selectors.py", "uvloop")),
+)
+
+
+def start_profiler(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | None:
+    """py-spy recording ``pid`` for ``seconds``: the thread holding the GIL at each sample
+    (``--gil``), so the shares are of the server's Python time, every thread counted."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        print("fhir_api bench: --profile needs py-spy (pip install py-spy)", file=sys.stderr)
+        return None
+    argv = [exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "250", "--threads",
+            "--gil", "--duration", str(max(1, round(seconds))), "--nonblocking",
+            "-o", str(out)]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def profile_parts(folded: Path) -> tuple[int, dict[str, int]]:
+    """(samples, samples per part of :data:`PARTS`, "other" for the rest) of a folded file."""
+    parts: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in folded.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")[::-1]  # innermost first
+        parts[_part(frames)] += n
+    return total, dict(parts.most_common())
+
+
+def _part(frames: list[str]) -> str:
+    for frame in frames:
+        for name, needles in PARTS:
+            if any(needle in frame for needle in needles):
+                return name
+    return "other"
+
+
+def print_profile(directory: Path) -> dict[str, dict[str, float]]:
+    """Print (and return) the share of samples per part for each profiled workload."""
+    out: dict[str, dict[str, float]] = {}
+    for folded in sorted(directory.glob("*.folded")):
+        total, parts = profile_parts(folded)
+        if not total:
+            continue
+        shares = {name: round(100 * n / total, 1) for name, n in parts.items()}
+        out[folded.stem] = shares
+        print(f"\nprofile of ours, {folded.stem}: {total} samples of the thread holding the GIL")
+        for name, share in shares.items():
+            print(f"  {name:<30}{share:6.1f} %")
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -297,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "fhir_api.json")
     parser.add_argument("--quick", action="store_true", help="1 s runs, 1 repeat, 20 studies")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="py-spy our server during its runs; folded stacks in DIR")  # fmt: skip
     parser.add_argument("--peer", nargs=3, type=int, metavar=("PORT", "GET", "POST"),
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args(argv)
@@ -388,13 +501,23 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeat):
                 order = [("ours", ours_fn, ours_expect), ("peer", peer_fn, peer_expect)]
                 for name, fn, expect in order if r % 2 == 0 else order[::-1]:
-                    run = measure(name, workload, fn, args.clients, args.seconds, expect)
+                    spy = None
+                    if args.profile is not None and name == "ours":
+                        args.profile.mkdir(parents=True, exist_ok=True)
+                        target = args.profile / f"{workload}-{r + 1}.folded"
+                        spy = start_profiler(servers[0].pid, target, args.seconds + 1)
+                    pid = servers[0 if name == "ours" else 1].pid
+                    run = measure(name, workload, fn, args.clients, args.seconds, expect, pid)
+                    if spy is not None:
+                        spy.wait(timeout=60)
                     runs.append(run)
                     print(f"  {workload:<7} {name:<5} repeat {r + 1}: {run.rps:8.1f} req/s  "
                           f"p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms  "
-                          f"errors {run.errors}", flush=True)  # fmt: skip
+                          f"CPU {run.cpu_ms_per_request:6.3f} ms/req  errors {run.errors}  "
+                          f"load {run.load_1min:.1f}", flush=True)  # fmt: skip
         summary = summarise(runs)
         print_table(summary, args, get_size, post_size)
+        profile = print_profile(args.profile) if args.profile is not None else {}
         report = {
             "benchmark": "fhir_api",
             "clients": args.clients, "seconds_per_run": args.seconds, "repeats": args.repeat,
@@ -402,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "platform": platform.platform()},
             "summary": summary, "runs": [asdict(r) for r in runs],
+            "profile_percent": profile,
         }  # fmt: skip
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -431,12 +555,18 @@ def summarise(runs: list[Run]) -> dict[str, dict[str, Any]]:
                 "rps": round(statistics.median(r.rps for r in mine), 1),
                 "p50_ms": round(statistics.median(r.p50_ms for r in mine), 2),
                 "p99_ms": round(statistics.median(r.p99_ms for r in mine), 2),
+                "cpu_ms_per_request": round(
+                    statistics.median(r.cpu_ms_per_request for r in mine), 3
+                ),
                 "errors": sum(r.errors for r in mine),
             }
         row["ratio"] = {
             "rps": round(row["ours"]["rps"] / row["peer"]["rps"], 3),
             "p50": round(row["ours"]["p50_ms"] / row["peer"]["p50_ms"], 2),
             "p99": round(row["ours"]["p99_ms"] / row["peer"]["p99_ms"], 2),
+            "cpu_per_request": round(
+                row["ours"]["cpu_ms_per_request"] / row["peer"]["cpu_ms_per_request"], 2
+            ),
         }
         out[workload] = row
     return out
@@ -448,15 +578,17 @@ def print_table(
     print()
     print(f"FHIR API, {args.clients} concurrent clients, {args.seconds:g} s x {args.repeat} "
           f"(median); responses {get_size} B (search), {post_size} B (ask 202)")  # fmt: skip
-    print(f"{'workload':<10}{'server':<7}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    print(f"{'workload':<10}{'server':<7}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}"
+          f"{'CPU ms/req':>12}{'errors':>8}")  # fmt: skip
     for workload, row in summary.items():
         for server in ("ours", "peer"):
             s = row[server]
             print(f"{workload:<10}{server:<7}{s['rps']:>10.1f}{s['p50_ms']:>10.2f}"
-                  f"{s['p99_ms']:>10.2f}{s['errors']:>8}")  # fmt: skip
+                  f"{s['p99_ms']:>10.2f}{s['cpu_ms_per_request']:>12.3f}"
+                  f"{s['errors']:>8}")  # fmt: skip
         ratio = row["ratio"]
         print(f"{workload:<10}{'ratio':<7}{ratio['rps']:>10.3f}{ratio['p50']:>10.2f}"
-              f"{ratio['p99']:>10.2f}")  # fmt: skip
+              f"{ratio['p99']:>10.2f}{ratio['cpu_per_request']:>12.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
