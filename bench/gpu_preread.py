@@ -116,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.tiny:
         device, dtype = "cpu", torch.float32
+        if args.cpu_threads:
+            torch.set_num_threads(args.cpu_threads)
         text, vision, mm_tokens = TINY_TEXT, TINY_VISION, TINY_MM_TOKENS
     elif torch.cuda.is_available():
         device, dtype = "cuda", torch.bfloat16
@@ -131,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if device == "cuda"
         else platform.processor() or "cpu",
         "dtype": str(dtype).removeprefix("torch."),
+        "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "new_tokens": args.new_tokens,
@@ -565,7 +568,8 @@ def _release(torch: Any) -> None:
 def _print_table(report: dict[str, Any]) -> None:
     """The results as a fixed-width table."""
     print(
-        f"\n{report['model']} on {report['device']} ({report['dtype']}), "
+        f"\n{report['model']} on {report['device']} ({report['dtype']}, "
+        f"{report['cpu_threads']} CPU threads), "
         f"{report['parameters'] / 1e6:,.1f} M parameters; torch {report['torch']}, "
         f"transformers {report['transformers']}"
     )
@@ -638,6 +642,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="text tokens of the prompt (default: the real pre-read prompt's)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads with --tiny (default: torch's choice). On a shared CPU, "
+        "threads that wait for each other can make small steps many times slower",
+    )
     parser.add_argument(
         "--followup-cache",
         action="store_true",
