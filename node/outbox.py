@@ -407,8 +407,8 @@ def send_dicom_files(
 
 def _no_delay(assoc: Any) -> None:
     """Turn Nagle's algorithm off on the association's socket: the last, short PDU of a
-    data set otherwise waits for the PACS's delayed ACK (measured: SR + SEG to Orthanc in
-    about 0.19 s instead of 0.25 s). Best effort: pynetdicom does not expose the option."""
+    data set otherwise waits for the PACS's delayed ACK (an ad-hoc loopback test: SR + SEG to
+    Orthanc in about 0.19 s instead of 0.25 s). Best effort: pynetdicom has no option for it."""
     sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
     if sock is None:
         return
