@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from node.affinity import WorkerRegistry
+from node.db import make_engine
 from node.ledger import StudyLedger
 from node.settings import Settings
 from workers.engines.base import held_studies
@@ -55,10 +56,19 @@ def registry_for(settings: Settings) -> WorkerRegistry:
 
 class Heartbeat:
     """Beats every ``queue.worker_heartbeat_seconds`` from a daemon thread of the worker's
-    main process; ``stop`` removes the worker at once (a clean shutdown)."""
+    main process; ``stop`` removes the worker at once (a clean shutdown).
+
+    It opens its own database engine rather than the process-wide ledger's: pool processes
+    that Celery forks later (a replaced child) must not inherit the connections this
+    thread uses."""
 
     def __init__(self, settings: Settings, name: str, queues: Sequence[str]) -> None:
-        self.registry = registry_for(settings)
+        queue = settings.queue
+        self.registry = WorkerRegistry(
+            make_engine(settings.storage.resolved_database_url()),
+            queue.worker_heartbeat_seconds,
+            queue.task_time_limit_seconds,
+        )
         self.name = name
         self.queues = tuple(queues)
         self.interval = settings.queue.worker_heartbeat_seconds
