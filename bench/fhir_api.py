@@ -328,7 +328,7 @@ def measure(
 PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("logging", ("logging/__init__.py", "logging/handlers.py", "node/logfmt.py")),
     ("token check", ("node/fhir/auth.py", "jwt/", "hashlib")),
-    ("validation (fhir.resources)", ("fhir/resources", "fhir_core", "pydantic")),
+    ("validation (fhir.resources)", ("fhir/resources/", "fhir_core", "pydantic")),
     ("Celery send", ("celery/", "kombu/", "redis/", "node/dispatch.py")),
     ("SQL", ("sqlalchemy/", "sqlite3", "psycopg")),
     ("AuditEvent", ("node/fhir/audit.py",)),
