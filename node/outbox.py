@@ -21,7 +21,7 @@ import threading
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -356,10 +356,18 @@ def send_dicom(
 
 
 def send_dicom_files(
-    dest: Destination, paths: Sequence[Path], calling_ae: str, timeout: float = SEND_TIMEOUT_SECONDS
+    dest: Destination,
+    paths: Sequence[Path],
+    calling_ae: str,
+    timeout: float = SEND_TIMEOUT_SECONDS,
+    *,
+    on_answer: Callable[[int, DeliveryError | None], None] | None = None,
 ) -> list[DeliveryError | None]:
     """C-STORE files to a DICOM destination over one association, each in its stored
     transfer syntax; returns, per file, None (the PACS kept it) or why not.
+
+    ``on_answer(index, outcome)`` is called as soon as the PACS has answered a file, so a
+    caller can record it before the next file goes (the ledger follows the PACS closely).
 
     One association for a study's SR and SEG instead of one each: association set-up and
     release are most of the cost of a small C-STORE. A file that cannot be read fails
@@ -399,6 +407,8 @@ def send_dicom_files(
                 outcome[i] = DeliveryError(f"{dest.key}: the association ended before this file")
                 continue
             outcome[i] = _store_outcome(dest, assoc.send_c_store(ds))
+            if on_answer is not None:
+                on_answer(i, outcome[i])
     finally:
         if assoc.is_established:
             assoc.release()
@@ -502,18 +512,29 @@ class OutboxSender:
                     outcomes[d.id] = exc
             else:
                 dicom.setdefault(dest.key, []).append(d)
+        delivered = sum(self._settle(d, outcomes[d.id]) for d in claimed if d.id in outcomes)
         for key, rows in dicom.items():
-            sent: list[Exception | None]
-            try:
-                sent = list(
-                    send_dicom_files(
-                        self.destinations[key], [Path(d.path) for d in rows], self.calling_ae
-                    )
-                )
-            except Exception as exc:
-                sent = [exc] * len(rows)
-            outcomes.update({d.id: e for d, e in zip(rows, sent, strict=True)})
-        return sum(self._settle(d, outcomes[d.id]) for d in claimed)
+            delivered += self._send_dicom(self.destinations[key], rows)
+        return delivered
+
+    def _send_dicom(self, dest: Destination, rows: list[Delivery]) -> int:
+        """Send ``rows`` over one association, recording each as the PACS answers it;
+        returns how many were delivered."""
+        settled: dict[int, bool] = {}
+
+        def answered(i: int, outcome: DeliveryError | None) -> None:
+            settled[i] = self._settle(rows[i], outcome)
+
+        sent: list[Exception | None]
+        try:
+            paths = [Path(d.path) for d in rows]
+            sent = list(send_dicom_files(dest, paths, self.calling_ae, on_answer=answered))
+        except Exception as exc:
+            sent = [exc] * len(rows)
+        for i, (d, outcome) in enumerate(zip(rows, sent, strict=True)):
+            if i not in settled:  # refused association, unreadable file, an exception
+                settled[i] = self._settle(d, outcome)
+        return sum(settled.values())
 
     def _settle(self, d: Delivery, exc: Exception | None) -> bool:
         """Record one claimed row's attempt; True when it was delivered."""

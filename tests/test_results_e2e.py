@@ -8,6 +8,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 
+from node.outbox import Delivery
 from node.runtime import NodeRuntime
 from node.synthetic import make_two_view_study
 from tests.conftest import send_study, wait_for_state
@@ -81,6 +82,11 @@ def test_sr_and_seg_reach_the_pacs_valid_and_in_the_study(
     ref = amended[0].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
     assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
     assert amended[0].SeriesInstanceUID == first.SeriesInstanceUID  # one SR series per node
-    deliveries = node.outbox.deliveries(study_uid=uid)
-    assert {d.state.value for d in deliveries} == {"delivered"}
+
+    # the SR of v2 is in the PACS; its SEG may still be on the way (its own C-STORE)
+    def all_delivered() -> list[Delivery]:
+        rows = node.outbox.deliveries(study_uid=uid)
+        return rows if {d.state.value for d in rows} == {"delivered"} else []
+
+    deliveries = wait_for(all_delivered, 30, 0.1, "every SR/SEG delivery recorded")
     assert len(deliveries) == 4  # SR + SEG for each version, once each
