@@ -68,6 +68,15 @@ def test_released_study_is_read_and_delivered_without_quiet_period_or_poll(
     study = wait_for_state(node, uid, {"done", "failed"}, 60)
     assert study.state is StudyState.DONE, study.reason
     wait_for(lambda: results_in(orthanc, node, uid), 60, 0.1, "SR and SEG in the PACS")
+    # The PACS stores a file before the outbox records the answer: wait for the record too.
+    wait_for(
+        lambda: all(
+            d.state is not DeliveryState.PENDING for d in node.outbox.deliveries(study_uid=uid)
+        ),
+        30,
+        0.1,
+        "both deliveries recorded",
+    )
     assert {d.state for d in node.outbox.deliveries(study_uid=uid)} == {DeliveryState.DELIVERED}
 
 
