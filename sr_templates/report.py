@@ -512,9 +512,20 @@ def build_measurement_report(
         if predecessor.get("Modality") != "SR":
             raise ValueError("predecessor must be an SR document (Modality SR)")
     content = _root(record, sources, source_datasets, manufacturer=manufacturer)
-    sr = hd.sr.Comprehensive3DSR(
+    # highdicom deep-copies the content tree, parses the copy back into content items and
+    # walks it for references, for ``sr.content`` and a check that _root meets by
+    # construction (every image it references is one of ``sources``): a third of the
+    # report's build time. It gets the root container without its items, which go into
+    # the document afterwards; the result is returned as a plain Dataset (no ``content``
+    # view that would not show them).
+    shell = Dataset()
+    for elem in content[0]:
+        if elem.keyword != "ContentSequence":
+            shell.add(elem)
+    shell.ContentSequence = []
+    built = hd.sr.Comprehensive3DSR(
         evidence=list(source_datasets),
-        content=content,
+        content=shell,
         series_instance_uid=series_instance_uid or series_uid("sr", study_uid, node=node),
         series_number=series_number,
         sop_instance_uid=sop_instance_uid or generate_uid(prefix=c.UID_ROOT),
@@ -526,6 +537,9 @@ def build_measurement_report(
         institution_name=institution_name,
         previous_versions=[predecessor] if predecessor is not None else None,
     )
+    sr = Dataset(built)
+    sr.file_meta = built.file_meta
+    sr.ContentSequence = content[0].ContentSequence
     detach_from_sources(sr, source_datasets)
     use_utf8(sr)
     description = SR_SERIES_DESCRIPTION

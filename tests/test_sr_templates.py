@@ -557,6 +557,40 @@ def test_segmentation_pixels_match_anchor_regions(
         assert_code_is_sourced(scheme, value, meaning, exact=False)
 
 
+def test_overlapping_findings_each_keep_their_whole_region_in_the_seg(
+    preread: Preread, tmp_path: Path
+) -> None:
+    """Two findings on the same region: the SEG says its segments overlap, and each
+    segment holds every pixel of its region (neither loses the shared pixels)."""
+    image = make_chest_radiograph(seed=66, **SIZE)  # type: ignore[arg-type]
+    result = preread([image])
+    findings = findings_of(result)
+    findings[1]["region"] = dict(findings[0]["region"], shape="rectangle")
+    study_uid = str(image.dataset.StudyInstanceUID)
+    seg = build_segmentation(
+        typed(result),
+        image.dataset,
+        series_number=series_number("seg"),
+        instance_number=1,
+        sop_instance_uid=derived_uid("seg", study_uid, 1),
+    )
+    assert seg is not None
+    assert_valid(seg, tmp_path, "seg")
+    assert seg.SegmentsOverlap == "YES"
+    back = hd.seg.segread(io.BytesIO(to_bytes(seg)))
+    pixels = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=[image.dataset.SOPInstanceUID], combine_segments=False
+    )[0]
+    rows, cols = int(image.dataset.Rows), int(image.dataset.Columns)
+    for number, anchor in enumerate(findings[:2], 1):
+        expected = region_of(anchor).mask(rows, cols)
+        np.testing.assert_array_equal(pixels[:, :, number - 1].astype(bool), expected)
+    # the ellipse lies inside its box: the shared pixels are in both segments
+    assert (pixels[:, :, 0] & pixels[:, :, 1]).sum() == region_of(findings[0]).mask(
+        rows, cols
+    ).sum()
+
+
 def test_point_and_zero_width_regions_become_points_and_one_pixel_segments(
     preread: Preread, tmp_path: Path
 ) -> None:
