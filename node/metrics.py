@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -44,7 +44,7 @@ from node.outbox import OutboxRow
 from node.settings import MetricsSettings
 
 if TYPE_CHECKING:
-    from node.scp import StorageSCP
+    from node.scp import StoreCounters
 
 log = logging.getLogger("medgemma.metrics")
 
@@ -53,18 +53,27 @@ QUEUE_WAIT_BUCKETS: Final = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 18
 PREREAD_BUCKETS: Final = (2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0)
 FOLLOWUP_BUCKETS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
-_scps: list[StorageSCP] = []
+
+class CountsStores(Protocol):
+    """What counts C-STORE outcomes: a StorageSCP, or the receiving processes of
+    ``dicom.receiver_processes`` > 1 (node.receivers.ReceiverPool, their shared counters)."""
+
+    @property
+    def counters(self) -> StoreCounters: ...
+
+
+_scps: list[CountsStores] = []
 _scps_lock = threading.Lock()
 
 
-def track_scp(scp: StorageSCP) -> None:
+def track_scp(scp: CountsStores) -> None:
     """Count this process's SCP's C-STORE outcomes in its metrics."""
     with _scps_lock:
         if scp not in _scps:
             _scps.append(scp)
 
 
-def untrack_scp(scp: StorageSCP) -> None:
+def untrack_scp(scp: CountsStores) -> None:
     with _scps_lock:
         if scp in _scps:
             _scps.remove(scp)

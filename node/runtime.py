@@ -17,6 +17,7 @@ from node.dispatch import (
 from node.ledger import StudyLedger
 from node.metrics import MetricsServer, track_scp, untrack_scp
 from node.outbox import Outbox, OutboxSender
+from node.receivers import ReceiverPool
 from node.retention import SpoolRetention
 from node.scp import StorageSCP
 from node.settings import Settings
@@ -76,7 +77,13 @@ class NodeRuntime:
         self.scp = StorageSCP(
             settings.dicom, self.spool, self.ledger, on_release=self.coordinator.complete_on_release
         )
-        track_scp(self.scp)  # its C-STORE outcomes in this process's /metrics
+        # dicom.receiver_processes > 1: this process listens and hands each connection to
+        # one of several receiving processes (node.receivers); self.scp is not started then
+        self.receivers: ReceiverPool | None = None
+        if settings.dicom.receiver_processes > 1:
+            self.receivers = ReceiverPool(settings, on_release=self.coordinator.complete_on_release)
+        self._counted = self.receivers if self.receivers is not None else self.scp
+        track_scp(self._counted)  # C-STORE outcomes in this process's /metrics
         self.outbox = Outbox(self.ledger, settings.outbox)
         self.sender = OutboxSender(
             self.outbox,
@@ -95,8 +102,13 @@ class NodeRuntime:
 
             self.api = ApiServer(settings, dispatcher=self.dispatcher)
 
+    @property
+    def dicom_port(self) -> int:
+        """The port the node's DICOM SCP listens on (once started)."""
+        return self.receivers.port if self.receivers is not None else self.scp.port
+
     def start(self) -> tuple[str, int]:
-        address = self.scp.start()
+        address = self.receivers.start() if self.receivers is not None else self.scp.start()
         # serve: the in-process worker of a process that just started runs nothing yet, so
         # what a previous process of this node left queued or running is re-sent at once
         self.coordinator.start(recover_runs=isinstance(self.dispatcher, InProcessDispatcher))
@@ -116,8 +128,10 @@ class NodeRuntime:
             self.api.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.receivers is not None:
+            self.receivers.stop()
         self.scp.stop()
-        untrack_scp(self.scp)
+        untrack_scp(self._counted)
         self.retention.stop()
         self.sender.stop()
         self.coordinator.stop()

@@ -226,6 +226,24 @@ class _HostCheckingServer(ThreadedAssociationServer):
     slots: HostSlots | None = None
     idle_timeout: float | None = None
 
+    def __init__(self, *args: Any, handed: Any = None, **kwargs: Any) -> None:
+        # handed: serve the connections this object's accept() returns (a receiving
+        # process, node.receivers) instead of binding a port
+        self.handed = handed
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.handed is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()
+        self.socket = self.handed
+
+    def server_activate(self) -> None:
+        if self.handed is None:
+            super().server_activate()
+
     def get_request(self) -> tuple[Any, Any]:
         assert self.socket is not None
         client, address = self.socket.accept()
@@ -365,8 +383,11 @@ class StorageSCP:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> tuple[str, int]:
-        """Start listening (non-blocking). Returns the bound (host, port)."""
+    def start(self, handed: Any = None, slots: HostSlots | None = None) -> tuple[str, int]:
+        """Start listening (non-blocking). Returns the bound (host, port).
+
+        A receiving process (node.receivers) passes ``handed``, whose ``accept()`` returns
+        the connections its parent hands over, and ``slots``, its per-host accounting."""
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -384,11 +405,12 @@ class StorageSCP:
             ssl_context=ssl_context,
             evt_handlers=handlers,
             server_class=_HostCheckingServer,
+            handed=handed,
         )
         assert isinstance(server, _HostCheckingServer)
         server.allowed_hosts = frozenset(self.settings.allowed_hosts)
         server.limits = self.limits
-        server.slots = HostSlots(self.settings.max_associations_per_host)
+        server.slots = slots or HostSlots(self.settings.max_associations_per_host)
         server.idle_timeout = self.settings.network_timeout
         self._server = server
         self._thread = threading.Thread(
