@@ -236,9 +236,10 @@ class OurScp(Receiver):
     name = "ours"
     ae_title = OUR_AE
 
-    def __init__(self) -> None:
+    def __init__(self, receiver_processes: int = 1) -> None:
         self.proc: ServerProcess | None = None
         self.data_dir: Path | None = None
+        self.receiver_processes = receiver_processes  # dicom.receiver_processes
 
     def start(self, run_dir: Path, log: Path) -> int:
         port = free_port()
@@ -258,6 +259,7 @@ class OurScp(Receiver):
             "MEDGEMMA_NODE_COMPLETION__ON_ASSOCIATION_RELEASE": "false",
             "MEDGEMMA_NODE_ENGINE__NAME": "demo",
             "MEDGEMMA_NODE_QUEUE__BROKER_URL": "",
+            "MEDGEMMA_NODE_DICOM__RECEIVER_PROCESSES": str(self.receiver_processes),
             "TMPDIR": str(tmp),
         }
         try:
@@ -606,7 +608,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=" ".join(STORESCP_ARGS),
         help=f"options for storescp (default: {' '.join(STORESCP_ARGS)!r})",
     )
+    parser.add_argument(
+        "--receiver-processes",
+        type=int,
+        default=1,
+        help="ours: dicom.receiver_processes (default 1: one process receives)",
+    )
     args = parser.parse_args(argv)
+    if args.receiver_processes < 1:
+        parser.error("--receiver-processes must be at least 1")
     if args.count < 1 or args.repeat < 1 or min(args.associations) < 1:
         parser.error("--count, --repeat and --associations must be at least 1")
     for tool in (STORESCU, STORESCP):
@@ -629,7 +639,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     storescp_args = args.storescp_args.split()
     env = dcmtk_environment(args.dcmtk_nagle)
-    receivers: list[Receiver] = [OurScp(), DcmtkStorescp(storescp_args, env)]
+    receivers: list[Receiver] = [
+        OurScp(args.receiver_processes),
+        DcmtkStorescp(storescp_args, env),
+    ]
     results: list[RunResult] = []
     try:
         for syntax in args.syntax:
@@ -661,7 +674,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(render(rows))
     print(
-        "\nours: chunked receive, SHA-256, fsync of file + directory and a committed SQLite "
+        f"\nours: {args.receiver_processes} receiving process(es) (dicom.receiver_processes), "
+        "chunked receive, SHA-256, fsync of file + directory and a committed SQLite "
         "row\n      (synchronous=FULL) before each C-STORE response. storescp: writes the "
         "file, no fsync.\nstorescp+sync: the storescp run plus os.sync() after the last "
         "sender exited.\nours/this = ours files/s / this row's files/s (1.00 = as fast; "
@@ -678,6 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": args.rows,
         "cols": args.cols,
         "repeat": args.repeat,
+        "receiver_processes": args.receiver_processes,
         "environment": {
             **environment(),
             "storescp_args": storescp_args,
