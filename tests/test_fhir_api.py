@@ -25,8 +25,8 @@ from node.fhir.auth import Authenticator, Principal
 from node.fhir.errors import FhirError
 from node.fhir.followups import FollowupPublisher, create_followup, unsent_followups
 from node.fhir.projection import record_preread
-from node.fhir.questions import Question, build_question
-from node.fhir.resources import IdentifierSystems, imaging_study_id, report_id
+from node.fhir.questions import Question, build_question, plain_ask_parameters
+from node.fhir.resources import IdentifierSystems, imaging_study_id, report_id, validate
 from node.fhir.server import ApiServer
 from node.fhir.store import FhirStore
 from node.fhir.subscriptions import SubscriptionNotifier, subscription_status
@@ -373,6 +373,74 @@ def test_questions_about_unknown_anchors_or_unready_reports_are_refused(api: Api
     assert_outcome(ask(ready), 400, "needs the parameter 'question'")
     assert_outcome(ask(ready, q, {"name": "colour", "valueString": "x"}), 400, "unknown parameter")
     assert_outcome(ask("no-such-report", q), 404, "is not known")
+
+
+def test_malformed_ask_bodies_are_refused_with_an_outcome_naming_the_problem(api: Api) -> None:
+    ready = report_id(api.studies["ACC-0001"])
+
+    def post(body: Any) -> httpx.Response:
+        with api.client() as c:
+            return c.post(f"/DiagnosticReport/{ready}/$ask", json=body, headers=FHIR)
+
+    def ask(*params: Any) -> httpx.Response:
+        return post({"resourceType": "Parameters", "parameter": list(params)})
+
+    q = {"name": "question", "valueString": "Is it growing?"}
+    assert_outcome(post({"resourceType": "Bundle", "parameter": [q]}), 400,
+                   "must be a Parameters resource")  # fmt: skip
+    assert_outcome(ask(q, {"name": "question", "valueString": "And the other?"}), 400,
+                   "parameter 'question' of $ask may be given once")  # fmt: skip
+    anchors = [{"name": "anchor", "valueString": a} for a in ("A1", "A2")]
+    assert_outcome(ask(q, *anchors), 400, "may be given once")
+    assert_outcome(ask({"name": "question", "valueInteger": 5}), 400, "must be a valueString")
+    assert_outcome(ask({"name": "question", "valueString": 5}), 400, "invalid Parameters")
+    assert_outcome(ask({"name": "question", "valueString": ""}), 400, "invalid Parameters")
+    assert_outcome(ask({"name": "question", "valueString": "x", "valueCode": "x"}), 400,
+                   "invalid Parameters")  # fmt: skip
+    assert_outcome(ask({**q, "colour": "red"}), 400, "invalid Parameters")
+    assert_outcome(post({"resourceType": "Parameters", "parameter": "Is it growing?"}), 400,
+                   "invalid Parameters")  # fmt: skip
+    assert_outcome(ask({"name": "colour", "valueString": "x"}, q), 400, "unknown parameter")
+    assert_outcome(ask({"name": "question", "valueString": "x" * 4001}), 422,
+                   "longer than 4000 characters")  # fmt: skip
+    assert_outcome(ask({"name": "question", "valueString": "   "}), 422, "the question is empty")
+    assert_outcome(ask(q, {"name": "language", "valueCode": "tlh"}), 422, "is not supported")
+    assert_outcome(ask(q, {"name": "anchor", "valueReference": {"display": "A1"}}), 400,
+                   "must be a valueReference or valueString")  # fmt: skip
+    # the plain shape and the model's extras are both accepted
+    anchor = {"name": "anchor", "valueReference": {"reference": "A1", "display": "nodule"}}
+    fine = [q, {"name": "language", "valueCode": "en"}, anchor]
+    accepted = post({"resourceType": "Parameters", "id": "p1", "parameter": fine})
+    assert accepted.status_code == 202, accepted.text
+
+
+def test_ask_bodies_that_skip_the_model_are_all_valid_parameters() -> None:
+    """The plain shape (:func:`plain_ask_parameters`) accepts only what the fhir.resources
+    model accepts: skipping it never lets an invalid resource through."""
+    q = {"name": "question", "valueString": "How large is A1?"}
+    plain = [
+        [q],
+        [q, {"name": "anchor", "valueString": "A1"}, {"name": "language", "valueCode": "zh-CN"}],
+        [{"name": "anchor", "valueReference": {"reference": "Observation/x"}}, q],
+        [{"name": "language", "valueString": "en"}, {**q, "valueString": " x\n\ty "}],
+    ]
+    for params in plain:
+        body = {"resourceType": "Parameters", "parameter": params}
+        assert plain_ask_parameters(body), body
+        validate(body)  # the model accepts it
+    not_plain: list[Any] = [
+        [], "x", [q, "x"], [{**q, "valueString": ""}], [{**q, "valueString": "\u2003"}],
+        [{**q, "valueString": 5}], [{**q, "valueCode": "x"}], [{"name": "question"}],
+        [{"name": "colour", "valueString": "x"}], [{"name": "question", "valueInteger": 1}],
+        [{"name": "language", "valueCode": "not a code"}],
+        [{"name": "anchor", "valueReference": {"reference": "A1", "display": "d"}}],
+        [{"name": "anchor", "valueReference": {"reference": ""}}],
+        [{**q, "extension": []}],
+    ]  # fmt: skip
+    for params in not_plain:
+        assert not plain_ask_parameters({"resourceType": "Parameters", "parameter": params})
+    for extra in ({"id": "x"}, {"meta": {}}, {"text": {}}):
+        assert not plain_ask_parameters({"resourceType": "Parameters", "parameter": [q], **extra})
 
 
 def test_respond_sync_answers_with_the_communication_about_the_anchor(api: Api) -> None:

@@ -2,7 +2,10 @@
 
 The request path records what happened (who, which interaction, which resources, the
 HTTP outcome) into an :class:`AuditTrail`, which writes AuditEvents in batches from a
-background thread, so an access costs the request no database write. Stopping the trail
+background thread, so an access costs the request no database write. The same thread
+writes each request's access log line (request id, method, path, status, time; never the
+query string), so formatting it and writing it to stderr and the log file happen off the
+event loop too. Stopping the trail
 writes what is left; a crash can lose the last batch (at most ``flush_seconds`` of
 events). AuditEvents are readable only with the admin scope ``system/AuditEvent.read``.
 
@@ -31,6 +34,8 @@ from node.fhir.resources import fast_id, now_instant
 from node.fhir.store import FhirStore, StoredResource
 
 log = logging.getLogger("medgemma.fhir.audit")
+#: the access log (one line per request); the API's logger name, as before it moved here
+access_log = logging.getLogger("medgemma.fhir.api")
 
 _ACTIONS: Final = {
     "read": "R",
@@ -60,6 +65,8 @@ class AccessRecord:
     client_address: str = ""
     query: str = ""
     status: int = 0
+    ms: float = 0.0  # the time it took, for the access log line
+    audited: bool = True  # False: only the log line (the CapabilityStatement, /metrics)
     #: the resources served (their subjects are the patients the AuditEvent names)
     served: list[StoredResource] = field(default_factory=list)
 
@@ -67,6 +74,14 @@ class AccessRecord:
         """Record the resources a response carries: entities, and their patients."""
         self.served = list(resources)
         self.entities = list(dict.fromkeys(f"{r.resource_type}/{r.id}" for r in self.served))
+
+
+def log_access(rec: AccessRecord) -> None:
+    """The access log line of a request: no query string (it can name a patient)."""
+    access_log.info(
+        "%s %s %s -> %d (%.1f ms)", rec.request_id, rec.method, rec.path, rec.status, rec.ms,
+        extra={"request_id": rec.request_id},
+    )  # fmt: skip
 
 
 def _patients(served: Iterable[StoredResource]) -> list[dict[str, Any]]:
@@ -156,7 +171,7 @@ def audit_event(rec: AccessRecord, recorded: str | None = None) -> dict[str, Any
 
 
 class AuditTrail:
-    """Writes AuditEvents in batches from a background thread."""
+    """Writes AuditEvents in batches, and the access log lines, from a background thread."""
 
     def __init__(self, store: FhirStore, flush_seconds: float = 0.25, batch: int = 500) -> None:
         self.store = store
@@ -169,9 +184,16 @@ class AuditTrail:
         self.dropped = 0
 
     def record(self, rec: AccessRecord) -> None:
+        """A finished request: its log line, and its AuditEvent when ``rec.audited``."""
+        if not self._thread.is_alive():  # closed: nothing would write them
+            log_access(rec)
+            if rec.audited:
+                self._write([self._event(rec, now_instant())])
+            return
         try:
             self._queue.put_nowait((rec, now_instant()))
         except queue.Full:  # the database is far behind; say so rather than block requests
+            log_access(rec)
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 log.error("audit queue full: %d AuditEvents dropped so far", self.dropped)
@@ -183,18 +205,17 @@ class AuditTrail:
             events: list[dict[str, Any]] = []
             try:
                 item = self._queue.get(timeout=self.flush_seconds)
-                taken += 1
-                if item is None:
-                    stop = True
-                else:
-                    events.append(self._event(*item))
-                while not stop and len(events) < self.batch:
-                    item = self._queue.get_nowait()
+                while True:
                     taken += 1
                     if item is None:
                         stop = True
-                    else:
+                        break
+                    log_access(item[0])
+                    if item[0].audited:
                         events.append(self._event(*item))
+                    if len(events) >= self.batch:
+                        break
+                    item = self._queue.get_nowait()
             except queue.Empty:
                 pass
             if events:

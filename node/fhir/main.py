@@ -3,7 +3,8 @@
 The gateway (a plain ASGI middleware) gives every request an id (``X-Request-ID``),
 refuses bodies over ``fhir.max_request_bytes`` (413) and clients that do not accept JSON
 (406), logs one line per request (request id, method, path, status, time; never the
-query string, which can hold patient identifiers) and records an AuditEvent. Every
+query string, which can hold patient identifiers) and records an AuditEvent (both written
+by the audit trail's thread, off the event loop). Every
 error leaves as an OperationOutcome (see :mod:`node.fhir.errors`).
 """
 
@@ -29,7 +30,7 @@ from node import __version__
 from node.affinity import WorkerRegistry
 from node.dispatch import Dispatcher
 from node.fhir import FHIR_JSON
-from node.fhir.audit import AccessRecord, AuditTrail
+from node.fhir.audit import AccessRecord, AuditTrail, log_access
 from node.fhir.auth import Authenticator
 from node.fhir.deps import DB_THREADS, ApiContext
 from node.fhir.errors import FhirError, outcome_body
@@ -141,15 +142,12 @@ class FhirGateway:
                     await self.app(scope, limited_receive, send_with_id)
         finally:
             access.status = status[0] or 500
-            ms = (time.perf_counter() - started) * 1000
-            log.info(
-                "%s %s %s -> %d (%.1f ms)",
-                rid, scope["method"], path, access.status, ms,
-                extra={"request_id": rid},
-            )  # fmt: skip
-            audited = path.startswith((PREFIX, REVIEW_API)) and path not in NOT_AUDITED
-            if self.audit is not None and audited:
+            access.ms = (time.perf_counter() - started) * 1000
+            access.audited = path.startswith((PREFIX, REVIEW_API)) and path not in NOT_AUDITED
+            if self.audit is not None:  # its thread writes the log line and the AuditEvent
                 self.audit.record(access)
+            else:
+                log_access(access)
 
     def _precheck(self, headers: dict[str, str], scope: Scope) -> Response | None:
         length = headers.get("content-length", "")

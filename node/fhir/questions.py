@@ -79,13 +79,69 @@ def _check_text(text: object) -> str:
     return text.strip()
 
 
+#: The elements of a ``$ask`` parameter in the plain shape (one value each).
+_PLAIN_VALUES: Final = {
+    "question": ("valueString",),
+    "anchor": ("valueString", "valueReference"),
+    "language": ("valueCode", "valueString"),
+}
+
+
+def _plain_string(value: object) -> bool:
+    # a FHIR string holds a character that is not white space (Python's str.isspace covers
+    # every character the model's pattern counts as one, and a few more)
+    return isinstance(value, str) and bool(value.strip())
+
+
+def plain_ask_parameters(params: Mapping[str, Any]) -> bool:
+    """Whether a ``$ask`` body is in the plain shape that needs no fhir.resources model:
+    ``resourceType`` and a non-empty ``parameter`` list only, each parameter a ``name``
+    (question, anchor, language) and one value of a type listed for it, strings with
+    text, a Reference with a ``reference`` only, a code that is a language tag.
+
+    Every such body is a valid Parameters resource (tests check it against the model), so
+    skipping the model accepts nothing it would refuse; any other body is validated by the
+    model as before (an extension, ``meta``, a second value, an empty string...), so what
+    it refuses is refused with the same OperationOutcome. What the model allows but $ask
+    does not (unknown or repeated parameters, a missing question, a long or blank one, an
+    unsupported language) :func:`question_from_parameters` refuses either way."""
+    if params.keys() != {"resourceType", "parameter"}:
+        return False
+    items = params["parameter"]
+    if not isinstance(items, list) or not items:
+        return False
+    for p in items:
+        if not isinstance(p, dict) or len(p) != 2:
+            return False
+        allowed = _PLAIN_VALUES.get(p.get("name"))  # type: ignore[arg-type]
+        if allowed is None:
+            return False
+        kind = next((k for k in p if k != "name"), "")
+        if kind not in allowed:
+            return False
+        value = p[kind]
+        if kind == "valueReference":
+            if not isinstance(value, dict) or value.keys() != {"reference"}:
+                return False
+            value = value["reference"]
+        elif kind == "valueCode" and not (isinstance(value, str) and _LANGUAGE.match(value)):
+            return False
+        if not _plain_string(value):
+            return False
+    return True
+
+
 def question_from_parameters(params: Mapping[str, Any]) -> Question:
     """The question of a ``$ask`` Parameters resource (400/422 when it is not usable)."""
     text: str | None = None
     anchor = ""
     language = ""
+    seen: set[str] = set()
     for p in params.get("parameter", []):
         name = p.get("name")
+        if name in seen:
+            raise bad_request(f"parameter {name!r} of $ask may be given once")
+        seen.add(str(name))
         if name == "question":
             text = p.get("valueString")
             if text is None:

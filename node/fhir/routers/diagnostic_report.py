@@ -7,7 +7,7 @@ from typing import Annotated, Any, Final
 from fastapi import Depends, Request, Response
 
 from node.fhir.deps import Call, require
-from node.fhir.questions import ask, question_from_parameters
+from node.fhir.questions import ask, plain_ask_parameters, question_from_parameters
 from node.fhir.responses import FhirResponse
 from node.fhir.routers.common import FHIR_RESPONSES, ResourceId, json_body, resource_router
 
@@ -81,6 +81,6 @@ async def ask_report(
     """Ask a question about the pre-read: 202 + Content-Location, or the answer (sync)."""
     call.access.interaction = "operation"
     call.access.resource_type = "DiagnosticReport"
-    params = await json_body(request, "Parameters")
+    params = await json_body(request, "Parameters", plain_ask_parameters)
     question = question_from_parameters(params)
     return await ask(request, call, resource_id, question)
