@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,9 +15,10 @@ from node.settings import load_settings
 from node.synthetic import SyntheticImage, make_chest_radiograph, make_two_view_study
 from sr_templates.model import PrereadResult
 from tests.conftest import send_study, wait_for_state
+from tests.peers import wait_for
 from workers.engines.base import EngineError, EngineInfo, EngineRequest, TransientEngineError
 from workers.geometry import iou
-from workers.preread import TransientPrereadError, run_preread
+from workers.preread import STAGE_RECORD_AFTER_SECONDS, TransientPrereadError, run_preread
 
 SIZE = {"rows": 1250, "cols": 1024}
 
@@ -182,3 +185,40 @@ def test_truncated_answer_says_findings_may_be_incomplete(
     assert study is not None and study.result is not None
     assert study.result.truncated
     assert "findings may be incomplete" in study.result.notice
+
+
+class HeldEngine(ScriptedEngine):
+    """Answers once ``release`` is set: a pre-read that sits in its engine stage."""
+
+    def __init__(self, answer: str) -> None:
+        super().__init__(answer)
+        self.release = threading.Event()
+
+    def generate(self, requests: list[EngineRequest]) -> list[str]:
+        assert self.release.wait(30), "the test never released the engine"
+        return super().generate(requests)
+
+
+def test_status_shows_the_stage_a_run_sits_in(queued_study: tuple[NodeRuntime, str]) -> None:
+    """While the engine works, the study's stage (``status``) says so; once the run is
+    done no stage is left behind, not even one recorded after it ended."""
+    node, uid = queued_study
+    settings = load_settings(None, **{"storage": node.settings.storage.model_dump()})
+    engine = HeldEngine('Final Answer:\n```json\n{"findings": [], "landmarks": []}\n```')
+    outcome: list[str] = []
+    run = threading.Thread(target=lambda: outcome.append(run_preread(settings, uid, 1, engine)))
+    run.start()
+    try:
+        wait_for(
+            lambda: (s := node.ledger.get_study(uid)) is not None and s.stage == "engine",
+            10,
+            0.02,
+            "the engine stage in the ledger",
+        )
+    finally:
+        engine.release.set()
+        run.join(30)
+    assert outcome == ["done"]
+    time.sleep(STAGE_RECORD_AFTER_SECONDS * 2)  # any stage timer still pending has fired
+    study = node.ledger.get_study(uid)
+    assert study is not None and study.state.value == "done" and study.stage is None

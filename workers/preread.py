@@ -202,14 +202,56 @@ def _no_progress(stage: str) -> None:
     pass
 
 
+#: A stage is recorded in the ledger once the run has been in it this long.
+STAGE_RECORD_AFTER_SECONDS = 0.25
+
+
+class _StageRecorder:
+    """Logs each stage of a run at once; records it in the ledger (``status`` and the
+    metrics show it) once the run has stayed in it :data:`STAGE_RECORD_AFTER_SECONDS`.
+
+    What status is for, a run that sits in a stage (model load, engine), is recorded a
+    quarter second late; the stages a run passes through in milliseconds (views chosen,
+    decoded, parsed, SR/SEG built with a fast engine) are not written at all, each of
+    which would be a committed transaction on the study's way to its results. A late
+    write of a stage the run has left is skipped; one after the run has ended changes
+    nothing (``set_stage`` only touches a running version this owner holds).
+    """
+
+    def __init__(self, ledger: StudyLedger, study_uid: str, version: int, owner: str) -> None:
+        self.ledger = ledger
+        self.key = (study_uid, version)
+        self.owner = owner
+        self._lock = threading.Lock()
+        self._current = 0  # number of the latest stage reported
+        self._timer: threading.Timer | None = None
+
+    def __call__(self, stage: str) -> None:
+        log.info("pre-read of study %s v%d: %s", *self.key, stage)
+        with self._lock:
+            self._current += 1
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(
+                STAGE_RECORD_AFTER_SECONDS, self._record, (self._current, stage)
+            )
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _record(self, number: int, stage: str) -> None:
+        with self._lock:
+            if number != self._current:
+                return  # the run has moved on
+            try:
+                self.ledger.set_stage(*self.key, stage, self.owner)
+            except Exception as exc:  # only status loses it
+                log.warning("stage of study %s v%d not recorded: %s", *self.key, exc)
+
+
 def stage_reporter(ledger: StudyLedger, study_uid: str, version: int, owner: str) -> Progress:
-    """Log each stage of a run and record it in the ledger (``status`` shows it)."""
-
-    def report(stage: str) -> None:
-        log.info("pre-read of study %s v%d: %s", study_uid, version, stage)
-        ledger.set_stage(study_uid, version, stage, owner)
-
-    return report
+    """Log each stage of a run and, once the run has stayed in it a quarter second, record
+    it in the ledger (``status`` shows it): see :class:`_StageRecorder`."""
+    return _StageRecorder(ledger, study_uid, version, owner)
 
 
 @dataclass(frozen=True)
@@ -595,6 +637,21 @@ def _run_batch(
             member.outcome = _publish(settings, ledger, owner, member, heartbeat)
         except Exception as exc:
             settle(member, exc)
+    for member in members:  # results are out: the crops follow-ups will send, encoded now
+        if member.outcome == "done" and member.prepared and member.result:
+            _precompute_crops(engine, member.key[0], member.prepared.image, member.result)
+
+
+def _precompute_crops(
+    engine: Engine, study_uid: str, image: DisplayImage, result: PrereadResult
+) -> None:
+    """Hook for workers.dialogue.turn.precompute_crops; never fails the study (it is done)."""
+    from workers.dialogue.turn import precompute_crops
+
+    try:
+        precompute_crops(engine, study_uid, image, result)
+    except Exception:
+        log.exception("study %s: crops for follow-ups not precomputed", study_uid)
 
 
 def _settle(

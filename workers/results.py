@@ -142,12 +142,18 @@ def build_results(
 
 
 def store_results(settings: Settings, ledger: StudyLedger, built: BuiltResults) -> ResultOutputs:
-    """Write the built SR and SEG durably and queue them for every destination."""
+    """Write the built SR and SEG durably and queue them for every destination.
+
+    The SEG first: its rows are committed and the sender woken before the SR is encoded
+    (pydicom writes the SR's content tree slower than the SEG's pixels), so the PACS is
+    storing the larger object while the SR is written. Each file is durable before its
+    rows are committed.
+    """
     study_uid, version, revision = built.study_uid, built.version, built.revision
     directory = results_dir(settings, study_uid)
     outbox = Outbox(ledger, settings.outbox)
     written: dict[str, OutputRef] = {}
-    for kind, ds in (("sr", built.sr), ("seg", built.seg)):
+    for kind, ds in (("seg", built.seg), ("sr", built.sr)):
         if ds is None:
             continue
         path = directory / result_file_name(kind, version, revision)
@@ -162,8 +168,8 @@ def store_results(settings: Settings, ledger: StudyLedger, built: BuiltResults) 
             destinations=list(settings.destinations),
         )
         written[kind] = OutputRef(str(path), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
-    # the rows are committed: the node's sender delivers them now, not at its next poll
-    wakeup.ring(settings.queue.broker_url)
+        # the rows are committed: the node's sender delivers them now, not at its next poll
+        wakeup.ring(settings.queue.broker_url)
     outputs = ResultOutputs(sr=written.get("sr"), seg=written.get("seg"))
     log.info(
         "study %s v%d r%d: SR %s%s written, %d destination(s)",
