@@ -18,9 +18,16 @@ from node.runtime import NodeRuntime
 from node.synthetic import Nodule, SyntheticImage, make_chest_radiograph
 from sr_templates.model import Anchor, PrereadResult
 from tests.conftest import send_study, wait_for_state
+from tests.peers import wait_for
 from workers.dialogue.prompts import followup_task
 from workers.dialogue.turn import TransientTurnError, TurnFailed, TurnInput, answer_turn
-from workers.engines.base import EngineError, EngineInfo, EngineRequest, TransientEngineError
+from workers.engines.base import (
+    EngineError,
+    EngineInfo,
+    EngineRequest,
+    TransientEngineError,
+    image_digest,
+)
 from workers.engines.demo import DemoEngine
 from workers.followup import run_followup
 from workers.imaging import choose_views, crop_source, load_display_image
@@ -226,3 +233,43 @@ def test_a_busy_engine_is_retried_and_the_question_stays_open_until_answered(
     assert job is not None and job.finished and not job.error
     answer = store.get("Communication", job.answer_id)
     assert answer is not None and answer.resource["status"] == "completed"
+
+
+class PrecomputingEngine(DemoEngine):
+    """The demo engine, keeping image work like the medgemma engine: it records what it
+    was given to encode ahead of time and what each request sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.precomputed: dict[str, set[str]] = {}
+        self.requests: list[EngineRequest] = []
+
+    def precompute_images(self, study_uid: str, images: Any) -> int:
+        made = [image_digest(image) for image in images()]
+        self.precomputed.setdefault(study_uid, set()).update(made)
+        return len(made)
+
+    def generate(self, requests: list[EngineRequest]) -> list[str]:
+        self.requests.extend(requests)
+        return super().generate(requests)
+
+
+def test_the_pre_read_encodes_the_crops_a_describe_follow_up_sends(
+    node: NodeRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = PrecomputingEngine()
+    monkeypatch.setattr("workers.preread.engine_for", lambda settings: engine)
+    store, uid = ask_on_a_read_study(
+        node, tmp_path, 99, "q-precomputed", "Is the margin of A1 regular?"
+    )
+    study_now = node.ledger.get_study(uid)
+    assert study_now is not None and study_now.result is not None
+    # after the results are out (the study is done first)
+    wait_for(lambda: uid in engine.precomputed, 10, 0.05, "crops encoded after the pre-read")
+    assert len(engine.precomputed[uid]) == len(study_now.result.findings) > 0
+    engine.requests.clear()
+    assert run_followup(node.settings, "q-precomputed", store, engine) == "answered"
+    (describe,) = engine.requests
+    # the crop of the anchor as stored in the ledger is pixel for pixel the one encoded
+    # right after the pre-read: the follow-up encodes no image
+    assert image_digest(describe.images[1]) in engine.precomputed[uid]

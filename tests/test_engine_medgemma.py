@@ -437,3 +437,73 @@ def test_get_engine_applies_the_configured_number_of_studies(tiny_dir: Path) -> 
         assert not engine.prefix_cache.enabled
     finally:
         clear_engine_cache()
+
+
+def count_encoded_images(engine: MedGemmaEngine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list whose sum is the number of images the engine's vision tower encodes."""
+    encoded: list[int] = []
+    inner = engine.model.model  # Gemma3Model: every image path goes through it
+    original = inner.get_image_features
+
+    def counting(pixel_values: Any, **kwargs: Any) -> Any:
+        encoded.append(int(pixel_values.shape[0]))
+        return original(pixel_values, **kwargs)
+
+    monkeypatch.setattr(inner, "get_image_features", counting)
+    return encoded
+
+
+def test_a_second_question_on_the_same_crop_encodes_no_image(
+    engine: MedGemmaEngine, cached_engine: MedGemmaEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole, crop = radiograph(30), radiograph(31)
+    describe = followup_request("1.2.3", whole, crop)
+    system, prompt = build_relation_prompt(DESCRIBE_FACTS, "right_hilum")
+    relation = replace(describe, system=system, prompt=prompt)  # same anchor, same crop
+    plain = [
+        engine.generate([replace(r, metadata={})], generation_kwargs=FORCED)
+        for r in (describe, relation)
+    ]
+    cached_engine.generate([preread_request("1.2.3", whole)], generation_kwargs=FORCED)
+    encoded = count_encoded_images(cached_engine, monkeypatch)
+    assert cached_engine.generate([describe], generation_kwargs=FORCED) == plain[0]
+    assert sum(encoded) == 1  # the crop, once
+    assert cached_engine.generate([relation], generation_kwargs=FORCED) == plain[1]
+    assert cached_engine.generate([describe], generation_kwargs=FORCED) == plain[0]
+    assert sum(encoded) == 1  # both ran from the prefix that ends after the crop
+    assert (cached_engine.prefix_cache.hits, cached_engine.prefix_cache.misses) == (3, 1)
+    # another anchor's crop: the whole-image prefix again, and its crop encoded
+    other = followup_request("1.2.3", whole, radiograph(32))
+    expected = engine.generate([replace(other, metadata={})], generation_kwargs=FORCED)
+    assert cached_engine.generate([other], generation_kwargs=FORCED) == expected
+    assert sum(encoded) == 2
+
+
+def test_crops_encoded_after_the_pre_read_are_not_encoded_by_the_first_follow_up(
+    engine: MedGemmaEngine, cached_engine: MedGemmaEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole, crops = radiograph(30), [radiograph(31), radiograph(32)]
+    followups = [followup_request("1.2.3", whole, crop) for crop in crops]
+    plain = [
+        engine.generate([replace(r, metadata={})], generation_kwargs=FORCED) for r in followups
+    ]
+    cached_engine.generate([preread_request("1.2.3", whole)], generation_kwargs=FORCED)
+    assert cached_engine.precompute_images("1.2.3", lambda: crops) == 2
+    assert cached_engine.precompute_images("1.2.3", lambda: crops) == 0  # held already
+    encoded = count_encoded_images(cached_engine, monkeypatch)
+    for request, expected in zip(followups, plain, strict=True):
+        assert cached_engine.generate([request], generation_kwargs=FORCED) == expected
+    assert sum(encoded) == 0
+    cache = cached_engine.prefix_cache
+    assert (cache.feature_hits, cache.feature_misses) == (2, 0)
+    # the features go with their study when it is evicted (2 studies kept)
+    for number in (4, 5):
+        cached_engine.generate([preread_request(f"1.2.{number}", radiograph(40 + number))])
+    assert cached_engine.precompute_images("1.2.3", lambda: crops) == 2
+
+
+def test_an_engine_without_its_cache_precomputes_nothing(engine: MedGemmaEngine) -> None:
+    def must_not_be_called() -> list[np.ndarray]:
+        raise AssertionError("crops made for an engine that keeps none")
+
+    assert engine.precompute_images("1.2.3", must_not_be_called) == 0

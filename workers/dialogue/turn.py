@@ -48,12 +48,21 @@ from workers.engines.base import (
     EngineError,
     EngineRequest,
     TransientEngineError,
+    precompute_images,
     prefix_metadata,
 )
 from workers.geometry import ROUND_FINDINGS, iou, measure, region_distance
 from workers.imaging import DisplayImage, SquareTransform, crop_source, to_model_image
 
-__all__ = ["TransientTurnError", "TurnFailed", "TurnInput", "TurnOutput", "answer_turn"]
+__all__ = [
+    "TransientTurnError",
+    "TurnFailed",
+    "TurnInput",
+    "TurnOutput",
+    "answer_turn",
+    "describe_crop",
+    "precompute_crops",
+]
 
 # A box the model returns on the crop replaces the anchor's outline only when it is
 # really different (IoU below this) and still on the same lesion (IoU above the floor).
@@ -235,7 +244,7 @@ class _Turn:
     # --- the intents -----------------------------------------------------------------
 
     def describe(self, a: Anchor) -> str:
-        crop, crop_t = crop_source(self.image(), a.region.box)
+        crop, crop_t = describe_crop(self.image(), a)
         model_image, _ = self.whole()
         system, prompt = build_describe_prompt(self.facts(a, crop_t))
         parsed = parse_describe(self.ask("describe", (model_image, crop), system, prompt))
@@ -312,6 +321,26 @@ class _Turn:
         checklist = signs.evaluate(condition, facts)
         head = compose.anchor_name(a, self.lang) + (": " if self.lang == "en" else "：")
         return head + signs.render_checklist(checklist, self.lang)
+
+
+def describe_crop(image: DisplayImage, anchor: Anchor) -> tuple[Any, SquareTransform]:
+    """The crop a describe turn sends for ``anchor`` (the second image), with its transform."""
+    return crop_source(image, anchor.region.box)
+
+
+def precompute_crops(
+    engine: Engine, study_uid: str, image: DisplayImage, result: PrereadResult
+) -> int:
+    """Let the engine encode the describe crops of a study's findings now (after the
+    pre-read, before any question), so that a describe follow-up on one of them encodes
+    no image; returns how many crops it encoded (0 for an engine that keeps nothing).
+    ``image``: the frontal image the anchors are drawn on, as displayed."""
+    findings = [a for a in result.anchors if a.kind == "finding"]
+    if not findings or not study_uid:
+        return 0
+    return precompute_images(
+        engine, study_uid, lambda: [describe_crop(image, a)[0] for a in findings]
+    )
 
 
 def _box4(box: Sequence[int]) -> tuple[int, int, int, int]:

@@ -9,7 +9,7 @@ happen outside the engine.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -71,6 +71,18 @@ def held_studies(engine: object) -> list[str]:
     server, shared by every worker)."""
     held = getattr(engine, "held_studies", None)
     return list(held()) if callable(held) else []
+
+
+def precompute_images(
+    engine: object, study_uid: str, images: Callable[[], Sequence[npt.NDArray[np.uint8]]]
+) -> int:
+    """Let ``engine`` encode, ahead of time, images that later requests of ``study_uid``
+    will send after the study's whole image (its anchors' crops), so that those requests
+    encode none; returns how many it encoded. ``images`` makes them, called only when the
+    engine keeps such work: 0 for one that keeps none in this process (the demo engine;
+    vLLM, whose encoder cache is in the server; medgemma with its prefix cache off)."""
+    precompute = getattr(engine, "precompute_images", None)
+    return int(precompute(study_uid, images)) if callable(precompute) else 0
 
 
 @dataclass(frozen=True)

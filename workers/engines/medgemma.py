@@ -43,7 +43,8 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,15 @@ THINKING_MARKERS: tuple[str, ...] = ("<unused94>", "<unused95>")
 """MedGemma 1.5 wraps a thinking trace in these; they stay in the returned text."""
 
 PREFIXES_PER_STUDY = 3
-"""Prefixes kept per study: one per system text before the image (the chest check's, and the
-one the pre-read and its follow-ups share, ``workers.prompts.READER_SYSTEM``), and a spare."""
+"""Whole-image prefixes kept per study: one per system text before the image (the chest
+check's, and the one the pre-read and its follow-ups share, ``workers.prompts.READER_SYSTEM``),
+and a spare."""
+DEEP_PREFIXES_PER_STUDY = 4
+"""Prefixes kept per study that go on past the whole image (whole image + an anchor's crop:
+a second question on the same anchor computes only its text; or + the lateral)."""
+IMAGES_PER_STUDY = 16
+"""Vision features of later images (anchors' crops) kept per study: 256 x 2560 values each
+for MedGemma 4B (1.3 MB in bfloat16)."""
 END_OF_IMAGE_TOKEN = "<end_of_image>"
 
 _WARMUP_PROMPT = "Describe the image."
@@ -115,25 +123,41 @@ def get_engine(
         return engine
 
 
-PrefixKey = tuple[tuple[int, ...], str]
-"""A cached prefix: its token ids and the SHA-256 of its image's pixels."""
+PrefixKey = tuple[tuple[int, ...], tuple[str, ...]]
+"""A cached prefix: its token ids and the SHA-256 of each of its images' pixels, in order."""
 
 
 class PrefixCache:
-    """KV caches of prompt prefixes per study, least recently used study evicted first.
+    """Per study, KV caches of prompt prefixes and vision features of single images; the
+    least recently used study is evicted first, with everything it holds.
 
     max_studies: the most studies kept (0 = nothing is kept). Each study keeps up to
-    ``per_study`` prefixes (the most recent). Not thread-safe: the engine's lock guards it.
+    ``per_study`` prefixes that end with its whole image, up to ``deep_per_study`` that
+    also hold later images (the whole image and an anchor's crop), and the vision
+    features of up to ``images_per_study`` later images (each the most recently used).
+    ``hits``/``misses`` count lookups that found a prefix (of any depth) or none;
+    ``feature_hits``/``feature_misses`` count later images taken from the cache or encoded.
+    Not thread-safe: the engine's lock guards it.
     """
 
-    def __init__(self, max_studies: int, per_study: int = PREFIXES_PER_STUDY) -> None:
-        if max_studies < 0 or per_study < 1:
-            raise ValueError("max_studies must be >= 0 and per_study >= 1")
+    def __init__(
+        self,
+        max_studies: int,
+        per_study: int = PREFIXES_PER_STUDY,
+        deep_per_study: int = DEEP_PREFIXES_PER_STUDY,
+        images_per_study: int = IMAGES_PER_STUDY,
+    ) -> None:
+        if max_studies < 0 or min(per_study, deep_per_study, images_per_study) < 1:
+            raise ValueError("max_studies must be >= 0 and the per-study bounds >= 1")
         self.max_studies = max_studies
         self.per_study = per_study
+        self.deep_per_study = deep_per_study
+        self.images_per_study = images_per_study
         self.hits = 0
         self.misses = 0
-        self._studies: OrderedDict[str, OrderedDict[PrefixKey, Any]] = OrderedDict()
+        self.feature_hits = 0
+        self.feature_misses = 0
+        self._studies: OrderedDict[str, _StudyEntries] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
@@ -143,27 +167,63 @@ class PrefixCache:
         """The studies held, least recently used first."""
         return list(self._studies)
 
-    def get(self, study: str, prefix: PrefixKey) -> Any | None:
-        """The cache of exactly these prefix tokens for ``study``, or None (counted)."""
+    def longest(self, study: str, prefixes: Sequence[PrefixKey]) -> tuple[int, Any | None]:
+        """The deepest of ``prefixes`` (shortest first) that ``study`` holds, as (its index,
+        its cache), or (-1, None); counted as one hit or one miss."""
         entries = self._studies.get(study)
-        cache = None if entries is None else entries.get(prefix)
-        if cache is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._studies.move_to_end(study)
-        entries.move_to_end(prefix)  # type: ignore[union-attr]
-        return cache
+        for depth in range(len(prefixes) - 1, -1, -1):
+            cache = None if entries is None else entries.prefixes.get(prefixes[depth])
+            if cache is not None:
+                assert entries is not None
+                self.hits += 1
+                self._studies.move_to_end(study)
+                entries.prefixes.move_to_end(prefixes[depth])
+                return depth, cache
+        self.misses += 1
+        return -1, None
+
+    def get(self, study: str, prefix: PrefixKey) -> Any | None:
+        """The cache of exactly this prefix for ``study``, or None (counted)."""
+        return self.longest(study, [prefix])[1]
 
     def put(self, study: str, prefix: PrefixKey, cache: Any) -> None:
         if not self.enabled:
             return
-        entries = self._studies.setdefault(study, OrderedDict())
-        entries[prefix] = cache
-        entries.move_to_end(prefix)
-        self._studies.move_to_end(study)
-        while len(entries) > self.per_study:
-            entries.popitem(last=False)
+        entries = self._entries(study)
+        entries.prefixes[prefix] = cache
+        entries.prefixes.move_to_end(prefix)
+        deep = len(prefix[1]) > 1
+        bound = self.deep_per_study if deep else self.per_study
+        kept = [key for key in entries.prefixes if (len(key[1]) > 1) == deep]
+        for key in kept[: max(0, len(kept) - bound)]:
+            del entries.prefixes[key]
+        self._evict()
+
+    def features(self, study: str, digest: str) -> Any | None:
+        """The vision features of the image with this pixel digest in ``study``, or None
+        (counted)."""
+        entries = self._studies.get(study)
+        found = None if entries is None else entries.images.get(digest)
+        if found is None:
+            self.feature_misses += 1
+            return None
+        assert entries is not None
+        self.feature_hits += 1
+        entries.images.move_to_end(digest)
+        return found
+
+    def has_features(self, study: str, digest: str) -> bool:
+        entries = self._studies.get(study)
+        return entries is not None and digest in entries.images
+
+    def put_features(self, study: str, digest: str, features: Any) -> None:
+        if not self.enabled:
+            return
+        entries = self._entries(study)
+        entries.images[digest] = features
+        entries.images.move_to_end(digest)
+        while len(entries.images) > self.images_per_study:
+            entries.images.popitem(last=False)
         self._evict()
 
     def resize(self, max_studies: int) -> None:
@@ -175,9 +235,24 @@ class PrefixCache:
     def clear(self) -> None:
         self._studies.clear()
 
+    def _entries(self, study: str) -> _StudyEntries:
+        entries = self._studies.get(study)
+        if entries is None:
+            entries = self._studies[study] = _StudyEntries()
+        self._studies.move_to_end(study)
+        return entries
+
     def _evict(self) -> None:
         while len(self._studies) > self.max_studies:
             self._studies.popitem(last=False)
+
+
+@dataclass
+class _StudyEntries:
+    """What one study holds: prefix KV caches and single images' vision features."""
+
+    prefixes: OrderedDict[PrefixKey, Any] = field(default_factory=OrderedDict)
+    images: OrderedDict[str, Any] = field(default_factory=OrderedDict)
 
 
 def clear_engine_cache() -> None:
@@ -299,12 +374,10 @@ class MedGemmaEngine:
     def _generate_from_prefixes(
         self, requests: Sequence[EngineRequest], inputs: Any, options: Mapping[str, Any]
     ) -> Any | None:
-        """Generate from each request's cached image prefix (computed and stored on a miss),
-        the rows' caches stacked into one batch; None when the prompts do not split that way
-        (pan-and-scan crops, no image, rows of different lengths or image counts): the caller
-        then runs them in full."""
-        import torch
-
+        """Generate from each request's cached prefix up to the end of its last image
+        (computed and stored on a miss), the rows' caches stacked into one batch; None
+        when the prompts do not split that way (pan-and-scan crops, no image, rows of
+        different lengths or image counts): the caller then runs them in full."""
         ids = inputs["input_ids"]
         rows: list[list[int]] = ids.tolist()
         pixel_values = inputs.get("pixel_values")
@@ -320,41 +393,94 @@ class MedGemmaEngine:
             or int(pixel_values.shape[0]) != per_row * len(rows)
         ):
             return None  # pan-and-scan crops or rows of different shapes
-        end = rows[0].index(end_of_image) + 1
-        if any(row.index(end_of_image) + 1 != end for row in rows):
+        ends = [index + 1 for index, token in enumerate(rows[0]) if token == end_of_image]
+        if any([i + 1 for i, t in enumerate(row) if t == end_of_image] != ends for row in rows):
             return None
         caches = []
         for index, request in enumerate(requests):
             study = request.metadata["study_uid"]
-            key = (tuple(rows[index][:end]), image_digest(request.images[0]))
-            cache = self.prefix_cache.get(study, key)
-            if cache is None:
-                first = index * per_row
+            digests = tuple(image_digest(image) for image in request.images)
+            keys = [(tuple(rows[index][:end]), digests[: n + 1]) for n, end in enumerate(ends)]
+            depth, cache = self.prefix_cache.longest(study, keys)
+            if cache is None:  # nothing held: the prefix that ends with the whole image
                 cache = self.model(
-                    input_ids=ids[index : index + 1, :end],
-                    attention_mask=inputs["attention_mask"][index : index + 1, :end],
-                    token_type_ids=inputs["token_type_ids"][index : index + 1, :end],
-                    pixel_values=pixel_values[first : first + 1],
+                    input_ids=ids[index : index + 1, : ends[0]],
+                    attention_mask=inputs["attention_mask"][index : index + 1, : ends[0]],
+                    token_type_ids=inputs["token_type_ids"][index : index + 1, : ends[0]],
+                    pixel_values=pixel_values[index * per_row : index * per_row + 1],
                     use_cache=True,
                 ).cache
-                self.prefix_cache.put(study, key, cache)
+                self.prefix_cache.put(study, keys[0], cache)
+                depth = 0
+            for later in range(depth + 1, per_row):  # the other images: a crop, a lateral
+                image = index * per_row + later
+                cache = self.model(
+                    input_ids=ids[index : index + 1, ends[later - 1] : ends[later]],
+                    attention_mask=inputs["attention_mask"][index : index + 1, : ends[later]],
+                    token_type_ids=inputs["token_type_ids"][index : index + 1, : ends[later]],
+                    cache=copy.deepcopy(cache),  # the stored shorter prefix stays as it is
+                    mm_encoder_outputs={
+                        "image": self._features(
+                            study, digests[later], pixel_values[image : image + 1]
+                        )
+                    },
+                    use_cache=True,
+                ).cache
+                self.prefix_cache.put(study, keys[later], cache)
             caches.append(cache)
-        extra: dict[str, Any] = {}
-        if per_row > 1:  # the other images (a crop, a lateral) are encoded now
-            others = torch.cat(
-                [pixel_values[i * per_row + 1 : (i + 1) * per_row] for i in range(len(rows))]
-            )
-            extra["mm_encoder_outputs"] = {
-                "image": self.model.get_image_features(pixel_values=others, return_dict=True)
-            }
         return self.model.generate(
             input_ids=ids,
             attention_mask=inputs["attention_mask"],
             token_type_ids=inputs["token_type_ids"],
             cache=stacked_cache(caches),
-            **extra,
             **options,
         )
+
+    def _features(self, study: str, digest: str, pixel_values: Any) -> Any:
+        """The vision features of one image (``pixel_values`` of shape (1, 3, S, S)) from
+        the study's cache, encoded and stored on a miss."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        features = self.prefix_cache.features(study, digest)
+        if features is None:
+            encoded = self.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+            features = encoded.pooler_output
+            self.prefix_cache.put_features(study, digest, features)
+        return BaseModelOutputWithPooling(pooler_output=features)
+
+    def precompute_images(
+        self, study_uid: str, images: Callable[[], Sequence[npt.NDArray[np.uint8]]]
+    ) -> int:
+        """Encode images that later requests of ``study_uid`` will send after its whole
+        image (the crops of its anchors; ``images`` makes them, called only when the cache
+        is on) and keep their vision features with the study's prefixes, so that those
+        requests encode no image. Returns how many were encoded (0 when the cache is off
+        or all were held); at most ``images_per_study``, in one batch."""
+        if not self.prefix_cache.enabled or not study_uid:
+            return 0
+        import torch
+
+        made = list(images())[: self.prefix_cache.images_per_study]
+        with self._lock:
+            missing: dict[str, npt.NDArray[np.uint8]] = {}
+            for index, image in enumerate(made):
+                _to_pil(image, index)  # the same checks as a request's images
+                digest = image_digest(image)
+                if not self.prefix_cache.has_features(study_uid, digest):
+                    missing.setdefault(digest, image)
+            if not missing:
+                return 0
+            pixels = self.processor.image_processor(
+                images=[_to_pil(image, n) for n, image in enumerate(missing.values())],
+                return_tensors="pt",
+            )["pixel_values"].to(self.device, dtype=self.dtype)
+            with torch.inference_mode():
+                encoded = self.model.get_image_features(pixel_values=pixels, return_dict=True)
+            for row, digest in enumerate(missing):
+                self.prefix_cache.put_features(
+                    study_uid, digest, encoded.pooler_output[row : row + 1].clone()
+                )
+            return len(missing)
 
     def _warm_up(self) -> None:
         """One tiny generation so that the first study does not pay for lazy initialisation."""
