@@ -372,6 +372,7 @@ class ReceiverPool:
             self._log_queue.put(None)
             self._log_thread.join(timeout=5)
             self._log_queue.close()
+        self._log_queue = self._log_thread = None
         self._sock = None
 
     # --- receivers -----------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""Several receiving processes behind one port (dicom.receiver_processes, node/receivers.py):
+real storescu senders, completion on release through the parent, shared counters, logs,
+the parent's host checks, and a receiver killed in the middle of an association."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from sqlalchemy import select
+
+from node.ledger import Instance
+from node.metrics import ScpCollector
+from node.runtime import NodeRuntime
+from node.synthetic import make_chest_radiograph, write_study
+from tests.conftest import make_settings, storescu, wait_for_state
+from tests.peers import dcmtk, wait_for
+
+SMALL = {"rows": 128, "cols": 104}
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[..., NodeRuntime]]:
+    started: list[NodeRuntime] = []
+
+    def start(dicom: dict[str, object] | None = None, **sections: object) -> NodeRuntime:
+        dicom = {"receiver_processes": 2, **(dicom or {})}
+        runtime = NodeRuntime(make_settings(tmp_path, dicom=dicom, **sections), embedded=True)
+        started.append(runtime)
+        runtime.start()
+        return runtime
+
+    yield start
+    for runtime in started:
+        runtime.stop()
+
+
+def stored_sops(runtime: NodeRuntime) -> list[tuple[str, int]]:
+    with runtime.ledger.db.transaction() as s:
+        rows = s.execute(select(Instance.sop_instance_uid, Instance.revision)).all()
+    return sorted((str(uid), int(rev)) for uid, rev in rows)
+
+
+def spool_files(runtime: NodeRuntime) -> list[Path]:
+    return sorted(p for p in runtime.spool.root.rglob("*.dcm") if p.is_file())
+
+
+def cstore_counts() -> dict[str, float]:
+    (family,) = ScpCollector().collect()
+    return {s.labels["outcome"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+def test_four_senders_over_two_receivers(
+    start_node: Callable[..., NodeRuntime], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)  # receivers log at the level the parent had at their start
+    # a quiet period out of reach: only completion on release (through the parent) completes
+    node = start_node(completion={"quiet_seconds": 120.0, "release_grace_seconds": 0.2})
+    pool = node.receivers
+    assert pool is not None and all(pool.pids())
+    assert os.getpid() not in pool.pids()
+    studies = []
+    senders = []
+    for n in range(4):
+        study_uid = generate_uid()
+        images = [
+            make_chest_radiograph(
+                seed=10 * n + i, study_uid=study_uid, instance_number=i + 1, **SMALL
+            )
+            for i in range(3)
+        ]
+        paths = write_study(tmp_path / f"in-{n}", images)
+        studies.append(study_uid)
+        senders.append(
+            subprocess.Popen(
+                [
+                    dcmtk("storescu"),
+                    "-aet",
+                    "STORESCU",
+                    "-aec",
+                    "MEDGEMMA",
+                    "127.0.0.1",
+                    str(node.dicom_port),
+                    *map(str, paths),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    for sender in senders:
+        out, _ = sender.communicate(timeout=120)
+        assert sender.returncode == 0, out
+    for study_uid in studies:
+        assert wait_for_state(node, study_uid, {"done"}, timeout=60).instance_count == 3
+    assert len(stored_sops(node)) == 12 and len(spool_files(node)) == 12
+    # every receiver took connections; each connection's end reached the parent
+    assert all(n >= 1 for n in pool.handed_connections()), pool.handed_connections()
+    wait_for(lambda: pool.open_connections() == [0, 0], 10, 0.05, "connections closed")
+    assert cstore_counts() == {"stored": 12.0, "duplicate": 0.0, "refused": 0.0}
+    # the receivers' log lines are written by the parent's handlers, with their process
+    stored = [r for r in caplog.records if r.getMessage().startswith("stored ")]
+    assert len(stored) == 12
+    assert {r.processName for r in stored} == {"medgemma-rx-0", "medgemma-rx-1"}
+    # stopping the node stops its receivers and closes the port
+    pids, port = pool.pids(), node.dicom_port
+    node.stop()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert storescu(port, *paths[:1]).returncode != 0
+
+
+def test_the_parent_refuses_hosts_not_allowed(
+    start_node: Callable[..., NodeRuntime], tmp_path: Path
+) -> None:
+    node = start_node(dicom={"allowed_hosts": ["192.0.2.1"]})
+    (path,) = write_study(tmp_path / "in", [make_chest_radiograph(seed=1, **SMALL)])
+    assert storescu(node.dicom_port, path).returncode != 0
+    assert stored_sops(node) == []
+    assert node.receivers is not None and node.receivers.handed_connections() == [0, 0]
+
+
+def test_a_killed_receiver_loses_nothing_it_answered(
+    start_node: Callable[..., NodeRuntime], tmp_path: Path
+) -> None:
+    # one connection per host: the sender's second association needs the slot of the
+    # connection the killed receiver held
+    node = start_node(dicom={"max_associations_per_host": 1})
+    pool = node.receivers
+    assert pool is not None
+    study_uid = generate_uid()
+    images = [
+        make_chest_radiograph(seed=200 + i, study_uid=study_uid, instance_number=i + 1, **SMALL)
+        for i in range(40)
+    ]
+    paths = write_study(tmp_path / "in", images)
+    answered: list[str] = []
+    ended = threading.Event()
+
+    def send_slowly() -> None:
+        ae = AE(ae_title="STORESCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+        for image in images[:1]:
+            ae.add_requested_context(
+                image.dataset.SOPClassUID, image.dataset.file_meta.TransferSyntaxUID
+            )
+        assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title="MEDGEMMA")
+        try:
+            assert assoc.is_established
+            for image in images:
+                if not assoc.is_established:  # aborted: the receiver is gone
+                    return
+                status = assoc.send_c_store(image.dataset)
+                if not assoc.is_established or "Status" not in status:
+                    return
+                if status.Status == 0x0000:
+                    answered.append(image.sop_instance_uid)
+                time.sleep(0.05)
+            assoc.release()
+        finally:
+            ended.set()
+
+    sender = threading.Thread(target=send_slowly, daemon=True)
+    sender.start()
+    wait_for(lambda: len(answered) >= 3, 60, 0.01, "three files answered")
+    (busy,) = [i for i, n in enumerate(pool.open_connections()) if n == 1]
+    killed = pool.pids()[busy]
+    assert killed is not None
+    os.kill(killed, signal.SIGKILL)
+    assert ended.wait(30), "the sender's association did not end"
+    sender.join(5)
+    assert 3 <= len(answered) < len(images)  # it ended mid-association
+    # started again; the dead receiver's connection gave its host slot back
+    wait_for(lambda: all(pool.pids()) and killed not in pool.pids(), 120, 0.1, "receiver replaced")
+    assert pool.open_connections()[busy] == 0
+    # every file answered Success is in the spool and the ledger
+    kept = {uid for uid, _ in stored_sops(node)}
+    assert set(answered) <= kept
+    # the sender sends everything again: nothing missing, nothing doubled
+    again = storescu(node.dicom_port, *paths)
+    assert again.returncode == 0, again.stderr
+    assert stored_sops(node) == sorted((image.sop_instance_uid, 1) for image in images)
+    assert len(spool_files(node)) == len(images)
+    counts = cstore_counts()
+    # (one fewer when the kill fell between a file's commit and its count)
+    assert len(images) - 1 <= counts["stored"] <= len(images)
+    assert counts["duplicate"] >= len(answered)
