@@ -276,12 +276,16 @@ def test_vllm_names_a_study_image_by_its_pixels_so_follow_ups_share_the_server_c
     engine.generate([EngineRequest(images=(whole, crop), prompt="Describe.", metadata=study)])
     engine.generate([EngineRequest(images=(radiograph(5), crop), prompt="x", metadata=study)])
     engine.generate([EngineRequest(images=(whole,), prompt="No study.")])
+    engine.generate([EngineRequest(images=(whole, crop.copy()), prompt="Q2", metadata=study)])
+    engine.generate([EngineRequest(images=(whole, radiograph(6)), prompt="Q", metadata=study)])
     parts = [body["messages"][-1]["content"] for body in state.received]
     # the same image: the same bytes and the same id, for the pre-read and the follow-up
     assert parts[0][0] == parts[1][0] and parts[0][0]["uuid"].startswith("sha256-")
-    assert "uuid" not in parts[1][1]  # the crop is new each time: content-hashed by vLLM
     assert parts[2][0]["uuid"] != parts[0][0]["uuid"]  # another image never shares the id
     assert "uuid" not in parts[3][0]  # a request that names no study sends none
+    # a second question on the same anchor: its crop's bytes and id again (encoder cache)
+    assert parts[4][1] == parts[1][1] and parts[1][1]["uuid"].startswith("sha256-")
+    assert parts[5][1]["uuid"] != parts[1][1]["uuid"]  # another anchor's crop: another id
 
 
 def test_vllm_server_refusing_uuid_gets_the_request_without_it(

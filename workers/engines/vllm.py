@@ -16,7 +16,11 @@ blocks on the image too; recent versions also keep encoder outputs): a request w
 image is its study's whole image (``prefix_metadata``) sends exactly the same PNG bytes
 every time and gives that image a stable id, the content item's ``uuid`` (vLLM's
 chat-completions form of ``multi_modal_uuids``), derived from the pixels
-(``sha256-<hex>``), so the same id never names two different images. A server that refuses
+(``sha256-<hex>``), so the same id never names two different images. Its other images (an
+anchor's crop, the same pixels each time the anchor is asked about) get their
+pixel-derived ids too: vLLM keys its encoder cache and prefix blocks on them, so a second
+question on the same anchor neither encodes the crop again nor recomputes the prefix that
+ends with it, while the server's caches hold them. A server that refuses
 ``uuid`` with HTTP 400 gets the request again without it and later requests leave it out.
 
 Special tokens: ``skip_special_tokens`` is turned off so that the MedGemma 1.5 thinking-trace
@@ -138,7 +142,8 @@ class VllmEngine:
             for image in request.images
         ]
         if shares_prefix(request) and self._uuid_supported:
-            content[0]["uuid"] = image_uuid(request.images[0])
+            for item, image in zip(content, request.images, strict=True):
+                item["uuid"] = image_uuid(image)  # the crop too: asked about again, it hits
         content.append({"type": "text", "text": request.prompt})
         messages: list[dict[str, Any]] = []
         if request.system:
