@@ -37,9 +37,8 @@ The ledger's own timestamps (completed, queued, started, finished, delivered) gi
 breakdown of where the time went (``--json``; a table on stdout).
 
 Needs dcmtk (``/usr/bin/storescu``, or ``DCMTK_BIN``), Orthanc (``/usr/sbin/Orthanc``) and,
-for ``worker``, Redis. Orthanc is started here rather than with ``tests.peers`` because a
-benchmark does not import the ``tests`` package (pytest fixtures); this starter is the
-minimal subset the benchmark needs.
+for ``worker``, Redis. Orthanc is started by ``bench.orthanc`` (the tests' starter too),
+without its DICOMweb plugin and verbose log.
 """
 
 from __future__ import annotations
@@ -76,8 +75,8 @@ from bench.nodeproc import (  # noqa: E402
     start_node,
     wait_for,
 )
+from bench.orthanc import ORTHANC_BINARY, OrthancProcess, launch_orthanc  # noqa: E402
 
-ORTHANC = Path("/usr/sbin/Orthanc")
 DCMTK_BIN = Path(os.environ.get("DCMTK_BIN", "/usr/bin"))
 NODE_AE = "MEDGEMMA"
 TOKEN = "bench-" + secrets.token_hex(8)
@@ -92,69 +91,29 @@ class BenchError(Exception):
 # --------------------------------------------------------------------------- peers
 
 
-@dataclass
-class Orthanc:
-    process: subprocess.Popen[bytes]
-    dicom_port: int
-    http_port: int
-    aet: str = "ORTHANC"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
+class Orthanc(OrthancProcess):
     def has_all(self, sop_uids: Sequence[str]) -> bool:
         for uid in sop_uids:
             request = urllib.request.Request(
-                self.url + "/tools/lookup", data=uid.encode(), method="POST"
+                self.http_url + "/tools/lookup", data=uid.encode(), method="POST"
             )
             with urllib.request.urlopen(request, timeout=5) as response:
                 if not json.loads(response.read()):
                     return False
         return True
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()  # throwaway storage; a graceful stop takes seconds
-        self.process.wait(timeout=10)
-
 
 def start_orthanc(work: Path) -> Orthanc:
-    if not os.access(ORTHANC, os.X_OK):
-        raise BenchError(f"Orthanc is not installed ({ORTHANC}): apt-get install orthanc")
-    work.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_port(), free_port()
-    config = {
-        "Name": "medgemma-bench",
-        "StorageDirectory": str(work / "storage"),
-        "IndexDirectory": str(work / "storage"),
-        "DicomAet": "ORTHANC",
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "DicomAssociationCloseDelay": 0,
-        "UnknownSopClassAccepted": True,
-        "OverwriteInstances": True,  # the peer's second store of an instance is a real write
-        "SaveJobs": False,
-        "Plugins": [],
-    }
-    (work / "orthanc.json").write_text(json.dumps(config))
-    process = subprocess.Popen(
-        [str(ORTHANC), f"--logfile={work / 'orthanc.log'}", str(work / "orthanc.json")],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=work,
+    if not os.access(ORTHANC_BINARY, os.X_OK):
+        raise BenchError(f"Orthanc is not installed ({ORTHANC_BINARY}): apt-get install orthanc")
+    # OverwriteInstances: the peer's second store of an instance is a real write
+    return launch_orthanc(
+        work,
+        Orthanc,
+        extra_config={"OverwriteInstances": True},
+        dicomweb=False,
+        verbose=False,
     )
-    peer = Orthanc(process, dicom_port, http_port)
-    try:
-        wait_for(http_ok(peer.url + "/system"), 30, 0.05, "Orthanc's REST API")
-    except BaseException:
-        peer.stop()
-        raise
-    return peer
 
 
 def storescu(port: int, files: Sequence[Path], ae_title: str) -> float:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
@@ -31,6 +29,14 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from bench.nodeproc import free_port, wait_for
+from bench.orthanc import (
+    ORTHANC_BINARY,
+    ORTHANC_DICOMWEB_PLUGIN,
+    ModalitySpec,
+    OrthancProcess,
+    OrthancStartError,
+    launch_orthanc,
+)
 
 __all__ = [
     "DEFAULT_POSTGRES_ADMIN_URL",
@@ -58,9 +64,6 @@ DEFAULT_POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postg
 
 DCMTK_DIR = Path("/usr/bin")
 DICIODVFY = Path("/usr/bin/dciodvfy")
-ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
-# Debian's orthanc-dicomweb: a symlink to /usr/lib/orthanc/libOrthancDicomWeb.so.<version>.
-ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 _INSTALL_HINT = "run `bash .ci/run` (as root) or `apt-get install {package}`"
 
@@ -205,37 +208,11 @@ class OrthancError(Exception):
         self.body = body
 
 
-ModalitySpec = tuple[str, str, int]
-"""(AE title, host, port) of a DICOM peer that Orthanc knows as a modality."""
-
-
-class OrthancPeer:
-    """A running Orthanc: the PACS the node receives from and sends results to.
-
-    ``aet``/``host``/``dicom_port`` are its DICOM side, ``http_url`` its REST root (no trailing
-    slash; DICOMweb under ``/dicom-web/``). Stop it with ``stop()`` (the fixtures do).
+class OrthancPeer(OrthancProcess):
+    """A running Orthanc (``bench.orthanc.OrthancProcess``): the PACS the node receives from
+    and sends results to, with the REST calls the tests use (DICOMweb under
+    ``/dicom-web/``). Stop it with ``stop()`` (the fixtures do).
     """
-
-    def __init__(
-        self,
-        process: subprocess.Popen[bytes],
-        aet: str,
-        dicom_port: int,
-        http_port: int,
-        workdir: Path,
-        log_path: Path,
-    ) -> None:
-        self.process = process
-        self.aet = aet
-        self.host = "127.0.0.1"
-        self.dicom_port = dicom_port
-        self.http_port = http_port
-        self.http_url = f"http://127.0.0.1:{http_port}"
-        self.workdir = workdir
-        self.log_path = log_path
-
-    def __repr__(self) -> str:
-        return f"OrthancPeer(aet={self.aet!r}, dicom_port={self.dicom_port}, http={self.http_url})"
 
     # -- REST
 
@@ -352,28 +329,6 @@ class OrthancPeer:
         )
         return result
 
-    # -- process
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"(no Orthanc log at {self.log_path}: {exc})"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def is_running(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        """Stop Orthanc at once.
-
-        SIGKILL, not SIGTERM: its storage is a throwaway directory, and a graceful stop costs
-        about 1.5 s per instance (the DICOM server polls for shutdown once a second).
-        """
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
 
 def _json_dumps(value: Any) -> bytes:
     return json.dumps(value).encode("utf-8")
@@ -381,10 +336,6 @@ def _json_dumps(value: Any) -> bytes:
 
 def _json_loads(payload: bytes) -> Any:
     return json.loads(payload)
-
-
-def _modality_entries(modalities: Mapping[str, ModalitySpec] | None) -> dict[str, list[Any]]:
-    return {name: [aet, host, int(port)] for name, (aet, host, port) in (modalities or {}).items()}
 
 
 def start_orthanc(
@@ -410,71 +361,18 @@ def start_orthanc(
             f"Orthanc's DICOMweb plugin is not installed ({ORTHANC_DICOMWEB_PLUGIN}): "
             + _INSTALL_HINT.format(package="orthanc-dicomweb")
         )
-    workdir.mkdir(parents=True, exist_ok=True)
-    last_problem = ""
-    # free_port() can race with another process taking the port: a few fresh tries.
-    for attempt in range(3):
-        dicom_port, http_port = free_port(), free_port()
-        storage = workdir / f"storage-{attempt}"
-        config: dict[str, Any] = {
-            "Name": f"medgemma-test-{aet}",
-            "StorageDirectory": str(storage),
-            "IndexDirectory": str(storage),
-            "DicomAet": aet,
-            "DicomPort": dicom_port,
-            "HttpPort": http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "HttpDescribeErrors": True,
-            "DicomCheckCalledAet": False,
-            "DicomModalities": _modality_entries(modalities),
-            "DicomModalitiesInDatabase": False,
-            # Close the SCU association right after a store, so a peer sees a prompt release.
-            "DicomAssociationCloseDelay": 0,
-            "UnknownSopClassAccepted": True,
-            "StableAge": 2,
-            "SaveJobs": False,
-            "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
-            "DicomWeb": {
-                "Enable": True,
-                "Root": "/dicom-web/",
-                "EnableWado": True,
-                "WadoRoot": "/wado",
-                "Host": "127.0.0.1",
-                "Ssl": False,
-            },
-        }
-        config.update(extra_config or {})
-        config_path = workdir / f"orthanc-{attempt}.json"
-        config_path.write_text(json.dumps(config, indent=2))
-        log_path = workdir / f"orthanc-{attempt}.log"
-        process = subprocess.Popen(
-            [str(ORTHANC_BINARY), f"--logfile={log_path}", "--verbose", str(config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=workdir,
+    try:
+        return launch_orthanc(
+            workdir,
+            OrthancPeer,
+            aet=aet,
+            modalities=modalities,
+            extra_config=extra_config,
+            timeout=timeout,
         )
-        peer = OrthancPeer(process, aet, dicom_port, http_port, workdir, log_path)
-        deadline = time.monotonic() + timeout
-        while peer.is_running() and time.monotonic() < deadline:
-            try:
-                # Orthanc opens its DICOM port before its HTTP server: /system answering means both.
-                peer.system()
-            except (OSError, OrthancError):
-                time.sleep(0.02)
-                continue
-            return peer
-        if peer.is_running():
-            peer.stop()
-            _fail(
-                f"Orthanc did not answer on {peer.http_url} within {timeout:g}s; "
-                f"log {log_path}:\n{peer.log_tail()}"
-            )
-        peer.stop()
-        last_problem = f"Orthanc exited with status {process.returncode}; log {log_path}:\n"
-        last_problem += peer.log_tail()
-    _fail(f"Orthanc did not start after 3 tries. {last_problem}")
+    except OrthancStartError as exc:
+        problem = str(exc)
+    _fail(problem)  # outside the except block: one clear message, no exception chain
 
 
 _ORTHANC_PEERS = pytest.StashKey[list[OrthancPeer]]()
