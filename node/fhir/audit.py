@@ -173,9 +173,16 @@ def audit_event(rec: AccessRecord, recorded: str | None = None) -> dict[str, Any
 class AuditTrail:
     """Writes AuditEvents in batches, and the access log lines, from a background thread."""
 
-    def __init__(self, store: FhirStore, flush_seconds: float = 0.25, batch: int = 500) -> None:
+    def __init__(
+        self,
+        store: FhirStore,
+        flush_seconds: float = 0.25,
+        batch: int = 500,
+        gather_seconds: float = 0.1,
+    ) -> None:
         self.store = store
         self.flush_seconds = flush_seconds
+        self.gather_seconds = min(gather_seconds, flush_seconds)
         self.batch = batch
         # (access, when): the AuditEvent is built in the thread, off the request path
         self._queue: queue.Queue[tuple[AccessRecord, str] | None] = queue.Queue(maxsize=100_000)
@@ -199,12 +206,19 @@ class AuditTrail:
                 log.error("audit queue full: %d AuditEvents dropped so far", self.dropped)
 
     def _run(self) -> None:
+        """Log each access as it comes; write its AuditEvent with those recorded within
+        ``gather_seconds`` of the oldest one waiting (one transaction and one commit per
+        batch, not per request, whatever the request rate)."""
         stop = False
+        events: list[dict[str, Any]] = []
+        taken = 0  # items whose AuditEvent is not written yet (task_done after the write)
+        oldest = 0.0
         while not stop:
-            taken = 0
-            events: list[dict[str, Any]] = []
+            wait = self.flush_seconds
+            if events:
+                wait = max(0.0, oldest + self.gather_seconds - time.monotonic())
             try:
-                item = self._queue.get(timeout=self.flush_seconds)
+                item = self._queue.get(timeout=wait)
                 while True:
                     taken += 1
                     if item is None:
@@ -212,16 +226,23 @@ class AuditTrail:
                         break
                     log_access(item[0])
                     if item[0].audited:
+                        if not events:
+                            oldest = time.monotonic()
                         events.append(self._event(*item))
                     if len(events) >= self.batch:
                         break
                     item = self._queue.get_nowait()
             except queue.Empty:
                 pass
+            due = stop or len(events) >= self.batch
+            if events and not due and time.monotonic() - oldest < self.gather_seconds:
+                continue
             if events:
                 self._write(events)
+                events = []
             for _ in range(taken):
                 self._queue.task_done()
+            taken = 0
 
     @staticmethod
     def _event(rec: AccessRecord, recorded: str) -> dict[str, Any]:

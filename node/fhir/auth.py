@@ -22,6 +22,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -47,22 +48,28 @@ class Principal:
 
     def allows(self, resource_type: str, access: Access) -> bool:
         """True when a scope grants ``access`` (c, r, u, d, s) on ``resource_type``."""
-        for scope in self.scopes:
-            m = _SCOPE.match(scope)
-            if m is None:
-                continue
-            rtype, what = m[1], m[2]
-            if rtype == "*" and resource_type in ADMIN_TYPES:
-                continue
-            if rtype not in ("*", resource_type):
-                continue
-            if what == "*" or (what == "read" and access in "rs"):
-                return True
-            if what == "write" and access in "cud":
-                return True
-            if what not in ("read", "write") and access in what:
-                return True
-        return False
+        return _scopes_allow(self.scopes, resource_type, access)
+
+
+@lru_cache(maxsize=4096)
+def _scopes_allow(scopes: frozenset[str], resource_type: str, access: Access) -> bool:
+    """:meth:`Principal.allows` (cached: the same few scope sets ask the same questions)."""
+    for scope in scopes:
+        m = _SCOPE.match(scope)
+        if m is None:
+            continue
+        rtype, what = m[1], m[2]
+        if rtype == "*" and resource_type in ADMIN_TYPES:
+            continue
+        if rtype not in ("*", resource_type):
+            continue
+        if what == "*" or (what == "read" and access in "rs"):
+            return True
+        if what == "write" and access in "cud":
+            return True
+        if what not in ("read", "write") and access in what:
+            return True
+    return False
 
 
 def anonymous_access_warning(settings: Settings) -> str | None:
@@ -125,6 +132,9 @@ class Authenticator:
     def __init__(self, settings: AuthSettings) -> None:
         self.settings = settings
         self._tokens = {t.sha256: t for t in settings.tokens}
+        self._principals = {
+            t.sha256: Principal(t.name, "token", frozenset(t.scopes)) for t in settings.tokens
+        }
         self._jwks: jwt.PyJWKSet | None = None
         self._jwks_client: jwt.PyJWKClient | None = None
         if settings.jwt_issuer:
@@ -161,9 +171,9 @@ class Authenticator:
             raise unauthorized("the Authorization header must be 'Bearer <token>'")
         if token.count(".") == 2 and self.settings.jwt_issuer:
             return self._jwt(token)
-        known = self._tokens.get(hashlib.sha256(token.encode()).hexdigest())
+        known = self._principals.get(hashlib.sha256(token.encode()).hexdigest())
         if known is not None:
-            return Principal(known.name, "token", frozenset(known.scopes))
+            return known
         if token.count(".") == 2:
             raise unauthorized("JWTs are not accepted: auth.jwt_issuer is not configured")
         raise unauthorized("unknown bearer token")

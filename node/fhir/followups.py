@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final, cast
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, bindparam, func, insert, select, update
 
 from node.affinity import WorkerRegistry
 from node.db import utcnow
@@ -178,10 +178,20 @@ def unsent_followups(store: FhirStore, older_than_seconds: float, limit: int = 5
         return list(rows)
 
 
+#: One job's columns in FollowupJob's field order (built once; no ORM object per read).
+_FOLLOWUP: Final = select(
+    FollowupRow.id, FollowupRow.report_id, FollowupRow.study_uid, FollowupRow.state,
+    FollowupRow.language, FollowupRow.anchor_ref, FollowupRow.answer_id, FollowupRow.error,
+    FollowupRow.attempts, FollowupRow.route,
+).where(FollowupRow.id == bindparam("job_id"))  # fmt: skip
+
+
 def followup(store: FhirStore, job_id: str) -> FollowupJob | None:
-    with store.db.transaction() as s:
-        row = s.get(FollowupRow, job_id)
-        return FollowupJob.of(row) if row else None
+    rows = store.rows(_FOLLOWUP, {"job_id": job_id})
+    if not rows:
+        return None
+    job_id, report_id, study_uid, state, *rest = rows[0]
+    return FollowupJob(job_id, report_id, study_uid, FollowupState(state), *rest)
 
 
 def start_followup(store: FhirStore, job_id: str, route: str = "") -> FollowupJob | None:
@@ -219,18 +229,30 @@ _FINISHED: Final = (FollowupState.ANSWERED.value, FollowupState.FAILED.value)
 def assign_route(store: FhirStore, job_id: str, wanted: str) -> str:
     """Where to send a job: ``wanted`` ("" = the shared queue, else a worker) when its
     route is not decided yet and it is queued, else the route it already has."""
-    with store.db.transaction() as s:
-        s.execute(
-            update(FollowupRow)
-            .where(
-                FollowupRow.id == job_id,
-                FollowupRow.route.is_(None),
-                FollowupRow.state == FollowupState.QUEUED.value,
+    return assign_routes(store, {job_id: wanted}).get(job_id, "")
+
+
+def assign_routes(store: FhirStore, wanted: Mapping[str, str]) -> dict[str, str]:
+    """:func:`assign_route` of several jobs (job id: wanted route) in one transaction (one
+    commit), as the store's single writer (no SQLite busy waits against the question and
+    audit writers)."""
+    if not wanted:
+        return {}
+    with store.writing() as w:
+        for job_id, route in wanted.items():
+            w.session.execute(
+                update(FollowupRow)
+                .where(
+                    FollowupRow.id == job_id,
+                    FollowupRow.route.is_(None),
+                    FollowupRow.state == FollowupState.QUEUED.value,
+                )
+                .values(route=route)
             )
-            .values(route=wanted)
-        )
-        route = s.execute(select(FollowupRow.route).where(FollowupRow.id == job_id)).scalar()
-    return route or ""
+        rows = w.session.execute(
+            select(FollowupRow.id, FollowupRow.route).where(FollowupRow.id.in_(list(wanted)))
+        ).all()
+    return {job_id: route or "" for job_id, route in rows}
 
 
 def reroute_followups(
@@ -482,9 +504,10 @@ class FollowupPublisher:
 
     def _send(self, batch: list[str]) -> tuple[list[str], list[str]]:
         sent: list[str] = []
+        routes = self._routes(batch)
         for i, job_id in enumerate(batch):
             try:
-                route = self._route(job_id)
+                route = routes.get(job_id, "")
                 if route:
                     self.dispatcher.send_followup(job_id, route)
                 else:
@@ -500,17 +523,19 @@ class FollowupPublisher:
             log.info("follow-up %s queued%s", job_id, f" for worker {route}" if route else "")
         return sent, []
 
-    def _route(self, job_id: str) -> str:
-        """The job's route, decided (and recorded) before its first send."""
+    def _routes(self, batch: Sequence[str]) -> dict[str, str]:
+        """The jobs' routes, decided (and recorded, in one commit) before their first send."""
         if self.routing is None:
-            return ""
-        job = followup(self.store, job_id)
-        if job is None:
-            return ""
-        if job.route is not None:
-            return job.route
-        wanted = self.routing.holder(job.study_uid) if job.study_uid else ""
-        return assign_route(self.store, job_id, wanted)
+            return {}
+        routes: dict[str, str] = {}
+        wanted: dict[str, str] = {}
+        for job in filter(None, (followup(self.store, job_id) for job_id in batch)):
+            if job.route is not None:
+                routes[job.id] = job.route
+            else:
+                wanted[job.id] = self.routing.holder(job.study_uid) if job.study_uid else ""
+        routes.update(assign_routes(self.store, wanted))
+        return routes
 
     def _reroute(self, routing: FollowupRouting) -> None:
         try:
@@ -543,6 +568,7 @@ __all__ = [
     "NewQuestion",
     "QuestionWriter",
     "assign_route",
+    "assign_routes",
     "create_followup",
     "create_followups",
     "finish_followup",

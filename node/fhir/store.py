@@ -37,7 +37,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
-from sqlalchemy.sql.elements import BindParameter, ColumnElement
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 
 from node.db import Database, make_engine, utcnow
 from node.fhir.models import FHIR_TABLES, FhirHistoryRow, FhirIndexRow, FhirResourceRow
@@ -96,15 +97,57 @@ _INSERT_INDEX: Final = insert(_INDEX)
 _INSERT_RESOURCE: Final = insert(_RESOURCES).returning(_RESOURCES.c.id)
 
 
-class DriverInserts:
-    """New resource rows and index rows inserted through the SQLite driver's cursor.
+class _DriverQuery:
+    """A prebuilt SELECT compiled once for the SQLite driver: its SQL, its parameters in
+    order with their bind processors, and the result processors of its columns."""
 
-    SQLAlchemy's per-row parameter processing of a bulk insert cost several times the
-    insert itself (about 0.2 ms CPU per AuditEvent, 6 index rows each); here a row is a
-    tuple, the only conversion the timestamps (SQLAlchemy's own SQLite DateTime
-    processor, so the stored text is the same). Same statements, same transaction: the
-    cursor is the transaction connection's. SQLite only (``for_engine`` is None on other
-    databases, which keep the Core statements)."""
+    def __init__(self, statement: Executable, engine: Engine) -> None:
+        dialect = engine.dialect
+        compiled = cast(SQLCompiler, cast(ClauseElement, statement).compile(dialect=dialect))
+        binds = compiled.binds
+        if any(b.expanding for b in binds.values()) or compiled.positiontup is None:
+            raise ValueError("not a plain positional statement")  # SqliteDriver falls back
+        self.statement = statement
+        self.sql = compiled.string
+        self.params = [
+            (
+                name,
+                binds[name].value,
+                binds[name].type.dialect_impl(dialect).bind_processor(dialect),
+            )
+            for name in compiled.positiontup
+        ]
+        columns = getattr(statement, "selected_columns", ())
+        self.results = [
+            c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
+        ]
+
+    def run(self, raw: Any, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        given = []
+        for name, default, process in self.params:
+            value = params.get(name, default)
+            given.append(process(value) if process is not None else value)
+        rows = raw.execute(self.sql, given).fetchall()
+        if not any(self.results):
+            return rows
+        results = self.results
+        return [
+            tuple(p(v) if p is not None else v for p, v in zip(results, row, strict=True))
+            for row in rows
+        ]
+
+
+class SqliteDriver:
+    """The store's hot statements run on the SQLite driver itself.
+
+    SQLAlchemy's execution of a prebuilt statement (cache key, parameter processing, result
+    object) cost several times the statement itself: a read by id 80 -> 25 us, and a bulk
+    insert's per-row parameter processing about 0.2 ms CPU per AuditEvent (6 index rows
+    each). Here the statements are the same ones compiled once (:meth:`query`) or plain
+    INSERTs of the same columns; parameters and results pass through SQLAlchemy's own
+    type processors (the stored text of a timestamp is the same). Inserts run on the
+    write transaction's connection, reads on a pooled connection as before. SQLite only
+    (:meth:`for_engine` is None on other databases, which keep the Core statements)."""
 
     def __init__(self, engine: Engine) -> None:
         dialect = engine.dialect
@@ -125,9 +168,38 @@ class DriverInserts:
             ("row_id", "resource_type", "param", "system", "value", "date_start", "date_end"),
         )
 
+        self._engine = engine
+        self._queries: dict[int, _DriverQuery] = {}
+
     @classmethod
-    def for_engine(cls, engine: Engine) -> DriverInserts | None:
+    def for_engine(cls, engine: Engine) -> SqliteDriver | None:
         return cls(engine) if engine.dialect.name == "sqlite" else None
+
+    def _query(self, statement: Executable) -> _DriverQuery | None:
+        query = self._queries.get(id(statement))
+        if query is None or query.statement is not statement:
+            if len(self._queries) > 2048:  # statements are module constants or LRU-cached
+                self._queries.clear()
+            try:
+                query = _DriverQuery(statement, self._engine)
+            except ValueError:  # e.g. an expanding IN: SQLAlchemy runs it
+                return None
+            self._queries[id(statement)] = query
+        return query
+
+    def query(
+        self, statements: Sequence[Executable], params: Mapping[str, Any]
+    ) -> list[list[tuple[Any, ...]]]:
+        """The rows of each statement, run in turn on one pooled connection."""
+        queries = [self._query(s) for s in statements]
+        if any(q is None for q in queries):
+            with self._engine.connect() as conn:
+                return [[tuple(r) for r in conn.execute(s, params)] for s in statements]
+        raw = self._engine.raw_connection()
+        try:
+            return [q.run(raw.driver_connection, params) for q in queries if q is not None]
+        finally:
+            raw.close()
 
     def resources(
         self, conn: Connection, rows: Sequence[tuple[str, str, int, datetime, str]]
@@ -213,9 +285,9 @@ class StoreWrite:
     """One write transaction of the store: resources through :meth:`put`, other rows of the
     FHIR tables through :attr:`session`; all committed together, or none."""
 
-    def __init__(self, session: Session, inserts: DriverInserts | None = None) -> None:
+    def __init__(self, session: Session, driver: SqliteDriver | None = None) -> None:
         self.session = session
-        self._inserts = inserts
+        self._driver = driver
 
     def get(self, resource_type: str, resource_id: str) -> StoredResource | None:
         row = self.session.execute(
@@ -263,8 +335,8 @@ class StoreWrite:
         body = {"resourceType": rtype, "id": rid, "meta": meta}
         body.update((k, v) for k, v in resource.items() if k not in ("resourceType", "id", "meta"))
         text = _dumps(body)
-        if new and self._inserts is not None:  # a fresh id: no unique clash to retry
-            (row_id,) = self._inserts.resources(conn, [(rtype, rid, version, now, text)])
+        if new and self._driver is not None:  # a fresh id: no unique clash to retry
+            (row_id,) = self._driver.resources(conn, [(rtype, rid, version, now, text)])
         elif old is None:
             row_id = conn.execute(
                 _INSERT_RESOURCE,
@@ -295,8 +367,8 @@ class StoreWrite:
                 .values(version_id=version, last_updated=now, body=text)
             )
             s.execute(delete(FhirIndexRow).where(FhirIndexRow.row_id == row_id))
-        if self._inserts is not None:  # the driver's cursor: see DriverInserts
-            self._inserts.index(conn, ((row_id, rtype, v) for v in index_values(body)))
+        if self._driver is not None:  # the driver's cursor: see SqliteDriver
+            self._driver.index(conn, ((row_id, rtype, v) for v in index_values(body)))
         elif index_rows := [_index_row(row_id, rtype, v) for v in index_values(body)]:
             conn.execute(_INSERT_INDEX, index_rows)
         if notify:
@@ -320,7 +392,7 @@ class FhirStore:
         self.engine = self.db.engine
         self.db.create_tables(FHIR_TABLES)  # missing columns of an older version added too
         self._write_lock = threading.Lock()  # one writer per process; SQLite serialises anyway
-        self._inserts = DriverInserts.for_engine(self.engine)
+        self._driver = SqliteDriver.for_engine(self.engine)
 
     def close(self) -> None:
         if self._owns_engine:
@@ -330,14 +402,21 @@ class FhirStore:
     def writing(self) -> Iterator[StoreWrite]:
         """One write transaction, as this process's single writer (see :class:`StoreWrite`)."""
         with self._write_lock, self.db.transaction() as session:
-            yield StoreWrite(session, self._inserts)
+            yield StoreWrite(session, self._driver)
 
     # --- resources --------------------------------------------------------------------
 
-    def get(self, resource_type: str, resource_id: str) -> StoredResource | None:
+    def rows(self, statement: Executable, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows of a prebuilt SELECT (built once, with bound parameters), on a pooled
+        connection; on SQLite through the driver (:class:`SqliteDriver`)."""
+        if self._driver is not None:
+            return self._driver.query([statement], params)[0]
         with self.engine.connect() as conn:
-            row = conn.execute(_GET, {"rtype": resource_type, "rid": resource_id}).first()
-            return StoredResource(*row) if row else None
+            return [tuple(r) for r in conn.execute(statement, params)]
+
+    def get(self, resource_type: str, resource_id: str) -> StoredResource | None:
+        rows = self.rows(_GET, {"rtype": resource_type, "rid": resource_id})
+        return StoredResource(*rows[0]) if rows else None
 
     def version(self, resource_type: str, resource_id: str, version: int) -> StoredResource | None:
         """One version of a resource (vread): the current one or a kept earlier one."""
@@ -417,8 +496,8 @@ class FhirStore:
         with self.writing() as w:
             conn = w.session.connection()  # Core statements: no ORM bookkeeping per row
             ids: Sequence[int]
-            if self._inserts is not None:  # SQLite: the driver's cursor (DriverInserts)
-                ids = self._inserts.resources(conn, rows)
+            if self._driver is not None:  # SQLite: the driver's cursor (SqliteDriver)
+                ids = self._driver.resources(conn, rows)
             else:
                 columns = ("resource_type", "resource_id", "version_id", "last_updated", "body")
                 named = [dict(zip(columns, row, strict=True)) for row in rows]
@@ -428,8 +507,8 @@ class FhirStore:
                 for row_id, row, vals in zip(ids, rows, values, strict=True)
                 for v in vals
             ]
-            if self._inserts is not None:
-                self._inserts.index(conn, indexed)
+            if self._driver is not None:
+                self._driver.index(conn, indexed)
             elif indexed:
                 conn.execute(_INSERT_INDEX, [_index_row(*i) for i in indexed])
         return len(rows)
@@ -506,22 +585,54 @@ class FhirStore:
             cursor_values = [_cursor_value(v) for v in after.values]
             params.update((f"a{i}", v) for i, v in enumerate([*cursor_values, after.row]))
         params["limit"], params["offset"] = count + 1, 0 if after is not None else offset
-        with self.engine.connect() as conn:
-            rows: Sequence[Any] = []
-            if count > 0:
-                rows = conn.execute(rows_sql, params).all()
-            more = len(rows) > count
-            rows = rows[:count]
-            if after is None and count > 0 and not more:
-                total = offset + len(rows)  # the last page: nothing to count
-            else:
-                total = int(conn.execute(count_sql, params).scalar_one())
+        if self._driver is not None:
+            rows, total = self._driver_page(rows_sql, count_sql, params, count, offset, after)
+        else:
+            rows, total = self._page(rows_sql, count_sql, params, count, offset, after)
+        more = len(rows) > count
+        rows = rows[:count]
         cursor = None
         if more:
             last = rows[-1]
             sort_values = tuple(_cursor_text(v) for v in last[len(_COLUMNS) : -1])
             cursor = Cursor(snapshot, sort_values, int(last[-1]))
         return SearchPage(total, [StoredResource(*r[: len(_COLUMNS)]) for r in rows], cursor)
+
+    def _page(
+        self,
+        rows_sql: Executable,
+        count_sql: Executable,
+        params: Mapping[str, Any],
+        count: int,
+        offset: int,
+        after: Cursor | None,
+    ) -> tuple[Sequence[Any], int]:
+        """(up to ``count`` + 1 rows, the total) of :meth:`search_page`."""
+        with self.engine.connect() as conn:
+            rows: Sequence[Any] = conn.execute(rows_sql, params).all() if count > 0 else []
+            if after is None and count > 0 and len(rows) <= count:
+                return rows, offset + len(rows)  # the last page: nothing to count
+            return rows, int(conn.execute(count_sql, params).scalar_one())
+
+    def _driver_page(
+        self,
+        rows_sql: Executable,
+        count_sql: Executable,
+        params: Mapping[str, Any],
+        count: int,
+        offset: int,
+        after: Cursor | None,
+    ) -> tuple[Sequence[Any], int]:
+        """:meth:`_page` on the SQLite driver (one connection, the same statements)."""
+        assert self._driver is not None
+        if count <= 0:
+            ((total,),) = self._driver.query([count_sql], params)[0]
+            return [], int(total)
+        (rows,) = self._driver.query([rows_sql], params)
+        if after is None and len(rows) <= count:
+            return rows, offset + len(rows)  # the last page: nothing to count
+        ((total,),) = self._driver.query([count_sql], params)[0]
+        return rows, int(total)
 
     def get_many(self, refs: Iterable[tuple[str, str]]) -> list[StoredResource]:
         """Stored resources for (type, id) pairs, in the given order; missing ones skipped."""
@@ -531,9 +642,8 @@ class FhirStore:
         params: dict[str, str] = {}
         for n, (rtype, rid) in enumerate(wanted):
             params[f"t{n}"], params[f"i{n}"] = rtype, rid
-        with self.engine.connect() as conn:
-            rows = conn.execute(_get_many(len(wanted)), params).all()
-            found = {(r.resource_type, r.resource_id): StoredResource(*r) for r in rows}
+        rows = self.rows(_get_many(len(wanted)), params)
+        found = {(r[0], r[1]): StoredResource(*r) for r in rows}
         return [found[k] for k in wanted if k in found]
 
     def referencing(
