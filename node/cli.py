@@ -83,6 +83,7 @@ def _start_checks(settings: Settings, *, api: bool) -> bool:
 
 
 def _run_node(settings: Settings, *, embedded: bool) -> int:
+    from node.receivers import ReceiverStartError
     from node.runtime import NodeRuntime
 
     if not _start_checks(settings, api=embedded):
@@ -95,6 +96,10 @@ def _run_node(settings: Settings, *, embedded: bool) -> int:
         return 2
     try:
         host, port = runtime.start()
+    except ReceiverStartError as exc:
+        print(f"medgemma-node: {exc}", file=sys.stderr)
+        runtime.stop()
+        return 1
     except OSError as exc:
         print(
             f"medgemma-node: cannot listen on {settings.dicom.bind_address}:"
@@ -114,6 +119,8 @@ def _run_node(settings: Settings, *, embedded: bool) -> int:
             return 2
         fhir = f", FHIR API {runtime.api.base_url}"
     mode = "embedded worker" if embedded and not settings.queue.broker_url else "Celery broker"
+    if runtime.receivers is not None:
+        mode += f", {runtime.receivers.processes} receiving processes"
     print(
         f"medgemma-node {__version__}: AE {settings.dicom.ae_title} on {host}:{port}{fhir}, "
         f"data in {settings.storage.data_path}, {mode}; Ctrl-C to stop",

@@ -52,11 +52,16 @@ from typing import Any
 from node.datadir import PRIVATE_UMASK
 from node.ledger import StudyLedger
 from node.netlimits import HostSlots
-from node.scp import StorageSCP, StoreCounters
+from node.scp import StorageSCP, StoreCounters, make_ssl_context
 from node.settings import DicomSettings, Settings, StorageSettings
 from node.spool import Spool
 
 log = logging.getLogger("medgemma.receivers")
+
+
+class ReceiverStartError(RuntimeError):
+    """A receiving process did not start (the reason is in the log)."""
+
 
 # a receiver that dies sooner than this after it started is started again after a pause
 _EARLY_DEATH_SECONDS = 5.0
@@ -253,6 +258,8 @@ class ReceiverPool:
         self._allowed = frozenset(settings.dicom.allowed_hosts)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._started = False  # every receiver was ready once: a death now is restarted
+        self._start_failed = threading.Event()
         self._sock: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._log_thread: threading.Thread | None = None
@@ -299,6 +306,7 @@ class ReceiverPool:
         """Listen, start the receivers and wait until each is ready. Returns (host, port).
         OSError when the port cannot be bound; RuntimeError when a receiver does not start."""
         dicom = self.settings.dicom
+        make_ssl_context(dicom.tls)  # a TLS setting that is wrong fails here, not in each receiver
         family = socket.AF_INET6 if ":" in dicom.bind_address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -319,12 +327,14 @@ class ReceiverPool:
             self._spawn(receiver)
         deadline = time.monotonic() + _READY_SECONDS
         for receiver in self._receivers:
-            if not receiver.ready.wait(max(0.0, deadline - time.monotonic())):
-                self.stop()
-                raise RuntimeError(
-                    f"receiving process {receiver.row} did not start within "
-                    f"{_READY_SECONDS:.0f} s (see the log)"
-                )
+            while not receiver.ready.wait(0.1):
+                if self._start_failed.is_set() or time.monotonic() > deadline:
+                    self.stop()
+                    raise ReceiverStartError(
+                        f"receiving process {receiver.row} did not start "
+                        f"(within {_READY_SECONDS:.0f} s); see the log above"
+                    )
+        self._started = True
         accept = threading.Thread(target=self._accept_loop, name="medgemma-scp", daemon=True)
         accept.start()
         self._threads.append(accept)
@@ -456,6 +466,15 @@ class ReceiverPool:
             for _ in range(count):
                 self._slots.release(host)
         if self._stopping.is_set():
+            return
+        if not self._started:  # it failed to start: start() reports it, no restart loop
+            log.error(
+                "receiving process %d (pid %s) exited with code %s before it was ready",
+                receiver.row,
+                process.pid,
+                process.exitcode,
+            )
+            self._start_failed.set()
             return
         open_connections = sum(lost.values())
         log.error(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -14,13 +15,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from node.ledger import Instance
 from node.metrics import ScpCollector
 from node.runtime import NodeRuntime
+from node.scp import StoreStatus
 from node.synthetic import make_chest_radiograph, write_study
 from tests.conftest import make_settings, storescu, wait_for_state
 from tests.peers import dcmtk, wait_for
@@ -193,3 +196,32 @@ def test_a_killed_receiver_loses_nothing_it_answered(
     # (one fewer when the kill fell between a file's commit and its count)
     assert len(images) - 1 <= counts["stored"] <= len(images)
     assert counts["duplicate"] >= len(answered)
+
+
+def test_tls_through_a_receiver(start_node: Callable[..., NodeRuntime], tmp_path: Path) -> None:
+    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    node = start_node(
+        dicom={"tls": {"enabled": True, "cert_file": str(cert), "key_file": str(key)}}
+    )
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    ae = AE(ae_title="TLSSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    ds = make_chest_radiograph(seed=41, **SMALL).dataset
+    assoc = ae.associate(
+        "127.0.0.1", node.dicom_port, ae_title="MEDGEMMA", tls_args=(client, "127.0.0.1")
+    )
+    assert assoc.is_established
+    assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS
+    assoc.release()
+    assert node.ledger.find_instance(ds.SOPInstanceUID) is not None
+    # a plain association to the TLS port gets nowhere
+    plain = AE(ae_title="PLAIN")
+    plain.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    plain.acse_timeout = plain.network_timeout = 5
+    assert not plain.associate("127.0.0.1", node.dicom_port, ae_title="MEDGEMMA").is_established
