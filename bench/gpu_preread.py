@@ -33,8 +33,16 @@ only), on a new study each time, time to the first token of
                         computed and stored, through the same code path)
   <kind>_plain_ttft_s   the same follow-up without study metadata (the cache not used)
   preread_plain_ttft_s  the pre-read without study metadata (what storing the prefix costs)
-Medians over the rounds after an untimed warm-up round, with first/preread, first/control
-and first/plain, and the load average before and after (the machine may be shared).
+  describe_second_ttft_s  a second describe question on the same anchor (the same crop,
+                        the first answer among its facts): it reuses the prefix that ends
+                        with the crop, which the first one stored
+  describe_prefilled_ttft_s  the first describe of another study whose describe prefix
+                        (whole image + crop) was prefilled after its pre-read, as
+                        workers.preread does (``engine.prefill``)
+  prefill_crop_s        what that prefill took (worker time after the results are out)
+Medians over the rounds after an untimed warm-up round, with each over the pre-read, over
+the control and over plain, and the load average before and after (the machine may be
+shared).
 
 Usage:
   python bench/gpu_preread.py [--tiny] [--batch 1 8 32] [--new-tokens N] [--out FILE]
@@ -126,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("CUDA is not available: run with --tiny for a CPU smoke check", file=sys.stderr)
         return 2
 
-    system, prompt = _preread_prompt(args.prompt_tokens)
+    system, prompt = preread_prompt(args.prompt_tokens)
     report: dict[str, Any] = {
         "model": "random-weight Gemma 3 " + ("(tiny)" if args.tiny else "(MedGemma 4B shape)"),
         "device": torch.cuda.get_device_name()
@@ -187,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for _ in range(batch)
             ]
             try:
-                results.append(_measure(engine, requests, args.new_tokens, args.repeats, torch))
+                results.append(
+                    measure_batch(engine, requests, args.new_tokens, args.repeats, torch)
+                )
             except TransientEngineError as exc:  # out of memory at this batch size
                 results.append({"batch": batch, "error": str(exc)[:200]})
                 _release(torch)
@@ -206,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _measure(
+def measure_batch(
     engine: Any, requests: list[Any], new_tokens: int, repeats: int, torch: Any
 ) -> dict[str, Any]:
     """Best-of-``repeats`` timings of one batch through engine.prepare / engine.generate."""
@@ -307,13 +317,14 @@ def _ratios(report: dict[str, Any]) -> dict[str, Any]:
 def _followup_cache(
     engine: Any, args: argparse.Namespace, system: str, prompt: str
 ) -> dict[str, Any]:
-    """Median TTFTs of the real sequence: a study's pre-read, then its FIRST follow-up
-    (which reuses the prefix the pre-read stored), against a control on an unseen prefix."""
+    """Median TTFTs of the real sequence: a study's pre-read, then its follow-ups (which
+    reuse the prefix the pre-read stored and, for a crop, the crop's features or the prefix
+    that ends with it), against a control on an unseen prefix."""
     import os
 
     from workers.engines.base import EngineRequest, prefix_metadata
 
-    prompts = {task: _followup_prompt(task) for task in ("describe", "localise")}
+    prompts = {task: _followup_prompt(task) for task in ("describe", "describe_again", "localise")}
     rng = np.random.default_rng(1)
 
     def image() -> Any:
@@ -322,7 +333,7 @@ def _followup_cache(
     def followup(task: str, whole: Any, crop: Any, study: str) -> Any:
         f_system, f_prompt = prompts[task]
         return EngineRequest(
-            images=(whole, crop) if task == "describe" else (whole,),
+            images=(whole,) if task == "localise" else (whole, crop),
             prompt=f_prompt,
             system=f_system,
             max_new_tokens=1,
@@ -338,22 +349,41 @@ def _followup_cache(
     def ttft(request: Any) -> float:
         started = time.perf_counter()
         engine.generate([request], generation_kwargs={"min_new_tokens": 1})
+        if engine.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
         return time.perf_counter() - started
 
-    names = ["preread", "preread_plain"]
-    for task in prompts:
+    def prefill(study: str, whole: Any, crop: Any) -> float:
+        started = time.perf_counter()
+        engine.prefill(lambda: [followup("describe", whole, crop, study)])
+        if engine.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    names = ["preread", "preread_plain", "prefill_crop"]
+    for task in ("describe", "localise"):
         names += [f"{task}_first", f"{task}_control", f"{task}_plain"]
+    names += ["describe_second", "describe_prefilled"]
     times: dict[str, list[float]] = {name: [] for name in names}
+    cache = engine.prefix_cache
     load_before = os.getloadavg()
-    hits_before, misses_before = engine.prefix_cache.hits, engine.prefix_cache.misses
+    counts_before = (cache.hits, cache.misses, cache.feature_hits, cache.feature_misses)
     for repeat in range(args.repeats + 1):  # the first round is an untimed warm-up
         round_times: dict[str, float] = {}
-        for task in prompts:
+        for task in ("describe", "localise"):
             # a new study per task and round: its pre-read stores the prefix, its first
             # follow-up finds it; the control is the same follow-up of an unseen study
             study, whole, crop = f"1.2.826.0.1.{repeat}.{task}", image(), image()
             round_times["preread"] = ttft(preread(whole, study))
             round_times[f"{task}_first"] = ttft(followup(task, whole, crop, study))
+            if task == "describe":  # a second question on the same anchor (the same crop)
+                round_times["describe_second"] = ttft(
+                    followup("describe_again", whole, crop, study)
+                )
             control = followup(task, image(), crop, f"{study}.control")
             round_times[f"{task}_control"] = ttft(control)
             round_times[f"{task}_plain"] = ttft(followup(task, whole, crop, ""))
@@ -361,31 +391,50 @@ def _followup_cache(
             if repeat:
                 times["preread"].append(round_times["preread"])
                 times["preread_plain"].append(round_times["preread_plain"])
+        # the worker's path: the pre-read, the prefix of a describe on its finding (whole
+        # image + crop) prefilled right after it (as workers.preread does once the results
+        # are out), then the first describe
+        study, whole, crop = f"1.2.826.0.1.{repeat}.prefilled", image(), image()
+        ttft(preread(whole, study))
+        round_times["prefill_crop"] = prefill(study, whole, crop)
+        round_times["describe_prefilled"] = ttft(followup("describe", whole, crop, study))
         if repeat:
             for name in names[2:]:
                 times[name].append(round_times[name])
     medians = {f"{name}_ttft_s": float(np.median(values)) for name, values in times.items()}
+    medians["prefill_crop_s"] = medians.pop("prefill_crop_ttft_s")
+    counts = (cache.hits, cache.misses, cache.feature_hits, cache.feature_misses)
+    deltas = [now - before for now, before in zip(counts, counts_before, strict=True)]
     result: dict[str, Any] = {
         "repeats": args.repeats,
         **{name: round(value, 4) for name, value in medians.items()},
         "preread_over_plain": round(medians["preread_ttft_s"] / medians["preread_plain_ttft_s"], 3),
-        "cache_hits": engine.prefix_cache.hits - hits_before,
-        "cache_misses": engine.prefix_cache.misses - misses_before,
+        "cache_hits": deltas[0],
+        "cache_misses": deltas[1],
+        "crop_feature_hits": deltas[2],
+        "crop_feature_misses": deltas[3],
         "followup_text_tokens": {task: len(p[0]) + len(p[1]) for task, p in prompts.items()},
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
-    for task in prompts:
+    preread_s = medians["preread_ttft_s"]
+    for task in ("describe", "localise"):
         first = medians[f"{task}_first_ttft_s"]
-        result[f"{task}_first_over_preread"] = round(first / medians["preread_ttft_s"], 3)
+        result[f"{task}_first_over_preread"] = round(first / preread_s, 3)
         result[f"{task}_first_over_control"] = round(first / medians[f"{task}_control_ttft_s"], 3)
         result[f"{task}_first_over_plain"] = round(first / medians[f"{task}_plain_ttft_s"], 3)
+    control = medians["describe_control_ttft_s"]
+    for name in ("describe_second", "describe_prefilled"):
+        result[f"{name}_over_preread"] = round(medians[f"{name}_ttft_s"] / preread_s, 3)
+        result[f"{name}_over_control"] = round(medians[f"{name}_ttft_s"] / control, 3)
     return result
 
 
 def _followup_prompt(task: str) -> tuple[str, str]:
     """(system, prompt) of the project's describe or localise follow-up, cut to the length
     the real Gemma tokenizer would give it (the bench tokenizer spends one token a character).
+    ``describe_again``: the describe prompt of a second question on the same anchor (the
+    first question and its answer among the anchor's facts).
 
     The system text is not cut: it is the pre-read's (Gemma 3 puts it before the image), so
     the follow-up's prefix is the pre-read's.
@@ -395,6 +444,11 @@ def _followup_prompt(task: str) -> tuple[str, str]:
     if task == "localise":
         system, prompt = build_localise_prompt("right_hilum")
     else:
+        earlier = (
+            ("Q: Is the margin of A1 regular? A: A1 (nodule): margin smooth, shape round.",)
+            if task == "describe_again"
+            else ()
+        )
         facts = AnchorBrief(
             anchor_id="A1",
             label="nodule",
@@ -404,6 +458,7 @@ def _followup_prompt(task: str) -> tuple[str, str]:
             box_2d_whole=(200, 180, 260, 240),
             box_2d_crop=(400, 400, 600, 600),
             size_text="11 x 11 mm",
+            earlier=earlier,
         )
         system, prompt = build_describe_prompt(facts)
     real_tokens = round((len(system) + len(prompt)) / CHARS_PER_REAL_TOKEN)
@@ -415,14 +470,18 @@ def _print_followup(report: dict[str, Any]) -> None:
     print(f"model: {report['model']} on {report['device']} ({report['dtype']})")
     print(f"follow-up prefix cache, median time to first token of {result['repeats']} rounds:")
     for name, value in result.items():
-        if name.endswith("_ttft_s"):
-            print(f"  {name:28} {value:.4f}")
+        if name.endswith(("_ttft_s", "_crop_s")):
+            print(f"  {name:32} {value:.4f}")
     for name, value in result.items():
         if "_over_" in name:
-            print(f"  {name:28} {value:.3f}")
-    print(f"  cache hits/misses            {result['cache_hits']}/{result['cache_misses']}")
+            print(f"  {name:32} {value:.3f}")
+    print(f"  prefix cache hits/misses         {result['cache_hits']}/{result['cache_misses']}")
     print(
-        f"  load average before/after    {result['load_average_before']} / "
+        f"  crop features hits/misses        {result['crop_feature_hits']}/"
+        f"{result['crop_feature_misses']}"
+    )
+    print(
+        f"  load average before/after        {result['load_average_before']} / "
         f"{result['load_average_after']}"
     )
 
@@ -524,7 +583,7 @@ def _gpu_in_use_gb() -> float | None:
     return round((total - free) / 1e9, 2)
 
 
-def _preread_prompt(text_tokens: int) -> tuple[str, str]:
+def preread_prompt(text_tokens: int) -> tuple[str, str]:
     """(system, prompt) of about ``text_tokens`` tokens of the char-level bench tokenizer.
 
     The project's pre-read prompt, cut to the length the real Gemma tokenizer would give it,
@@ -540,7 +599,7 @@ def _preread_prompt(text_tokens: int) -> tuple[str, str]:
     return system, prompt[:budget]
 
 
-def _default_prompt_tokens() -> int:
+def default_prompt_tokens() -> int:
     """The estimated real-tokenizer length of the project's pre-read prompt."""
     try:
         from workers.prompts import build_preread_prompt
@@ -659,7 +718,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.new_tokens < 2 or args.repeats < 1 or min(args.batch) < 1:
         parser.error("--new-tokens must be >= 2, --repeats and every --batch >= 1")
     if args.prompt_tokens is None:
-        args.prompt_tokens = _default_prompt_tokens()
+        args.prompt_tokens = default_prompt_tokens()
     return args
 
 

@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu_preread import _default_prompt_tokens, _measure, _preread_prompt  # noqa: E402
+from bench.gpu_preread import default_prompt_tokens, measure_batch, preread_prompt  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # one thread by default: on a shared machine, a second thread waiting on a preempted
     # one makes timings swing; worker and peer run with the same setting
     torch.set_num_threads(args.threads)
-    system, prompt = _preread_prompt(_default_prompt_tokens())
+    system, prompt = preread_prompt(default_prompt_tokens())
     report: dict[str, Any] = {
         "what": "worker pre-read studies/hour at queue.max_batch B vs the engine alone",
         "model": "random-weight Gemma 3 (tiny), CPU: NOT MedGemma, NOT a GPU figure",
@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 worker = run_worker(files, batch, forced, work)
                 pairs.append((worker, replay(engine, list(forced.batches), args.new_tokens)))
             requests = next(b for b in forced.batches if len(b) == batch)
-            detail = _measure(engine, requests, args.new_tokens, args.repeats, torch)
+            detail = measure_batch(engine, requests, args.new_tokens, args.repeats, torch)
             row = summarise(batch, pairs, detail)
             report["results"].append(row)
             print(_line(row), flush=True)

@@ -235,18 +235,18 @@ def test_a_busy_engine_is_retried_and_the_question_stays_open_until_answered(
     assert answer is not None and answer.resource["status"] == "completed"
 
 
-class PrecomputingEngine(DemoEngine):
-    """The demo engine, keeping image work like the medgemma engine: it records what it
-    was given to encode ahead of time and what each request sent."""
+class PrefillingEngine(DemoEngine):
+    """The demo engine, keeping prefixes like the medgemma engine: it records the requests
+    it was asked to prefill and those it was asked to answer."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.precomputed: dict[str, set[str]] = {}
+        self.prefilled: list[EngineRequest] = []
         self.requests: list[EngineRequest] = []
 
-    def precompute_images(self, study_uid: str, images: Any) -> int:
-        made = [image_digest(image) for image in images()]
-        self.precomputed.setdefault(study_uid, set()).update(made)
+    def prefill(self, requests: Any) -> int:
+        made = list(requests())
+        self.prefilled.extend(made)
         return len(made)
 
     def generate(self, requests: list[EngineRequest]) -> list[str]:
@@ -254,22 +254,25 @@ class PrecomputingEngine(DemoEngine):
         return super().generate(requests)
 
 
-def test_the_pre_read_encodes_the_crops_a_describe_follow_up_sends(
+def test_the_pre_read_prefills_the_prefix_of_a_first_describe_follow_up(
     node: NodeRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = PrecomputingEngine()
+    engine = PrefillingEngine()
     monkeypatch.setattr("workers.preread.engine_for", lambda settings: engine)
     store, uid = ask_on_a_read_study(
-        node, tmp_path, 99, "q-precomputed", "Is the margin of A1 regular?"
+        node, tmp_path, 99, "q-prefilled", "Is the margin of A1 regular?"
     )
     study_now = node.ledger.get_study(uid)
     assert study_now is not None and study_now.result is not None
     # after the results are out (the study is done first)
-    wait_for(lambda: uid in engine.precomputed, 10, 0.05, "crops encoded after the pre-read")
-    assert len(engine.precomputed[uid]) == len(study_now.result.findings) > 0
+    wait_for(lambda: engine.prefilled, 10, 0.05, "follow-up prefixes prefilled")
+    assert len(engine.prefilled) == len(study_now.result.findings) > 0
     engine.requests.clear()
-    assert run_followup(node.settings, "q-precomputed", store, engine) == "answered"
-    (describe,) = engine.requests
-    # the crop of the anchor as stored in the ledger is pixel for pixel the one encoded
-    # right after the pre-read: the follow-up encodes no image
-    assert image_digest(describe.images[1]) in engine.precomputed[uid]
+    assert run_followup(node.settings, "q-prefilled", store, engine) == "answered"
+    (asked,) = engine.requests
+    # the anchor as stored in the ledger gives the request prefilled right after the
+    # pre-read: the same images pixel for pixel, system text and study (the engine's key)
+    prefilled = {image_digest(r.images[1]): r for r in engine.prefilled}
+    same = prefilled[image_digest(asked.images[1])]
+    assert image_digest(same.images[0]) == image_digest(asked.images[0])
+    assert (same.system, same.prompt, same.metadata) == (asked.system, asked.prompt, asked.metadata)

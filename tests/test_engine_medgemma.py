@@ -479,7 +479,7 @@ def test_a_second_question_on_the_same_crop_encodes_no_image(
     assert sum(encoded) == 2
 
 
-def test_crops_encoded_after_the_pre_read_are_not_encoded_by_the_first_follow_up(
+def test_a_prefilled_describe_follow_up_computes_only_its_text(
     engine: MedGemmaEngine, cached_engine: MedGemmaEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     whole, crops = radiograph(30), [radiograph(31), radiograph(32)]
@@ -488,22 +488,24 @@ def test_crops_encoded_after_the_pre_read_are_not_encoded_by_the_first_follow_up
         engine.generate([replace(r, metadata={})], generation_kwargs=FORCED) for r in followups
     ]
     cached_engine.generate([preread_request("1.2.3", whole)], generation_kwargs=FORCED)
-    assert cached_engine.precompute_images("1.2.3", lambda: crops) == 2
-    assert cached_engine.precompute_images("1.2.3", lambda: crops) == 0  # held already
+    # what workers.preread does once the study's results are out
+    assert cached_engine.prefill(lambda: followups) == 2
+    assert cached_engine.prefill(lambda: followups) == 0  # held already
+    cache = cached_engine.prefix_cache
+    stored = cache.stored
     encoded = count_encoded_images(cached_engine, monkeypatch)
     for request, expected in zip(followups, plain, strict=True):
         assert cached_engine.generate([request], generation_kwargs=FORCED) == expected
-    assert sum(encoded) == 0
-    cache = cached_engine.prefix_cache
-    assert (cache.feature_hits, cache.feature_misses) == (2, 0)
-    # the features go with their study when it is evicted (2 studies kept)
+    assert (sum(encoded), cache.stored) == (0, stored)  # no image, no prefix computed
+    # the prefixes and features go with their study when it is evicted (2 studies kept)
     for number in (4, 5):
         cached_engine.generate([preread_request(f"1.2.{number}", radiograph(40 + number))])
-    assert cached_engine.precompute_images("1.2.3", lambda: crops) == 2
+    assert cache.studies() == ["1.2.4", "1.2.5"]
+    assert cached_engine.prefill(lambda: followups) == 2
 
 
-def test_an_engine_without_its_cache_precomputes_nothing(engine: MedGemmaEngine) -> None:
-    def must_not_be_called() -> list[np.ndarray]:
-        raise AssertionError("crops made for an engine that keeps none")
+def test_an_engine_without_its_cache_prefills_nothing(engine: MedGemmaEngine) -> None:
+    def must_not_be_called() -> list[EngineRequest]:
+        raise AssertionError("requests made for an engine that keeps no prefix")
 
-    assert engine.precompute_images("1.2.3", must_not_be_called) == 0
+    assert engine.prefill(must_not_be_called) == 0

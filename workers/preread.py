@@ -637,21 +637,21 @@ def _run_batch(
             member.outcome = _publish(settings, ledger, owner, member, heartbeat)
         except Exception as exc:
             settle(member, exc)
-    for member in members:  # results are out: the crops follow-ups will send, encoded now
+    for member in members:  # results are out: the describe follow-ups' prefixes, now
         if member.outcome == "done" and member.prepared and member.result:
-            _precompute_crops(engine, member.key[0], member.prepared.image, member.result)
+            _prefill_followups(engine, member.key[0], member.prepared.image, member.result)
 
 
-def _precompute_crops(
+def _prefill_followups(
     engine: Engine, study_uid: str, image: DisplayImage, result: PrereadResult
 ) -> None:
-    """Hook for workers.dialogue.turn.precompute_crops; never fails the study (it is done)."""
-    from workers.dialogue.turn import precompute_crops
+    """Hook for workers.dialogue.turn.prefill_followups; never fails the study (it is done)."""
+    from workers.dialogue.turn import prefill_followups
 
     try:
-        precompute_crops(engine, study_uid, image, result)
+        prefill_followups(engine, study_uid, image, result)
     except Exception:
-        log.exception("study %s: crops for follow-ups not precomputed", study_uid)
+        log.exception("study %s: follow-up prefixes not prefilled", study_uid)
 
 
 def _settle(

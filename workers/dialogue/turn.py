@@ -48,7 +48,7 @@ from workers.engines.base import (
     EngineError,
     EngineRequest,
     TransientEngineError,
-    precompute_images,
+    prefill,
     prefix_metadata,
 )
 from workers.geometry import ROUND_FINDINGS, iou, measure, region_distance
@@ -59,9 +59,11 @@ __all__ = [
     "TurnFailed",
     "TurnInput",
     "TurnOutput",
+    "anchor_brief",
     "answer_turn",
     "describe_crop",
-    "precompute_crops",
+    "followup_request",
+    "prefill_followups",
 ]
 
 # A box the model returns on the crop replaces the anchor's outline only when it is
@@ -149,14 +151,7 @@ class _Turn:
 
     def ask(self, task: FollowupTask, images: tuple[Any, ...], system: str, prompt: str) -> str:
         started = time.monotonic()
-        # every request of a turn sends the whole frontal image first (then a crop)
-        request = EngineRequest(
-            images=images,
-            prompt=prompt,
-            system=system,
-            json_schema=FOLLOWUP_SCHEMAS[task],
-            metadata=prefix_metadata(self.inp.study_uid) if self.inp.study_uid else {},
-        )
+        request = followup_request(self.inp.study_uid, task, images, system, prompt)
         try:
             (text,) = self.inp.engine.generate([request])
         except TransientEngineError as exc:
@@ -173,20 +168,7 @@ class _Turn:
         earlier = tuple(
             f"Q: {t.question} A: {t.answer}" for t in self.inp.earlier if a.anchor_id in t.resolved
         )[-3:]
-        return AnchorBrief(
-            anchor_id=a.anchor_id,
-            label=a.label,
-            finding=a.finding,
-            site=a.site,
-            laterality=a.laterality,
-            box_2d_whole=_box4(whole_t.box_to_model(a.region.box)),
-            box_2d_crop=_box4(crop_transform.box_to_model(a.region.box))
-            if crop_transform
-            else None,
-            size_text=a.size_text,
-            attributes=dict(a.attributes),
-            earlier=earlier,
-        )
+        return anchor_brief(a, whole_t, crop_transform, earlier)
 
     # --- anchors ---------------------------------------------------------------------
 
@@ -323,24 +305,68 @@ class _Turn:
         return head + signs.render_checklist(checklist, self.lang)
 
 
+def followup_request(
+    study_uid: str, task: FollowupTask, images: tuple[Any, ...], system: str, prompt: str
+) -> EngineRequest:
+    """The engine request of one follow-up task; every one sends the study's whole frontal
+    image first (then a crop), named as the study's prefix so an engine may reuse it."""
+    return EngineRequest(
+        images=images,
+        prompt=prompt,
+        system=system,
+        json_schema=FOLLOWUP_SCHEMAS[task],
+        metadata=prefix_metadata(study_uid) if study_uid else {},
+    )
+
+
+def anchor_brief(
+    a: Anchor,
+    whole_transform: SquareTransform,
+    crop_transform: SquareTransform | None,
+    earlier: tuple[str, ...] = (),
+) -> AnchorBrief:
+    """What a follow-up prompt states about an anchor (its boxes in the images sent)."""
+    return AnchorBrief(
+        anchor_id=a.anchor_id,
+        label=a.label,
+        finding=a.finding,
+        site=a.site,
+        laterality=a.laterality,
+        box_2d_whole=_box4(whole_transform.box_to_model(a.region.box)),
+        box_2d_crop=_box4(crop_transform.box_to_model(a.region.box)) if crop_transform else None,
+        size_text=a.size_text,
+        attributes=dict(a.attributes),
+        earlier=earlier,
+    )
+
+
 def describe_crop(image: DisplayImage, anchor: Anchor) -> tuple[Any, SquareTransform]:
     """The crop a describe turn sends for ``anchor`` (the second image), with its transform."""
     return crop_source(image, anchor.region.box)
 
 
-def precompute_crops(
+def prefill_followups(
     engine: Engine, study_uid: str, image: DisplayImage, result: PrereadResult
 ) -> int:
-    """Let the engine encode the describe crops of a study's findings now (after the
-    pre-read, before any question), so that a describe follow-up on one of them encodes
-    no image; returns how many crops it encoded (0 for an engine that keeps nothing).
-    ``image``: the frontal image the anchors are drawn on, as displayed."""
+    """Let the engine compute now (after the pre-read, before any question) the prefixes
+    of the first describe follow-up on each of the study's findings (its whole image and
+    the finding's crop), so that question computes only its text; returns how many it
+    computed (0 for an engine that keeps nothing). ``image``: the frontal image the
+    anchors are drawn on, as displayed."""
     findings = [a for a in result.anchors if a.kind == "finding"]
     if not findings or not study_uid:
         return 0
-    return precompute_images(
-        engine, study_uid, lambda: [describe_crop(image, a)[0] for a in findings]
-    )
+
+    def requests() -> list[EngineRequest]:
+        whole, whole_t = to_model_image(image)
+        made = []
+        for a in findings:
+            crop, crop_t = describe_crop(image, a)
+            system, prompt = build_describe_prompt(anchor_brief(a, whole_t, crop_t))
+            made.append(followup_request(study_uid, "describe", (whole, crop), system, prompt))
+        return made
+
+    return prefill(engine, requests)
 
 
 def _box4(box: Sequence[int]) -> tuple[int, int, int, int]:

@@ -73,16 +73,15 @@ def held_studies(engine: object) -> list[str]:
     return list(held()) if callable(held) else []
 
 
-def precompute_images(
-    engine: object, study_uid: str, images: Callable[[], Sequence[npt.NDArray[np.uint8]]]
-) -> int:
-    """Let ``engine`` encode, ahead of time, images that later requests of ``study_uid``
-    will send after the study's whole image (its anchors' crops), so that those requests
-    encode none; returns how many it encoded. ``images`` makes them, called only when the
-    engine keeps such work: 0 for one that keeps none in this process (the demo engine;
-    vLLM, whose encoder cache is in the server; medgemma with its prefix cache off)."""
-    precompute = getattr(engine, "precompute_images", None)
-    return int(precompute(study_uid, images)) if callable(precompute) else 0
+def prefill(engine: object, requests: Callable[[], Sequence[EngineRequest]]) -> int:
+    """Let ``engine`` compute now, without generating, the prefixes of requests that will
+    come later (a study's describe follow-ups: its whole image and an anchor's crop), so
+    that those requests compute only their text; returns how many prefixes it computed.
+    ``requests`` makes them, called only when the engine keeps such work: 0 for one that
+    keeps none in this process (the demo engine; vLLM, whose caches are in the server;
+    medgemma with its prefix cache off)."""
+    fill = getattr(engine, "prefill", None)
+    return int(fill(requests)) if callable(fill) else 0
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,8 @@ class PrefixCache:
     also hold later images (the whole image and an anchor's crop), and the vision
     features of up to ``images_per_study`` later images (each the most recently used).
     ``hits``/``misses`` count lookups that found a prefix (of any depth) or none;
-    ``feature_hits``/``feature_misses`` count later images taken from the cache or encoded.
+    ``feature_hits``/``feature_misses`` count later images taken from the cache or encoded,
+    ``stored`` the prefixes computed and stored.
     Not thread-safe: the engine's lock guards it.
     """
 
@@ -157,6 +158,7 @@ class PrefixCache:
         self.misses = 0
         self.feature_hits = 0
         self.feature_misses = 0
+        self.stored = 0
         self._studies: OrderedDict[str, _StudyEntries] = OrderedDict()
 
     @property
@@ -191,6 +193,7 @@ class PrefixCache:
             return
         entries = self._entries(study)
         entries.prefixes[prefix] = cache
+        self.stored += 1
         entries.prefixes.move_to_end(prefix)
         deep = len(prefix[1]) > 1
         bound = self.deep_per_study if deep else self.per_study
@@ -378,6 +381,22 @@ class MedGemmaEngine:
         (computed and stored on a miss), the rows' caches stacked into one batch; None
         when the prompts do not split that way (pan-and-scan crops, no image, rows of
         different lengths or image counts): the caller then runs them in full."""
+        caches = self._prefixes(requests, inputs)
+        if caches is None:
+            return None
+        return self.model.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            token_type_ids=inputs["token_type_ids"],
+            cache=stacked_cache(caches),
+            **options,
+        )
+
+    def _prefixes(self, requests: Sequence[EngineRequest], inputs: Any) -> list[Any] | None:
+        """Each request's KV cache of its prompt up to the end of its last image: the
+        deepest prefix its study holds, extended image by image (each level stored; a
+        later image's vision features from the study's cache when held); None when the
+        prompts do not split that way."""
         ids = inputs["input_ids"]
         rows: list[list[int]] = ids.tolist()
         pixel_values = inputs.get("pixel_values")
@@ -428,13 +447,7 @@ class MedGemmaEngine:
                 ).cache
                 self.prefix_cache.put(study, keys[later], cache)
             caches.append(cache)
-        return self.model.generate(
-            input_ids=ids,
-            attention_mask=inputs["attention_mask"],
-            token_type_ids=inputs["token_type_ids"],
-            cache=stacked_cache(caches),
-            **options,
-        )
+        return caches
 
     def _features(self, study: str, digest: str, pixel_values: Any) -> Any:
         """The vision features of one image (``pixel_values`` of shape (1, 3, S, S)) from
@@ -448,39 +461,32 @@ class MedGemmaEngine:
             self.prefix_cache.put_features(study, digest, features)
         return BaseModelOutputWithPooling(pooler_output=features)
 
-    def precompute_images(
-        self, study_uid: str, images: Callable[[], Sequence[npt.NDArray[np.uint8]]]
-    ) -> int:
-        """Encode images that later requests of ``study_uid`` will send after its whole
-        image (the crops of its anchors; ``images`` makes them, called only when the cache
-        is on) and keep their vision features with the study's prefixes, so that those
-        requests encode no image. Returns how many were encoded (0 when the cache is off
-        or all were held); at most ``images_per_study``, in one batch."""
-        if not self.prefix_cache.enabled or not study_uid:
+    def prefill(self, requests: Callable[[], Sequence[EngineRequest]]) -> int:
+        """Compute and keep, without generating, the prefixes of requests that will come
+        later (a study's describe follow-ups: whole image and an anchor's crop, so the
+        first question about the anchor computes only its text). ``requests`` makes them,
+        called only when the cache is on; only those naming their study
+        (``prefix_metadata``) count, at most ``deep_per_study`` of a study. Returns how
+        many requests had a prefix computed (0 when all were held already)."""
+        if not self.prefix_cache.enabled:
             return 0
         import torch
 
-        made = list(images())[: self.prefix_cache.images_per_study]
-        with self._lock:
-            missing: dict[str, npt.NDArray[np.uint8]] = {}
-            for index, image in enumerate(made):
-                _to_pil(image, index)  # the same checks as a request's images
-                digest = image_digest(image)
-                if not self.prefix_cache.has_features(study_uid, digest):
-                    missing.setdefault(digest, image)
-            if not missing:
-                return 0
-            pixels = self.processor.image_processor(
-                images=[_to_pil(image, n) for n, image in enumerate(missing.values())],
-                return_tensors="pt",
-            )["pixel_values"].to(self.device, dtype=self.dtype)
-            with torch.inference_mode():
-                encoded = self.model.get_image_features(pixel_values=pixels, return_dict=True)
-            for row, digest in enumerate(missing):
-                self.prefix_cache.put_features(
-                    study_uid, digest, encoded.pooler_output[row : row + 1].clone()
-                )
-            return len(missing)
+        chosen: list[EngineRequest] = []
+        per_study: dict[str, int] = {}
+        for request in requests():
+            if shares_prefix(request):
+                study = request.metadata["study_uid"]
+                per_study[study] = per_study.get(study, 0) + 1
+                if per_study[study] <= self.prefix_cache.deep_per_study:
+                    chosen.append(request)
+        computed = 0
+        with self._lock, torch.inference_mode():
+            for request in chosen:  # one at a time: rows need not tokenise alike
+                stored = self.prefix_cache.stored
+                self._prefixes([request], self.prepare([request]))
+                computed += self.prefix_cache.stored > stored
+        return computed
 
     def _warm_up(self) -> None:
         """One tiny generation so that the first study does not pay for lazy initialisation."""
