@@ -81,7 +81,7 @@ from node.netlimits import (
     limit_connection,
     peer_text,
 )
-from node.pynetdicom_io import read_in_large_chunks
+from node.pynetdicom_io import decode_without_copies, read_in_large_chunks
 from node.settings import DicomSettings, TlsSettings
 from node.spool import (
     DISK_FULL,
@@ -320,8 +320,10 @@ def _end_unassociated_connection(event: evt.Event) -> None:
 
 
 def _read_large_chunks(event: evt.Event) -> None:
-    """A new connection reads its PDUs in large chunks (node.pynetdicom_io)."""
+    """A new connection reads its PDUs in large chunks and decodes its P-DATA PDUs
+    without copying their values (node.pynetdicom_io)."""
     read_in_large_chunks(event.assoc)
+    decode_without_copies(event.assoc)
 
 
 def _failure(status: StoreStatus, comment: str) -> Dataset:

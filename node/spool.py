@@ -158,7 +158,7 @@ class ReceivingFile:
     def closed(self) -> bool:
         return self._file is None or self._file.closed
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         """Write ``data``; after a failure, drop it. Returns ``len(data)`` either way."""
         if self._file is not None and self.error is None:
             try:

@@ -11,11 +11,16 @@ from typing import Any
 
 import pynetdicom
 import pytest
+from pynetdicom import AE, dul, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from node.netlimits import PeerSocket
-from node.pynetdicom_io import CHECKED_PYNETDICOM, RECV_CHUNK
+from node.pynetdicom_io import CHECKED_PYNETDICOM, RECV_CHUNK, decode_without_copies
 from node.runtime import NodeRuntime
 from node.synthetic import make_chest_radiograph, write_study
 from tests.conftest import storescu
@@ -38,6 +43,67 @@ def test_what_the_replacement_relies_on_is_still_there() -> None:
     assert handle.index("_create_association()") < handle.index("EVT_CONN_OPEN")
     assert handle.index("EVT_CONN_OPEN") < handle.index("assoc.start()")
     assert "assoc.set_socket(sock)" in inspect.getsource(RequestHandler._create_association)
+    # the DUL decodes each PDU it read through self._decode_pdu, in its own thread, and
+    # never touches the bytestream again; P-DATA-TF is PDU type 4, event Evt10
+    assert "self._decode_pdu(bytestream)" in reader
+    assert reader.index("self._decode_pdu(bytestream)") > reader.index("recv(pdu_length)")
+    assert dul._PDU_TYPES[b"\x04"] == (P_DATA_TF, "Evt10")
+    decoder = inspect.getsource(DULServiceProvider._decode_pdu)
+    assert "EVT_DATA_RECV" in decoder and "EVT_PDU_RECV" in decoder
+    # the DIMSE layer reads a value's control header as data[0] and the rest as data[1:]
+    dimse = inspect.getsource(DIMSEMessage.decode_msg)
+    assert "data[0]" in dimse and "write(data[1:])" in dimse
+
+
+def _p_data_tf(*values: tuple[int, bytes]) -> bytes:
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[cx, value] for cx, value in values]  # type: ignore[misc]
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def test_p_data_values_are_views_of_the_pdu_and_equal_to_pynetdicoms_decoding() -> None:
+    assoc = Association(AE(), "acceptor")
+    decode_without_copies(assoc)
+    encoded = _p_data_tf((1, b"\x00" + bytes(range(256)) * 40), (3, b"\x03command"), (5, b"\x02"))
+    pdu, event = assoc.dul._decode_pdu(bytearray(encoded))
+    theirs, their_event = DULServiceProvider._decode_pdu(assoc.dul, bytearray(encoded))
+    assert (event, pdu) == (their_event, theirs)
+    assert isinstance(pdu, P_DATA_TF) and isinstance(theirs, P_DATA_TF)
+    values = pdu.to_primitive().presentation_data_value_list
+    assert values == theirs.to_primitive().presentation_data_value_list
+    assert all(isinstance(value, memoryview) for _, value in values)
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        pytest.param(lambda pdu: pdu[:-1], id="value shorter than its length"),
+        pytest.param(lambda pdu: pdu + b"\x00\x00", id="item header cut"),
+        pytest.param(lambda pdu: pdu[:6] + b"\x00\x00\x00\x00\x01", id="zero-length item"),
+    ],
+)
+def test_a_malformed_p_data_pdu_is_refused_as_pynetdicom_refuses_it(cut: Any) -> None:
+    assoc = Association(AE(), "acceptor")
+    decode_without_copies(assoc)
+    malformed = bytearray(cut(_p_data_tf((1, b"\x02data"))))
+    with pytest.raises(Exception):  # noqa: B017 (any exception: the DUL makes it Evt19)
+        DULServiceProvider._decode_pdu(assoc.dul, bytearray(malformed))
+    with pytest.raises(ValueError):
+        assoc.dul._decode_pdu(malformed)
+
+
+def test_a_bound_data_recv_handler_still_gets_every_pdu_as_bytes() -> None:
+    seen: list[bytes] = []
+    assoc = Association(AE(), "acceptor")
+    assoc.bind(evt.EVT_DATA_RECV, lambda event: seen.append(event.data))
+    decode_without_copies(assoc)
+    encoded = _p_data_tf((1, b"\x02data"))
+    pdu, event = assoc.dul._decode_pdu(bytearray(encoded))
+    assert seen == [encoded] and event == "Evt10"
+    assert isinstance(pdu, P_DATA_TF)
+    assert pdu.presentation_data_value_items[0].presentation_data_value == b"\x02data"
 
 
 def test_a_large_dataset_is_read_in_large_chunks_through_the_limited_socket(
