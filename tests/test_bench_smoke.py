@@ -105,3 +105,38 @@ def test_node_memory_measures_both_receivers_with_every_file(tmp_path: Path) -> 
     for measure in ("peak_rss_mib", "median_rss_mib", "peak_pss_mib", "median_pss_mib"):
         expected = report["summary"]["ours"][measure] / report["summary"]["storescp"][measure]
         assert ratio[measure] == pytest.approx(expected, rel=0.01, abs=0.01)
+
+
+def test_gpu_preread_followup_cache_reports_every_follow_up_against_its_control(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    out = tmp_path / "followup_cache.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu_preread.py"),
+            "--tiny",
+            "--followup-cache",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads(out.read_text(encoding="utf-8"))["followup_cache"]
+    for name in ("describe_first", "describe_second", "describe_prefilled", "localise_first"):
+        assert result[f"{name}_over_preread"] > 0
+        assert result[f"{name}_over_control"] > 0
+        assert f"{name}_over_preread" in completed.stdout
+    assert result["prefill_crop_s"] > 0
+    # per round (warm-up included): the three pre-reads and two controls miss; the first
+    # follow-ups, the second describe, the prefill and the prefilled describe hit
+    assert (result["cache_hits"], result["cache_misses"]) == (10, 10)
