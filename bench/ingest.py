@@ -236,10 +236,11 @@ class OurScp(Receiver):
     name = "ours"
     ae_title = OUR_AE
 
-    def __init__(self, receiver_processes: int = 1) -> None:
+    def __init__(self, receiver_processes: int = 1, name: str = "ours") -> None:
         self.proc: ServerProcess | None = None
         self.data_dir: Path | None = None
         self.receiver_processes = receiver_processes  # dicom.receiver_processes
+        self.name = name  # "ours", or "ours-pN" for a further --receiver-processes value
 
     def start(self, run_dir: Path, log: Path) -> int:
         port = free_port()
@@ -514,11 +515,18 @@ def summarise(results: list[RunResult], data: dict[str, DataSet]) -> list[Summar
         group = [r for r in results if r.syntax == syntax and r.associations == assoc]
         ours = [r for r in group if r.receiver == "ours"]
         peer = [r for r in group if r.receiver == "storescp"]
+        # further --receiver-processes values (ours-pN): their ratio is ours/ours-pN
+        more = sorted({r.receiver for r in group} - {"ours", "storescp"})
         ds = data[syntax]
         n = len(ds.files)
         ours_s = statistics.median(r.seconds for r in ours)
         variants = (
             ("ours", ours, [r.seconds for r in ours]),
+            *(
+                (m, runs, [r.seconds for r in runs])
+                for m in more
+                for runs in [[r for r in group if r.receiver == m]]
+            ),
             ("storescp", peer, [r.seconds for r in peer]),
             ("storescp+sync", peer, [r.seconds + (r.sync_seconds or 0.0) for r in peer]),
         )
@@ -611,11 +619,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--receiver-processes",
         type=int,
-        default=1,
-        help="ours: dicom.receiver_processes (default 1: one process receives)",
+        nargs="+",
+        default=[1],
+        help="ours: dicom.receiver_processes (default 1: one process receives); further "
+        "values add receivers ours-pN, run in the same alternation (e.g. 2 1: ours with 2, "
+        "ours-p1 with 1, ratio ours/ours-p1)",
     )
     args = parser.parse_args(argv)
-    if args.receiver_processes < 1:
+    if min(args.receiver_processes) < 1:
         parser.error("--receiver-processes must be at least 1")
     if args.count < 1 or args.repeat < 1 or min(args.associations) < 1:
         parser.error("--count, --repeat and --associations must be at least 1")
@@ -639,8 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     storescp_args = args.storescp_args.split()
     env = dcmtk_environment(args.dcmtk_nagle)
+    first, *more = args.receiver_processes
     receivers: list[Receiver] = [
-        OurScp(args.receiver_processes),
+        OurScp(first),
+        *(OurScp(n, name=f"ours-p{n}") for n in more),
         DcmtkStorescp(storescp_args, env),
     ]
     results: list[RunResult] = []
@@ -674,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(render(rows))
     print(
-        f"\nours: {args.receiver_processes} receiving process(es) (dicom.receiver_processes), "
+        f"\nours: {first} receiving process(es) (dicom.receiver_processes; ours-pN: N), "
         "chunked receive, SHA-256, fsync of file + directory and a committed SQLite "
         "row\n      (synchronous=FULL) before each C-STORE response. storescp: writes the "
         "file, no fsync.\nstorescp+sync: the storescp run plus os.sync() after the last "
