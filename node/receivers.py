@@ -219,7 +219,7 @@ def _receiver_main(
 def receiver_dicom(dicom: DicomSettings, port: int | None = None) -> DicomSettings:
     """A receiver's DICOM settings: its share of ``dicom.max_associations``; ``port``: the
     one the parent listens on (for the receiver's log lines)."""
-    share = max(1, math.ceil(dicom.max_associations / dicom.receiver_processes))
+    share = max(1, math.ceil(dicom.max_associations / dicom.receiving_processes))
     update: dict[str, Any] = {"max_associations": share}
     if port is not None:
         update["port"] = port
@@ -249,7 +249,7 @@ class ReceiverPool:
     ) -> None:
         self.settings = settings
         self.on_release = on_release
-        self.processes = settings.dicom.receiver_processes
+        self.processes = settings.dicom.receiving_processes
         self._context = multiprocessing.get_context("spawn")
         self._cells: Any = self._context.RawArray("q", self.processes * _COUNTER_CELLS)
         self._log_queue: Any = None

@@ -80,7 +80,7 @@ class NodeRuntime:
         # dicom.receiver_processes > 1: this process listens and hands each connection to
         # one of several receiving processes (node.receivers); self.scp is not started then
         self.receivers: ReceiverPool | None = None
-        if settings.dicom.receiver_processes > 1:
+        if settings.dicom.receiving_processes > 1:
             self.receivers = ReceiverPool(settings, on_release=self.coordinator.complete_on_release)
         self._counted = self.receivers if self.receivers is not None else self.scp
         track_scp(self._counted)  # C-STORE outcomes in this process's /metrics

@@ -66,9 +66,10 @@ class DicomSettings(Section):
     allowed_hosts: list[str] = Field(default_factory=list)  # IP addresses; empty = any host
     max_associations: int = Field(default=16, ge=1)
     max_associations_per_host: int = Field(default=8, ge=1)  # open connections per IP address
-    # processes that receive C-STORE (node.receivers); 1: the node's own process. More use
-    # more cores when several associations arrive at once; each takes max_associations / N
-    receiver_processes: int = Field(default=1, ge=1, le=64)
+    # processes that receive C-STORE (node.receivers); 1: the node's own process; 0: one per
+    # CPU core. More use more cores when several associations arrive at once; each takes
+    # max_associations / N
+    receiver_processes: int = Field(default=1, ge=0, le=64)
     # also: a connection's A-ASSOCIATE-RQ must be complete this long after it opened
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = 60.0
@@ -96,6 +97,13 @@ class DicomSettings(Section):
     @classmethod
     def _callers(cls, v: list[str]) -> list[str]:
         return [_check_ae_title(a.strip(), "dicom.allowed_callers entry") for a in v]
+
+    @property
+    def receiving_processes(self) -> int:
+        """``receiver_processes`` with 0 resolved to the CPU cores this process may use."""
+        if self.receiver_processes:
+            return self.receiver_processes
+        return max(1, min(64, len(os.sched_getaffinity(0))))
 
 
 class StorageSettings(Section):

@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from node.ledger import Instance
 from node.metrics import ScpCollector
+from node.receivers import receiver_dicom
 from node.runtime import NodeRuntime
 from node.scp import StoreStatus
 from node.synthetic import make_chest_radiograph, write_study
@@ -225,3 +226,13 @@ def test_tls_through_a_receiver(start_node: Callable[..., NodeRuntime], tmp_path
     plain.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
     plain.acse_timeout = plain.network_timeout = 5
     assert not plain.associate("127.0.0.1", node.dicom_port, ae_title="MEDGEMMA").is_established
+
+
+def test_zero_means_one_receiver_per_core_and_the_association_cap_is_shared(
+    tmp_path: Path,
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    dicom = make_settings(tmp_path, dicom={"receiver_processes": 0}).dicom
+    assert dicom.receiving_processes == cores
+    three = make_settings(tmp_path, dicom={"receiver_processes": 3, "max_associations": 16})
+    assert receiver_dicom(three.dicom).max_associations == 6  # 3 x 6 >= 16
