@@ -17,22 +17,28 @@ in the text even when the tokenizer marks them special, so that the output parse
 strip the trace. This is done on token ids (``decode_new_tokens``), not by editing the text.
 
 Follow-up prefix cache: a request whose ``metadata`` names its study (``study_uid``) and
-says that its first image is the shared prefix (``prefix_images="1"``) runs in two steps:
-the prompt tokens up to the end of the first image (system text included: Gemma 3 folds it
-in front of the image) are looked up in a per-study KV cache, computed once on a miss, and
-generation continues from a deep copy of that cache with the full input ids; only the other
-images are encoded. Gemma 3 takes pixel values only in the first forward pass, so the cached
-prefix holds the whole image. The match is made on the prefix's token ids AND a SHA-256 of the
-first image's pixels (image placeholder tokens are the same for every image): a request whose
-prefix differs from every cached prefix of its study (another image, another system text)
-computes its own. The pre-read and the follow-ups send the same system text
-(``workers.prompts.READER_SYSTEM``), so the first follow-up after a pre-read already hits
-the prefix the pre-read stored. At most ``prefix_cache_studies`` studies are kept (least
-recently used evicted, ``PREFIXES_PER_STUDY`` prefixes each); 0 turns the cache off. A
-batch of such requests (the pre-reads of a worker batch) runs the same way, its rows'
-prefix caches stacked into one, when its prompts tokenise to equal lengths (the same text
-and image count); otherwise it runs in full and stores nothing. Greedy output is the same
-with and without the cache.
+says that its first image is the shared prefix (``prefix_images="1"``) runs from a KV cache
+of its prompt up to the end of its last image: the deepest prefix its study holds (up to
+the end of the whole image, or further: whole image + an anchor's crop) is extended image
+by image, each level stored, and generation continues from a deep copy of it with the full
+input ids, computing only the text after the images. Gemma 3 takes pixel values only in
+the first forward pass, so a cached prefix holds its images; a later image's vision
+features come from the study's feature cache when held (keyed by a SHA-256 of its pixels).
+A prefix is matched on its token ids AND the SHA-256 of each of its images' pixels (image
+placeholder tokens are the same for every image), so a request whose prefix differs (another
+image, another system text) computes its own. The pre-read and the follow-ups send the same
+system text (``workers.prompts.READER_SYSTEM``), so the first follow-up after a pre-read
+hits the prefix the pre-read stored; a second question on the same anchor (the same crop)
+hits the prefix that ends with the crop. ``prefill`` computes the prefixes of requests that
+will come (the worker prefills each finding's describe prefix once a pre-read's results are
+out), so even the first describe computes only its text. At most ``prefix_cache_studies``
+studies are kept (least recently used evicted, with everything they hold; per study
+``PREFIXES_PER_STUDY`` whole-image prefixes, ``DEEP_PREFIXES_PER_STUDY`` longer ones and
+``IMAGES_PER_STUDY`` images' features); 0 turns the cache off. A batch of such requests (the
+pre-reads of a worker batch) runs the same way, its rows' caches stacked into one, when its
+prompts tokenise to equal lengths (the same text and image count); otherwise it runs in full
+and stores nothing. Greedy output is the same with and without the cache (float32; bfloat16
+on a GPU may differ in the last bits, as batching does).
 """
 
 from __future__ import annotations
