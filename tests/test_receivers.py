@@ -20,6 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
+from bench.nodeproc import ServerProcess, dicom_echo
 from node.ledger import Instance
 from node.metrics import ScpCollector
 from node.receivers import receiver_dicom
@@ -27,7 +28,7 @@ from node.runtime import NodeRuntime
 from node.scp import StoreStatus
 from node.synthetic import make_chest_radiograph, write_study
 from tests.conftest import make_settings, storescu, wait_for_state
-from tests.peers import dcmtk, wait_for
+from tests.peers import dcmtk, free_port, wait_for
 
 SMALL = {"rows": 128, "cols": 104}
 
@@ -236,3 +237,61 @@ def test_zero_means_one_receiver_per_core_and_the_association_cap_is_shared(
     assert dicom.receiving_processes == cores
     three = make_settings(tmp_path, dicom={"receiver_processes": 3, "max_associations": 16})
     assert receiver_dicom(three.dicom).max_associations == 6  # 3 x 6 >= 16
+
+
+def receiver_pids(parent: int) -> list[int]:
+    """The receiving processes of a node process (spawned interpreters, its children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z"
+    except OSError:
+        return True
+
+
+def test_serve_with_receivers_stops_them_and_they_outlive_no_parent(
+    node_process: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    def serve(name: str) -> tuple[ServerProcess, int]:
+        port = free_port()
+        env = {
+            "MEDGEMMA_NODE_DICOM__PORT": str(port),
+            "MEDGEMMA_NODE_DICOM__BIND_ADDRESS": "127.0.0.1",
+            "MEDGEMMA_NODE_DICOM__RECEIVER_PROCESSES": "2",
+            "MEDGEMMA_NODE_API__HOST": "127.0.0.1",
+            "MEDGEMMA_NODE_API__PORT": str(free_port()),
+            "MEDGEMMA_NODE_STORAGE__DATA_DIR": str(tmp_path / name),
+            "MEDGEMMA_NODE_STORAGE__MIN_FREE_MB": "0",
+            "MEDGEMMA_NODE_ENGINE__NAME": "demo",
+        }
+        proc = node_process(["serve"], env=env, ready=lambda p: dicom_echo(port), what=name)
+        return proc, port
+
+    (path,) = write_study(tmp_path / "in", [make_chest_radiograph(seed=5, **SMALL)])
+    # SIGTERM (what the operator's service manager sends): the node and its receivers end
+    first, port = serve("term")
+    receivers = receiver_pids(first.pid)
+    assert len(receivers) == 2
+    assert storescu(port, path).returncode == 0
+    assert "2 receiving processes" in first.output()
+    assert first.stop() == 0
+    assert all(gone(pid) for pid in receivers)
+    # the node process killed outright: its receivers notice and end by themselves
+    second, port = serve("kill")
+    receivers = receiver_pids(second.pid)
+    assert len(receivers) == 2
+    os.kill(second.pid, signal.SIGKILL)
+    wait_for(lambda: all(gone(pid) for pid in receivers), 30, 0.1, "receivers ended")
