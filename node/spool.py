@@ -18,10 +18,12 @@ import ctypes
 import errno
 import hashlib
 import os
+import queue
 import re
 import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,56 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     durability still comes from the fsync, which then has less left to write."""
     if _sync_range is not None:
         _sync_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
+
+
+#: A file being received hands what it wrote to the hashing thread in batches of this many
+#: bytes; at most _HASH_QUEUE batches wait there (then the receiving thread waits).
+HASH_BATCH_BYTES = 1 << 20
+_HASH_QUEUE = 32
+
+
+class _HashingThread:
+    """One daemon thread that feeds queued chunks to their SHA-256 objects, in the order
+    they were queued, so the receiving threads do not hash (``hashlib`` releases the GIL
+    while it hashes: on another core, hashing overlaps receiving). Started on first use,
+    and again in a forked child (threads do not survive a fork)."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[Any, list[Any] | threading.Event]] = queue.Queue(_HASH_QUEUE)
+        self._thread: threading.Thread | None = None
+
+    def submit(self, sha256: Any, chunks: list[Any]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._queue,), name="medgemma-hash", daemon=True
+                )
+                self._thread.start()
+        self._queue.put((sha256, chunks))
+
+    def wait(self) -> None:
+        """Return once every chunk submitted before this call is hashed."""
+        done = threading.Event()
+        self._queue.put((None, done))
+        done.wait()
+
+    @staticmethod
+    def _run(work: queue.Queue[tuple[Any, list[Any] | threading.Event]]) -> None:
+        while True:
+            sha256, chunks = work.get()
+            if isinstance(chunks, threading.Event):
+                chunks.set()
+                continue
+            for chunk in chunks:
+                sha256.update(chunk)
+
+
+_hashing = _HashingThread()
 
 
 class SpoolError(Exception):
@@ -125,7 +177,11 @@ class ReceivingFile:
 
     The SHA-256 of what is written is computed as it is written (:meth:`digest`), so the
     stored file is not read a second time to hash it: every byte of the file passes through
-    :meth:`write`, in order, and nothing else writes to it.
+    :meth:`write`, in order, and nothing else writes to it. The hashing itself runs in the
+    process's hashing thread (:class:`_HashingThread`), in batches of
+    :data:`HASH_BATCH_BYTES`, off the receiving thread; a file smaller than one batch is
+    hashed in :meth:`digest`. What is written must not change afterwards (pynetdicom hands
+    over bytes, or views of a PDU it never touches again).
 
     A failing write (disk full: ENOSPC, EDQUOT; any OSError, creating the file too) does not
     stop the transfer: the first error is kept in :attr:`error`, the partial file is deleted
@@ -139,6 +195,9 @@ class ReceivingFile:
         self._file: BinaryIO | None = None
         self._sha256 = hashlib.sha256()
         self._size = 0
+        self._unhashed: list[bytes | memoryview] = []  # written, not yet handed to hashing
+        self._unhashed_bytes = 0
+        self._handed_over = False  # whether the hashing thread has had any of this file
         self._written_back = 0  # bytes handed to start_writeback so far
         try:
             fd, name = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=directory)
@@ -166,7 +225,10 @@ class ReceivingFile:
             except OSError as exc:
                 self._fail(exc)
             else:
-                self._sha256.update(data)
+                self._unhashed.append(data)
+                self._unhashed_bytes += len(data)
+                if self._unhashed_bytes >= HASH_BATCH_BYTES:
+                    self._hand_over()
                 self._size += len(data)
                 if self._size - self._written_back >= WRITEBACK_BYTES:
                     self._write_back()
@@ -182,11 +244,26 @@ class ReceivingFile:
         start_writeback(self._file.fileno(), self._written_back, self._size - self._written_back)
         self._written_back = self._size
 
+    def _hand_over(self) -> None:
+        _hashing.submit(self._sha256, self._unhashed)
+        self._unhashed = []
+        self._unhashed_bytes = 0
+        self._handed_over = True
+
     def digest(self) -> tuple[str, int] | None:
         """(SHA-256 hex digest, size in bytes) of everything written so far, or None after
         a failed write (the file is gone)."""
         if self.error is not None or self._file is None:
             return None
+        if self._handed_over:
+            if self._unhashed:
+                self._hand_over()
+            _hashing.wait()
+        else:
+            for chunk in self._unhashed:
+                self._sha256.update(chunk)
+            self._unhashed = []
+            self._unhashed_bytes = 0
         return self._sha256.hexdigest(), self._size
 
     def flush(self) -> None:
@@ -205,6 +282,7 @@ class ReceivingFile:
 
     def _fail(self, exc: OSError) -> None:
         self.error = exc
+        self._unhashed = []  # no digest after a failure
         if self._file is not None:
             try:
                 self._file.close()  # the buffered bytes fail to flush again; the fd is closed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import resource
 import signal
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from node.spool import ReceivingFile
+from node.spool import HASH_BATCH_BYTES, ReceivingFile
 
 LIMIT = 64 << 10
 
@@ -85,3 +86,47 @@ def test_a_file_that_cannot_be_created_is_an_error_not_an_exception(tmp_path: Pa
     assert receiving.write(b"z" * 10) == 10
     receiving.close()
     assert not Path(receiving.name).exists() and not missing.exists()
+
+
+def _write_in_batches(receiving: ReceivingFile, seed: int, chunks: int) -> bytes:
+    written = b""
+    for i in range(chunks):
+        chunk = bytes([(seed + i) % 256]) * (HASH_BATCH_BYTES // 3 + 11 * i)
+        receiving.write(chunk)
+        receiving.flush()
+        written += chunk
+    return written
+
+
+def test_files_of_many_hashing_batches_received_side_by_side_get_their_own_digests(
+    tmp_path: Path,
+) -> None:
+    files = [ReceivingFile(tmp_path) for _ in range(3)]
+    abandoned = ReceivingFile(tmp_path)  # a transfer that stops half-way: never digested
+    _write_in_batches(abandoned, 99, 5)
+    written = [b"", b"", b""]
+    for round_ in range(4):  # interleaved, as concurrent associations write
+        for n, receiving in enumerate(files):
+            written[n] += _write_in_batches(receiving, 10 * n + round_, 3)
+    for n, receiving in enumerate(files):
+        digest = receiving.digest()
+        receiving.close()
+        stored = Path(receiving.name).read_bytes()
+        assert stored == written[n]
+        assert digest == (hashlib.sha256(stored).hexdigest(), len(stored))
+    assert len(written[0]) > 4 * HASH_BATCH_BYTES
+
+
+def test_a_forked_child_hashes_with_its_own_thread(tmp_path: Path) -> None:
+    parent = ReceivingFile(tmp_path)
+    _write_in_batches(parent, 1, 6)  # the parent's hashing thread is running
+    assert parent.digest() is not None
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's thread is not here; a digest must not hang
+        signal.alarm(20)
+        child = ReceivingFile(tmp_path)
+        data = _write_in_batches(child, 2, 6)
+        ok = child.digest() == (hashlib.sha256(data).hexdigest(), len(data))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
