@@ -44,10 +44,17 @@ def resource_id(kind: str, *parts: str) -> str:
 _ids = random.Random()
 
 
+#: uuid4's version and variant bits (as uuid.UUID(int=..., version=4) sets them)
+_V4_CLEAR: Final = ~((0xF000 << 64) | (0xC000 << 48))
+_V4_SET: Final = (0x4000 << 64) | (0x8000 << 48)
+
+
 def fast_id() -> str:
     """A random uuid4-shaped id for Bundles, AuditEvents and request ids: not a secret, so
-    no system-entropy call (which costs a GIL hand-off under load)."""
-    return str(uuid.UUID(int=_ids.getrandbits(128), version=4))
+    no system-entropy call (which costs a GIL hand-off under load), and formatted directly
+    (a uuid.UUID object per id cost more than the rest)."""
+    h = f"{_ids.getrandbits(128) & _V4_CLEAR | _V4_SET:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def now_instant() -> str:
