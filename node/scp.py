@@ -421,8 +421,11 @@ class StorageSCP:
         self._thread.start()
         host, port = server.server_address[:2]
         log.info(
-            "DICOM SCP %s listening on %s:%d (max %d associations%s%s)",
+            "DICOM SCP %s %s %s:%d (max %d associations%s%s)",
             self.settings.ae_title,
+            "listening on"
+            if handed is None
+            else "receiving connections the node process accepts on",
             host,
             port,
             self.settings.max_associations,
