@@ -36,6 +36,12 @@ the peer's store of an instance it already holds is a real write.
 The ledger's own timestamps (completed, queued, started, finished, delivered) give the
 breakdown of where the time went (``--json``; a table on stdout).
 
+``--release-gaps N`` measures what ``completion.release_grace_seconds`` has to cover: N
+two-view studies, each view sent by its own storescu right after the other (a sender that
+sends a series per association); the gap is from the first storescu's return to the
+ledger's ``received_at`` of the second view (its transfer, stored and committed). The node
+runs with a grace time of 30 s, so nothing completes in between.
+
 Needs dcmtk (``/usr/bin/storescu``, or ``DCMTK_BIN``), Orthanc (``/usr/sbin/Orthanc``) and,
 for ``worker``, Redis. Orthanc is started by ``bench.orthanc`` (the tests' starter too),
 without its DICOMweb plugin and verbose log.
@@ -489,6 +495,47 @@ def run_mode(
     return ModeResult(mode, waits, timings, wall, node_cpu, other)
 
 
+def release_gaps(count: int, args: argparse.Namespace) -> list[float]:
+    """Seconds from one association's end to the commit of the next one's first instance,
+    for ``count`` back-to-back pairs (see the module docstring)."""
+    from pydicom import dcmread
+
+    from node.synthetic import make_two_view_study, write_study
+
+    work = args.work_dir / f"gaps-{secrets.token_hex(3)}"
+    work.mkdir(parents=True, exist_ok=True)
+    orthanc = start_orthanc(work / "orthanc")
+    gaps: list[float] = []
+    try:
+        extra = {"completion": {"release_grace_seconds": 30.0}}
+        node = start_mode("serve", work, orthanc, args, extra)
+        try:
+            for i in range(count):
+                folder = args.data_dir / f"two-view-{args.rows}x{args.cols}-s{args.seed + i}"
+                files = sorted(folder.glob("*.dcm"))
+                if len(files) != 2:
+                    views = make_two_view_study(seed=args.seed + i, rows=args.rows, cols=args.cols)
+                    files = write_study(folder, list(views))
+                second = str(dcmread(files[1], stop_before_pixels=True).SOPInstanceUID)
+                storescu(node.dicom_port, [files[0]], NODE_AE)
+                ended = time.time()
+                storescu(node.dicom_port, [files[1]], NODE_AE)
+                db = sqlite3.connect(f"file:{node.data_dir / 'ledger.sqlite3'}?mode=ro", uri=True)
+                try:
+                    (received,) = db.execute(
+                        "SELECT received_at FROM instances WHERE sop_instance_uid = ?", (second,)
+                    ).fetchone()
+                finally:
+                    db.close()
+                when = datetime.fromisoformat(str(received)).replace(tzinfo=UTC).timestamp()
+                gaps.append(when - ended)
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()
+    return gaps
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=100, help="studies per mode")
@@ -509,7 +556,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help='extra node settings as JSON, e.g. \'{"outbox": {"poll_seconds": 1.0}}\'',
     )
     parser.add_argument("--verbose", action="store_true", help="a line per study")
+    parser.add_argument(
+        "--release-gaps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only measure N back-to-back association gaps (what the release grace covers)",
+    )
     args = parser.parse_args(argv)
+    if args.release_gaps > 0:
+        try:
+            gaps = sorted(release_gaps(args.release_gaps, args))
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"release gaps, {len(gaps)} pairs: p50 {percentile(gaps, 50):.3f} s, "
+            f"p95 {percentile(gaps, 95):.3f} s, max {gaps[-1]:.3f} s"
+        )
+        return 0
 
     started = time.monotonic()
     results: list[ModeResult] = []
