@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -295,3 +296,25 @@ def test_serve_with_receivers_stops_them_and_they_outlive_no_parent(
     assert len(receivers) == 2
     os.kill(second.pid, signal.SIGKILL)
     wait_for(lambda: all(gone(pid) for pid in receivers), 30, 0.1, "receivers ended")
+
+
+def test_the_per_host_limit_holds_across_receivers(
+    start_node: Callable[..., NodeRuntime], tmp_path: Path
+) -> None:
+    node = start_node(dicom={"max_associations_per_host": 2})
+    pool = node.receivers
+    assert pool is not None
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", node.dicom_port), timeout=10)
+
+    held = [connect(), connect()]  # one in each receiver, neither sends anything yet
+    wait_for(lambda: pool.open_connections() == [1, 1], 10, 0.05, "both handed over")
+    third = connect()
+    assert third.recv(1) == b""  # closed by the node process at once: the host has 2 open
+    third.close()
+    held.pop().close()  # its receiver reports the end; the slot is free again
+    wait_for(lambda: sum(pool.open_connections()) == 1, 10, 0.05, "the end reported")
+    (path,) = write_study(tmp_path / "in", [make_chest_radiograph(seed=7, **SMALL)])
+    assert storescu(node.dicom_port, path).returncode == 0
+    held.pop().close()
