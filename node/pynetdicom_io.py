@@ -10,8 +10,10 @@ loops over ``socket.recv(4096)`` until it has ``nr_bytes``: about 2,500 Python-l
 :mod:`node.netlimits`) per 10 MB dataset, a fifth of the SCP's CPU time in the profile.
 :func:`read_in_large_chunks` gives one association's socket a ``recv`` with the same
 contract that reads up to :data:`RECV_CHUNK` bytes at a time straight into the PDU's
-buffer (``recv_into``). The bytes still go through the node's socket
-(:class:`node.netlimits.PeerSocket`), so every limit and deadline holds exactly as before.
+buffer (``recv_into``), and its DUL a ``_read_pdu_data`` that reads a PDU's body into the
+same buffer as its header (pynetdicom's ``bytestream += recv(...)`` copies it). The bytes
+still go through the node's socket (:class:`node.netlimits.PeerSocket`), so every limit and
+deadline holds exactly as before.
 
 :func:`decode_without_copies` then gives the same association's DUL a ``_decode_pdu`` that
 turns a P-DATA-TF PDU's presentation data values into views of the received PDU instead of
@@ -21,6 +23,7 @@ that pynetdicom makes before the dataset fragment reaches the file.
 
 from __future__ import annotations
 
+import logging
 import struct
 from typing import Any
 
@@ -36,6 +39,9 @@ CHECKED_PYNETDICOM = "3.0.4"
 RECV_CHUNK = 1 << 20
 _P_DATA_TF_TYPE = 0x04
 _ITEM_LENGTH = struct.Struct(">L")
+_PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length
+_PDU_TYPES = frozenset(range(0x01, 0x08))  # A-ASSOCIATE-RQ (1) to A-ABORT (7)
+_DUL_LOG = logging.getLogger("pynetdicom.dul")  # pynetdicom's DUL logs these lines there
 
 
 class _ChunkedRecv:
@@ -48,17 +54,24 @@ class _ChunkedRecv:
         self._assoc_socket = assoc_socket
 
     def __call__(self, nr_bytes: int) -> bytearray:
-        sock = self._assoc_socket.socket
         data = bytearray(nr_bytes)
-        got = 0
         with memoryview(data) as view:
-            while got < nr_bytes:
-                count = sock.recv_into(view[got:], min(nr_bytes - got, RECV_CHUNK))
-                if not count:  # connection closed: what was read so far, as pynetdicom does
-                    break
-                got += count
+            got = self.read_into(view)
         del data[got:]
         return data
+
+    def read_into(self, view: memoryview) -> int:
+        """Fill ``view`` from the connection, blocking; the bytes read, fewer than
+        ``len(view)`` when the peer closed the connection first."""
+        sock = self._assoc_socket.socket
+        nr_bytes = len(view)
+        got = 0
+        while got < nr_bytes:
+            count = sock.recv_into(view[got:], min(nr_bytes - got, RECV_CHUNK))
+            if not count:  # connection closed: what was read so far, as pynetdicom does
+                break
+            got += count
+        return got
 
 
 def read_in_large_chunks(assoc: Association) -> None:
@@ -67,8 +80,68 @@ def read_in_large_chunks(assoc: Association) -> None:
     assoc_socket = assoc.dul.socket
     if assoc_socket is None:
         return
-    # an instance attribute: the DUL's ``self.socket.recv(...)`` finds it before the method
-    assoc_socket.recv = _ChunkedRecv(assoc_socket)  # type: ignore[method-assign]
+    recv = _ChunkedRecv(assoc_socket)
+    # instance attributes: the DUL's ``self.socket.recv(...)`` and ``self._read_pdu_data()``
+    # find them before the methods
+    assoc_socket.recv = recv  # type: ignore[method-assign]
+    assoc.dul._read_pdu_data = _ReadPdu(assoc.dul, recv)  # type: ignore[method-assign]
+
+
+class _ReadPdu:
+    """``DULServiceProvider._read_pdu_data()`` for one association: pynetdicom's, except
+    that the PDU's body is read straight into one buffer after its 6-byte header, instead
+    of into a buffer of its own that ``bytestream +=`` then copies. The events, the log
+    lines and the checks are pynetdicom's (dul.py, ``_read_pdu_data``)."""
+
+    __slots__ = ("_dul", "_recv")
+
+    def __init__(self, dul: DULServiceProvider, recv: _ChunkedRecv) -> None:
+        self._dul = dul
+        self._recv = recv
+
+    def __call__(self) -> None:
+        dul = self._dul
+        try:
+            header = self._recv(_PDU_HEADER.size)
+        except (OSError, TimeoutError) as exc:
+            _DUL_LOG.error("Connection closed before the entire PDU was received")
+            _DUL_LOG.exception(exc)
+            dul.event_queue.put("Evt17")
+            return
+        if len(header) != _PDU_HEADER.size:
+            dul.event_queue.put("Evt17")
+            return
+        pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+        if pdu_type not in _PDU_TYPES:
+            _DUL_LOG.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            dul.event_queue.put("Evt19")
+            return
+        bytestream = bytearray(_PDU_HEADER.size + pdu_length)
+        bytestream[: _PDU_HEADER.size] = header
+        try:
+            with memoryview(bytestream) as view:
+                got = self._recv.read_into(view[_PDU_HEADER.size :])
+        except (OSError, TimeoutError) as exc:
+            _DUL_LOG.error("Connection closed before the entire PDU was received")
+            _DUL_LOG.exception(exc)
+            dul.event_queue.put("Evt17")
+            return
+        if got != pdu_length:
+            _DUL_LOG.error(
+                f"The received PDU is shorter than expected ({_PDU_HEADER.size + got} of "
+                f"{_PDU_HEADER.size + pdu_length} bytes received)"
+            )
+            dul.event_queue.put("Evt17")
+            return
+        try:
+            pdu, event = dul._decode_pdu(bytestream)
+            dul.event_queue.put(event)
+        except Exception as exc:
+            _DUL_LOG.error("Unable to decode the received PDU data")
+            _DUL_LOG.exception(exc)
+            dul.event_queue.put("Evt19")
+            return
+        dul._recv_pdu.put(pdu)
 
 
 class _DecodeWithoutCopies:

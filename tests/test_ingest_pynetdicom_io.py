@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,12 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from node.netlimits import PeerSocket
-from node.pynetdicom_io import CHECKED_PYNETDICOM, RECV_CHUNK, decode_without_copies
+from node.pynetdicom_io import (
+    CHECKED_PYNETDICOM,
+    RECV_CHUNK,
+    decode_without_copies,
+    read_in_large_chunks,
+)
 from node.runtime import NodeRuntime
 from node.synthetic import make_chest_radiograph, write_study
 from tests.conftest import storescu
@@ -43,6 +50,13 @@ def test_what_the_replacement_relies_on_is_still_there() -> None:
     assert handle.index("_create_association()") < handle.index("EVT_CONN_OPEN")
     assert handle.index("EVT_CONN_OPEN") < handle.index("assoc.start()")
     assert "assoc.set_socket(sock)" in inspect.getsource(RequestHandler._create_association)
+    # the DUL reads a PDU by calling self._read_pdu_data(), whose events and checks the
+    # node's reader repeats (unknown type: Evt19; cut short: Evt17; undecodable: Evt19)
+    assert "self._read_pdu_data()" in inspect.getsource(DULServiceProvider._is_transport_event)
+    assert "pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)" in reader
+    assert reader.count('self.event_queue.put("Evt17")') == 4
+    assert reader.count('self.event_queue.put("Evt19")') == 2
+    assert "self._recv_pdu.put(pdu)" in reader
     # the DUL decodes each PDU it read through self._decode_pdu, in its own thread, and
     # never touches the bytestream again; P-DATA-TF is PDU type 4, event Evt10
     assert "self._decode_pdu(bytestream)" in reader
@@ -138,3 +152,51 @@ def test_a_large_dataset_is_read_in_large_chunks_through_the_limited_socket(
     # storescu's PDUs (16 KiB by default) are each asked for whole, not 4 KiB at a time
     assert max(asked) > 4096 and max(asked) <= RECV_CHUNK
     assert len(asked) < len(stored) // 4096
+
+
+def _connected_acceptor() -> tuple[Association, socket.socket]:
+    """An acceptor association whose DUL reads from a loopback connection (no reactor
+    running), with the node's replacements, and the peer's end of the connection."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = socket.create_connection(server.getsockname())
+        ours, _ = server.accept()
+    assoc = Association(AE(), "acceptor")
+    assoc.set_socket(AssociationSocket(assoc, client_socket=ours))
+    read_in_large_chunks(assoc)
+    decode_without_copies(assoc)
+    assert _events(assoc) == ["Evt5"]  # the transport connection indication
+    return assoc, peer
+
+
+def _events(assoc: Association) -> list[str]:
+    events = []
+    while not assoc.dul.event_queue.empty():
+        events.append(assoc.dul.event_queue.get_nowait())
+    return events
+
+
+def test_the_pdu_reader_reads_a_pdu_whole_and_refuses_what_pynetdicom_refuses() -> None:
+    assoc, peer = _connected_acceptor()
+    with peer:
+        encoded = _p_data_tf((1, b"\x02" + b"d" * 300_000))
+        peer.sendall(encoded[:1000])
+        threading.Timer(0.2, peer.sendall, [encoded[1000:]]).start()  # the rest comes later
+        assoc.dul._read_pdu_data()
+        assert _events(assoc) == ["Evt10"]
+        pdu = assoc.dul._recv_pdu.get_nowait()
+        assert isinstance(pdu, P_DATA_TF) and pdu.encode() == encoded
+
+        peer.sendall(b"\x09\x00\x00\x00\x00\x00")  # unknown PDU type
+        assoc.dul._read_pdu_data()
+        assert _events(assoc) == ["Evt19"]
+
+        # a P-DATA-TF of 6 bytes whose one item says it has 10
+        peer.sendall(b"\x04\x00" + (6).to_bytes(4, "big") + (10).to_bytes(4, "big") + b"\x01\x02")
+        assoc.dul._read_pdu_data()
+        assert _events(assoc) == ["Evt19"]
+
+        peer.sendall(_p_data_tf((1, b"\x02" + b"d" * 1000))[:500])  # then the peer goes
+    assoc.dul._read_pdu_data()
+    assert _events(assoc) == ["Evt17"]
+    assert assoc.dul._recv_pdu.empty()
+    assoc.dul.socket.close()  # type: ignore[union-attr]
