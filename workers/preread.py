@@ -238,6 +238,14 @@ class _StageRecorder:
             self._timer.daemon = True
             self._timer.start()
 
+    def stop(self) -> None:
+        """The run has ended: a stage not recorded yet never is."""
+        with self._lock:
+            self._current += 1
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
     def _record(self, number: int, stage: str) -> None:
         with self._lock:
             if number != self._current:
@@ -537,7 +545,12 @@ def run_preread(
                 *member.key,
                 size if len(members) > 1 else "",
             )
-        _run_batch(settings, ledger, members, owner, loaded, heartbeat)
+        try:
+            _run_batch(settings, ledger, members, owner, loaded, heartbeat)
+        finally:
+            for member in members:  # the run is over: no stage of it is recorded later
+                if isinstance(member.progress, _StageRecorder):
+                    member.progress.stop()
     if leader.outcome == "transient":
         assert isinstance(leader.error, TransientPrereadError)
         raise leader.error
