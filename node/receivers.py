@@ -26,10 +26,10 @@ associations; the parent hands each connection to the least busy one.
 A receiver that dies is started again (after a pause that grows while it keeps dying
 early). Its open associations end without a response to the C-STORE in flight, so their
 senders send that file again: nothing answered Success is lost. The per-host slots of its
-connections are freed; the partial files it was writing stay in ``receiving/`` until the
-node's next start removes them; studies whose association it held complete after
-``completion.quiet_seconds`` instead of on release. Stopping the parent stops the
-receivers (they also stop by themselves when the parent is gone).
+connections are freed and the partial files it was writing are removed; studies whose
+association it held complete after ``completion.quiet_seconds`` instead of on release.
+Stopping the parent stops the receivers (they also stop by themselves when the parent is
+gone).
 """
 
 from __future__ import annotations
@@ -465,6 +465,7 @@ class ReceiverPool:
         for host, count in lost.items():
             for _ in range(count):
                 self._slots.release(host)
+        self._remove_partial_files(process.pid)
         if self._stopping.is_set():
             return
         if not self._started:  # it failed to start: start() reports it, no restart loop
@@ -496,6 +497,21 @@ class ReceiverPool:
                 self._spawn(receiver)
             except Exception:
                 log.exception("receiving process %d could not be started again", receiver.row)
+
+    def _remove_partial_files(self, pid: int | None) -> None:
+        """Remove what an ended receiver was still receiving (node.scp names the files it
+        receives into ``rx-<pid>-...``); at the node's next start they would go anyway."""
+        if pid is None:
+            return
+        removed = 0
+        for path in self.settings.storage.receive_path.glob(f"rx-{pid}-*"):
+            try:
+                path.unlink()
+                removed += 1
+            except OSError as exc:
+                log.warning("partial file %s not removed: %s", path.name, exc.strerror or exc)
+        if removed:
+            log.warning("removed %d partial files of receiving process %d", removed, pid)
 
     # --- the listening socket ----------------------------------------------------------------
 

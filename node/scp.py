@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import socketserver
 import ssl
 import threading
@@ -176,7 +177,10 @@ def _receive_file(*args: Any, **kwargs: Any) -> Any:
     directory = _receive_dirs.get(ae) if isinstance(ae, AE) else None
     if directory is None:
         return _named_temporary_file(*args, **kwargs)
-    receiving = ReceivingFile(directory, prefix="rx-", suffix=kwargs.get("suffix", ".dcm"))
+    # the process id in the name: a receiving process's partial files can be removed when
+    # it dies (node.receivers), without waiting for the next start
+    prefix = f"rx-{os.getpid()}-"
+    receiving = ReceivingFile(directory, prefix=prefix, suffix=kwargs.get("suffix", ".dcm"))
     _receiving[str(Path(receiving.name))] = receiving
     return receiving
 

@@ -187,6 +187,7 @@ def test_a_killed_receiver_loses_nothing_it_answered(
     # started again; the dead receiver's connection gave its host slot back
     wait_for(lambda: all(pool.pids()) and killed not in pool.pids(), 120, 0.1, "receiver replaced")
     assert pool.open_connections()[busy] == 0
+    assert not list(node.spool.receive_dir.glob(f"rx-{killed}-*"))  # its partial files
     # every file answered Success is in the spool and the ledger
     kept = {uid for uid, _ in stored_sops(node)}
     assert set(answered) <= kept
