@@ -494,9 +494,21 @@ def test_a_prefilled_describe_follow_up_computes_only_its_text(
     cache = cached_engine.prefix_cache
     stored = cache.stored
     encoded = count_encoded_images(cached_engine, monkeypatch)
+    processed: list[int] = []  # images resized to the model's input size
+    image_processor = type(cached_engine.processor.image_processor)
+    original = image_processor.__call__
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        pixels = out["pixel_values"]
+        processed.extend([1] * int(pixels.shape[0]) if pixels.shape[-1] == self.size.height else [])
+        return out
+
+    monkeypatch.setattr(image_processor, "__call__", counting)
     for request, expected in zip(followups, plain, strict=True):
         assert cached_engine.generate([request], generation_kwargs=FORCED) == expected
-    assert (sum(encoded), cache.stored) == (0, stored)  # no image, no prefix computed
+    # no prefix computed, no image encoded, none even resized (CPU time before the GPU)
+    assert (sum(encoded), cache.stored, len(processed)) == (0, stored, 0)
     # the prefixes and features go with their study when it is evicted (2 studies kept)
     for number in (4, 5):
         cached_engine.generate([preread_request(f"1.2.{number}", radiograph(40 + number))])
@@ -509,3 +521,19 @@ def test_an_engine_without_its_cache_prefills_nothing(engine: MedGemmaEngine) ->
         raise AssertionError("requests made for an engine that keeps no prefix")
 
     assert engine.prefill(must_not_be_called) == 0
+
+
+def test_the_prefix_path_tokenises_exactly_like_the_full_path(
+    cached_engine: MedGemmaEngine,
+) -> None:
+    whole = radiograph(30)
+    for requests in (
+        [preread_request("1.2.3", whole, radiograph(33))],
+        [followup_request("1.2.3", whole, radiograph(31))],
+        [preread_request(f"1.2.{n}", radiograph(40 + n)) for n in (1, 2)],
+        [replace(preread_request("1.2.3", whole), prompt="Read <end_of_turn> it.")],
+    ):
+        full, layout = cached_engine.prepare(requests), cached_engine.layout(requests)
+        assert layout is not None and "pixel_values" not in layout
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            assert torch.equal(layout[key], full[key]), key
