@@ -557,6 +557,8 @@ class ReceiverPool:
             if channel is None:
                 continue
             with self._lock:
+                if receiver.channel is not channel:  # it ended meanwhile
+                    continue
                 receiver.open += 1
                 receiver.handed += 1
                 receiver.hosts[host] += 1
@@ -564,9 +566,15 @@ class ReceiverPool:
                 socket.send_fds(channel, [message], [client.fileno()])
             except OSError:
                 with self._lock:  # it died meanwhile: its reader starts it again
-                    receiver.open -= 1
-                    receiver.handed -= 1
-                    receiver.hosts[host] -= 1
+                    counted = receiver.channel is channel
+                    if counted:
+                        receiver.open -= 1
+                        receiver.handed -= 1
+                        receiver.hosts[host] -= 1
+                # not counted: its end freed this connection's slot with its own
+                if not counted and not self._slots.acquire(host):
+                    client.close()
+                    return
                 continue
             client.close()  # the receiver holds its own copy now
             return
