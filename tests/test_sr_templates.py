@@ -566,14 +566,7 @@ def test_overlapping_findings_each_keep_their_whole_region_in_the_seg(
     result = preread([image])
     findings = findings_of(result)
     findings[1]["region"] = dict(findings[0]["region"], shape="rectangle")
-    study_uid = str(image.dataset.StudyInstanceUID)
-    seg = build_segmentation(
-        typed(result),
-        image.dataset,
-        series_number=series_number("seg"),
-        instance_number=1,
-        sop_instance_uid=derived_uid("seg", study_uid, 1),
-    )
+    seg = build_segmentation(typed(result), image.dataset, series_number=9002, instance_number=1)
     assert seg is not None
     assert_valid(seg, tmp_path, "seg")
     assert seg.SegmentsOverlap == "YES"
