@@ -103,7 +103,9 @@ class DicomSettings(Section):
         """``receiver_processes`` with 0 resolved to the CPU cores this process may use."""
         if self.receiver_processes:
             return self.receiver_processes
-        return max(1, min(64, len(os.sched_getaffinity(0))))
+        usable = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every core
+        cores = len(usable(0)) if usable is not None else os.cpu_count() or 1
+        return max(1, min(64, cores))
 
 
 class StorageSettings(Section):
