@@ -18,7 +18,8 @@ per-host slot is free) and ``released`` (an association that stored into these s
 versions ended: the parent's :class:`node.completion.StudyCoordinator` completes them, as
 it does for its own SCP). C-STORE outcome counters live in shared memory, one row per
 receiver, so ``/metrics`` counts every receiver's, a restarted one's included. Log records
-go to the parent through a queue and are written by the parent's handlers.
+go to the parent over the same socket pair (one message each: no lock shared between
+processes that a killed receiver could leave held) and are written by its handlers.
 
 ``dicom.max_associations`` is shared out: each receiver accepts ceil(max / N)
 associations; the parent hands each connection to the least busy one.
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import math
 import multiprocessing
 import os
@@ -68,10 +68,11 @@ _EARLY_DEATH_SECONDS = 5.0
 _MAX_RESTART_PAUSE = 30.0
 _READY_SECONDS = 120.0  # a new interpreter imports pydicom, pynetdicom, SQLAlchemy
 _STOP_SECONDS = 10.0
-_MESSAGE_BYTES = 65536
+_MESSAGE_BYTES = 262144  # a report (log records: 8192 characters, JSON-escaped)
 # the parent's sends to a receiver (connections) time out rather than block its accept loop
 _SEND_SECONDS = 5.0
 _COUNTER_CELLS = 3  # stored, duplicates, refused
+_LOG_TEXT_CHARS = 8192  # a log message (with its traceback) sent to the parent, at most
 
 
 class SharedStoreCounters(StoreCounters):
@@ -151,6 +152,40 @@ class HandedConnections:
             pass  # the parent is gone: this receiver stops (accept() sees end of file)
 
 
+class _ParentLog(logging.Handler):
+    """A receiver's log records, sent to the parent, whose handlers write them."""
+
+    def __init__(self, connections: HandedConnections) -> None:
+        super().__init__()
+        self.connections = connections
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            fields = {
+                "name": record.name,
+                "levelno": record.levelno,
+                "levelname": record.levelname,
+                "msg": text[:_LOG_TEXT_CHARS],
+                "created": record.created,
+                "msecs": record.msecs,
+                "pathname": record.pathname,
+                "filename": record.filename,
+                "module": record.module,
+                "lineno": record.lineno,
+                "funcName": record.funcName,
+                "process": record.process,
+                "processName": record.processName,
+                "thread": record.thread,
+                "threadName": record.threadName,
+            }
+            self.connections.send(_message("log", record=fields))
+        except Exception:
+            self.handleError(record)
+
+
 class _ParentSlots(HostSlots):
     """A receiver's per-host accounting: the parent counted the connection when it accepted
     it; a connection that ends is reported to the parent, which frees its slot."""
@@ -179,18 +214,17 @@ class _ReceiverArgs:
 
 
 def _receiver_main(
-    args: _ReceiverArgs,
-    channel: socket.socket,
-    cells: MutableSequence[int],
-    log_queue: Any,
+    args: _ReceiverArgs, channel: socket.socket, cells: MutableSequence[int]
 ) -> None:
     """A receiving process: serve the connections the parent hands over until it is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     os.umask(PRIVATE_UMASK)
+    channel.settimeout(_SEND_SECONDS)  # a parent that reads nothing does not stall a sender
+    connections = HandedConnections(channel, stop.set)
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+    root.handlers[:] = [_ParentLog(connections)]
     root.setLevel(args.log_level)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     storage = args.storage
@@ -200,7 +234,6 @@ def _receiver_main(
         run_lease_seconds=args.run_lease_seconds,
         max_run_seconds=args.max_run_seconds,
     )
-    connections = HandedConnections(channel, stop.set)
 
     def released(study_ids: set[int]) -> None:
         connections.send(_message("released", study_ids=sorted(study_ids)))
@@ -252,7 +285,6 @@ class ReceiverPool:
         self.processes = settings.dicom.receiving_processes
         self._context = multiprocessing.get_context("spawn")
         self._cells: Any = self._context.RawArray("q", self.processes * _COUNTER_CELLS)
-        self._log_queue: Any = None
         self._receivers = [_Receiver(row) for row in range(self.processes)]
         self._slots = HostSlots(settings.dicom.max_associations_per_host)
         self._allowed = frozenset(settings.dicom.allowed_hosts)
@@ -262,7 +294,6 @@ class ReceiverPool:
         self._start_failed = threading.Event()
         self._sock: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._log_thread: threading.Thread | None = None
 
     # --- what /metrics and the runtime read -----------------------------------------------
 
@@ -318,11 +349,6 @@ class ReceiverPool:
             raise
         sock.settimeout(0.5)  # the accept loop looks at the stop flag this often
         self._sock = sock
-        self._log_queue = self._context.Queue()
-        self._log_thread = threading.Thread(
-            target=self._write_logs, name="medgemma-rx-logs", daemon=True
-        )
-        self._log_thread.start()
         for receiver in self._receivers:
             self._spawn(receiver)
         deadline = time.monotonic() + _READY_SECONDS
@@ -378,11 +404,6 @@ class ReceiverPool:
         for thread in self._threads:
             thread.join(timeout=_STOP_SECONDS)
         self._threads.clear()
-        if self._log_queue is not None and self._log_thread is not None:
-            self._log_queue.put(None)
-            self._log_thread.join(timeout=5)
-            self._log_queue.close()
-        self._log_queue = self._log_thread = None
         self._sock = None
 
     # --- receivers -----------------------------------------------------------------------
@@ -399,7 +420,7 @@ class ReceiverPool:
         )
         process = self._context.Process(
             target=_receiver_main,
-            args=(args, theirs, self._cells, self._log_queue),
+            args=(args, theirs, self._cells),
             name=f"medgemma-rx-{receiver.row}",
             daemon=True,
         )
@@ -441,7 +462,10 @@ class ReceiverPool:
 
     def _report(self, receiver: _Receiver, message: dict[str, Any]) -> None:
         event = message.get("event")
-        if event == "ready":
+        if event == "log":
+            record = logging.makeLogRecord(message["record"])
+            logging.getLogger(record.name).handle(record)
+        elif event == "ready":
             receiver.ready.set()
         elif event == "closed":
             host = str(message["host"])
@@ -581,14 +605,3 @@ class ReceiverPool:
         log.error("no receiving process could take a connection from %s: closed", host)
         client.close()
         self._slots.release(host)
-
-    def _write_logs(self) -> None:
-        """Write the receivers' log records with this process's handlers."""
-        while True:
-            try:
-                record = self._log_queue.get()
-            except (EOFError, OSError):
-                return
-            if record is None:
-                return
-            logging.getLogger(record.name).handle(record)

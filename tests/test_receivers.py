@@ -135,8 +135,9 @@ def test_the_parent_refuses_hosts_not_allowed(
 
 
 def test_a_killed_receiver_loses_nothing_it_answered(
-    start_node: Callable[..., NodeRuntime], tmp_path: Path
+    start_node: Callable[..., NodeRuntime], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     # one connection per host: the sender's second association needs the slot of the
     # connection the killed receiver held
     node = start_node(dicom={"max_associations_per_host": 1})
@@ -180,6 +181,7 @@ def test_a_killed_receiver_loses_nothing_it_answered(
     (busy,) = [i for i, n in enumerate(pool.open_connections()) if n == 1]
     killed = pool.pids()[busy]
     assert killed is not None
+    killed_at = time.time()
     os.kill(killed, signal.SIGKILL)
     assert ended.wait(30), "the sender's association did not end"
     sender.join(5)
@@ -196,6 +198,10 @@ def test_a_killed_receiver_loses_nothing_it_answered(
     assert again.returncode == 0, again.stderr
     assert stored_sops(node) == sorted((image.sop_instance_uid, 1) for image in images)
     assert len(spool_files(node)) == len(images)
+    # the receivers' log lines still reach the node's log after the kill
+    assert any(
+        r.created > killed_at and r.processName.startswith("medgemma-rx-") for r in caplog.records
+    )
     counts = cstore_counts()
     # (one fewer when the kill fell between a file's commit and its count)
     assert len(images) - 1 <= counts["stored"] <= len(images)
