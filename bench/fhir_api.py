@@ -22,7 +22,7 @@ peer's numbers show that ceiling.
 Usage:
   python bench/fhir_api.py [--clients 50] [--seconds 5] [--repeat 2] [--studies 200]
       [--redis redis://127.0.0.1:6379/15] [--json bench/out/fhir_api.json] [--quick]
-      [--profile DIR]
+      [--profile DIR] [--only search|ask]
 
 ``--profile DIR``: py-spy (``pip install py-spy``) samples our server during each of its
 runs and writes the folded stacks to ``DIR/<workload>.folded`` and, on stdout, where its
@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "fhir_api.json")
     parser.add_argument("--quick", action="store_true", help="1 s runs, 1 repeat, 20 studies")
+    parser.add_argument("--only", choices=("search", "ask"), help="run one workload only")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="py-spy our server during its runs; folded stacks in DIR")  # fmt: skip
     parser.add_argument("--peer", nargs=3, type=int, metavar=("PORT", "GET", "POST"),
@@ -496,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
             "search": ((ours_search, 200), (peer_search, 200)),
             "ask": ((ours_ask, 202), (peer_ask, 202)),
         }
+        if args.only:
+            workloads = {args.only: workloads[args.only]}
         runs: list[Run] = []
         for workload, ((ours_fn, ours_expect), (peer_fn, peer_expect)) in workloads.items():
             for r in range(args.repeat):

@@ -154,9 +154,9 @@ def mark_sent(store: FhirStore, job_ids: Sequence[str]) -> None:
     # as the process's single writer: the question and audit writers wait on its lock
     # instead of meeting SQLite's busy timeout (sleeps of up to 100 ms)
     with store.writing() as w:
-        w.session.execute(
-            update(FollowupRow)
-            .where(FollowupRow.id.in_(list(job_ids)), FollowupRow.sent_at.is_(None))
+        w.session.connection().execute(  # Core: no ORM session synchronisation
+            update(_JOBS)
+            .where(_JOBS.c.id.in_(list(job_ids)), _JOBS.c.sent_at.is_(None))
             .values(sent_at=utcnow())
         )
 
@@ -239,20 +239,25 @@ def assign_routes(store: FhirStore, wanted: Mapping[str, str]) -> dict[str, str]
     if not wanted:
         return {}
     with store.writing() as w:
-        for job_id, route in wanted.items():
-            w.session.execute(
-                update(FollowupRow)
-                .where(
-                    FollowupRow.id == job_id,
-                    FollowupRow.route.is_(None),
-                    FollowupRow.state == FollowupState.QUEUED.value,
-                )
-                .values(route=route)
-            )
-        rows = w.session.execute(
-            select(FollowupRow.id, FollowupRow.route).where(FollowupRow.id.in_(list(wanted)))
+        conn = w.session.connection()  # Core statements: no ORM session synchronisation
+        conn.execute(_ASSIGN_ROUTE, [{"job": j, "new_route": r} for j, r in wanted.items()])
+        rows = conn.execute(
+            select(_JOBS.c.id, _JOBS.c.route).where(_JOBS.c.id.in_(list(wanted)))
         ).all()
     return {job_id: route or "" for job_id, route in rows}
+
+
+_JOBS: Final = cast(Table, FollowupRow.__table__)
+#: A job's route, set when it is not decided yet and the job is queued.
+_ASSIGN_ROUTE: Final = (
+    update(_JOBS)
+    .where(
+        _JOBS.c.id == bindparam("job"),
+        _JOBS.c.route.is_(None),
+        _JOBS.c.state == FollowupState.QUEUED.value,
+    )
+    .values(route=bindparam("new_route"))
+)
 
 
 def reroute_followups(
@@ -426,7 +431,8 @@ class FollowupPublisher:
     A question is accepted (202) once it is committed; sending it by name to the queue
     happens here, so a broker outage delays answers instead of refusing questions: a
     failed send is retried with backoff (1 s doubling to 30 s), and questions never sent
-    (an outage, a restart) are found in the store and sent again.
+    (an outage, a restart) are found in the store and sent again. Questions are sent in
+    batches: those accepted within ``gather_seconds`` of the first go together.
     """
 
     SWEEP_SECONDS: Final = 30.0
@@ -439,9 +445,11 @@ class FollowupPublisher:
         retry_base: float = 1.0,
         unsent_after: float = 10.0,
         routing: FollowupRouting | None = None,
+        gather_seconds: float = 0.05,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
+        self.gather_seconds = gather_seconds
         self.retry_base = retry_base
         self.unsent_after = unsent_after  # seconds: younger ones are still being published
         self.routing = routing
@@ -475,6 +483,9 @@ class FollowupPublisher:
                 continue
             if first is None:
                 return
+            # let the questions of the next moments join this batch: one route commit and
+            # one sent-mark commit per batch, not two per question (and no wake-up each)
+            self._stop.wait(self.gather_seconds)
             batch = [first]
             while len(batch) < 100:
                 try:
