@@ -625,36 +625,41 @@ class StorageSCP:
             sha256, size = digest
         else:
             sha256, size = sha256_of(path)
-        identical, latest_revision = self.ledger.lookup_instance(header.sop_instance_uid, sha256)
-        if identical is not None:
-            self.counters.duplicates += 1
-            log.info(
-                "duplicate of %s (study %s) from %s: identical, already stored",
-                header.sop_instance_uid,
-                header.study_uid,
-                who,
+        # one SOP instance at a time across the node's associations and receiving processes:
+        # its revision is decided, its file stored and its row committed under the lock
+        with self.spool.instance_lock(header.sop_instance_uid):
+            identical, latest_revision = self.ledger.lookup_instance(
+                header.sop_instance_uid, sha256
             )
-            return identical.study_id
-        revision = latest_revision + 1
-        try:
-            relative = self.spool.relative_path(
-                header.study_uid, header.series_uid, header.sop_instance_uid, revision
+            if identical is not None:
+                self.counters.duplicates += 1
+                log.info(
+                    "duplicate of %s (study %s) from %s: identical, already stored",
+                    header.sop_instance_uid,
+                    header.study_uid,
+                    who,
+                )
+                return identical.study_id
+            revision = latest_revision + 1
+            try:
+                relative = self.spool.relative_path(
+                    header.study_uid, header.series_uid, header.sop_instance_uid, revision
+                )
+                self.spool.store_file(path, relative, sha256, size)
+            except OutOfSpace as exc:
+                log.error("C-STORE of %s refused: %s", header.sop_instance_uid, exc)
+                return _failure(StoreStatus.OUT_OF_RESOURCES, "out of disk space on the node")
+            except SpoolError as exc:
+                log.error("C-STORE of %s failed: %s", header.sop_instance_uid, exc)
+                return _failure(StoreStatus.OUT_OF_RESOURCES, "cannot write to the spool")
+            outcome = self.ledger.record_instance(
+                header,
+                path=relative,
+                sha256=sha256,
+                size_bytes=size,
+                revision=revision,
+                calling_ae=calling_ae,
             )
-            self.spool.store_file(path, relative, sha256, size)
-        except OutOfSpace as exc:
-            log.error("C-STORE of %s refused: %s", header.sop_instance_uid, exc)
-            return _failure(StoreStatus.OUT_OF_RESOURCES, "out of disk space on the node")
-        except SpoolError as exc:
-            log.error("C-STORE of %s failed: %s", header.sop_instance_uid, exc)
-            return _failure(StoreStatus.OUT_OF_RESOURCES, "cannot write to the spool")
-        outcome = self.ledger.record_instance(
-            header,
-            path=relative,
-            sha256=sha256,
-            size_bytes=size,
-            revision=revision,
-            calling_ae=calling_ae,
-        )
         self.counters.stored += 1
         if revision > 1:
             log.warning(

@@ -14,8 +14,10 @@ the next start. A write that fails there (the disk full) deletes the partial fil
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
 import queue
@@ -24,7 +26,7 @@ import secrets
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,6 +36,9 @@ from node.datadir import PRIVATE_FILE, open_private, private_dirs
 # PS3.5 9.1: components of digits separated by dots, no leading zeros, at most 64 chars.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _CHUNK = 1 << 20
+#: Lock files that serialise the storing of one SOP instance (:meth:`Spool.instance_lock`):
+#: a SOP Instance UID maps to one of this many, so their number stays small.
+INSTANCE_LOCK_BUCKETS = 64
 #: errno values that mean the disk (or the user's quota on it) is full.
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: A file being received has its written bytes sent on to the disk every this many bytes
@@ -308,8 +313,32 @@ class Spool:
         self.root = root
         self.min_free_bytes = min_free_bytes
         self.receive_dir = receive_dir if receive_dir is not None else root.parent / "receiving"
+        self.lock_dir = root.parent / "spool-locks"
         private_dirs(self.root)
         private_dirs(self.receive_dir)
+        private_dirs(self.lock_dir)
+
+    @contextlib.contextmanager
+    def instance_lock(self, sop_instance_uid: str) -> Iterator[None]:
+        """Hold while deciding the revision of, storing and recording one SOP instance.
+
+        Two associations (threads or receiving processes of this node) storing the same new
+        SOP Instance UID with different bytes would otherwise both see no stored revision,
+        both write ``<SOP>.dcm`` (the second replacing the first's acknowledged bytes) and
+        only one ledger row would stand. Under this lock the second sees the first's row and
+        stores a revision 2, or answers an identical duplicate. An ``flock`` on a bucket file:
+        it holds across the node's processes and its threads alike (each call opens the file
+        itself), and is released when the holder dies.
+        """
+        bucket = hashlib.sha256(sop_instance_uid.encode()).digest()[0] % INSTANCE_LOCK_BUCKETS
+        fd = os.open(
+            self.lock_dir / f"instance-{bucket:02d}.lock", os.O_RDWR | os.O_CREAT, PRIVATE_FILE
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

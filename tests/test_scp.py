@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -372,3 +374,48 @@ def test_resending_an_earlier_revision_keeps_no_extra_file(
         assert storescu(node.scp.port, path).returncode == 0
     assert len(spool_files(node)) == 2  # revisions 1 and 2, no orphan third file
     assert node.ledger.instance_count() == 2
+
+
+def test_same_new_instance_with_different_bytes_at_once_keeps_both(
+    node: NodeRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two associations store the same new SOP instance with different bytes at the same
+    moment: each is told Success, so each one's bytes must be kept, as revisions 1 and 2,
+    each file matching its ledger row (before the instance lock, both became revision 1 and
+    the second file replaced the first's acknowledged bytes)."""
+    image = make_chest_radiograph(seed=14, **SMALL)
+    ds = image.dataset
+    original = str(ds.get("SeriesDescription", ""))
+    (first,) = write_study(tmp_path / "a", [image])
+    ds.SeriesDescription = "CHEST PA corrected"
+    (second,) = write_study(tmp_path / "b", [ds])
+    store_file = node.spool.store_file
+
+    def slow_store(*args: object, **kwargs: object) -> object:
+        time.sleep(0.5)  # both associations are inside the store step at once without a lock
+        return store_file(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(node.spool, "store_file", slow_store)
+    results: list[int] = []
+    senders = [
+        threading.Thread(target=lambda p=p: results.append(storescu(node.scp.port, p).returncode))
+        for p in (first, second)
+    ]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(60)
+    assert results == [0, 0]
+    assert node.ledger.instance_count() == 2
+    latest = node.ledger.find_instance(str(ds.SOPInstanceUID))
+    assert latest is not None and latest.revision == 2
+    stored = spool_files(node)
+    assert sorted(p.name for p in stored) == sorted(
+        [f"{ds.SOPInstanceUID}.dcm", f"{ds.SOPInstanceUID}.r2.dcm"]
+    )
+    # each sender's content is in its own file: not one of them twice
+    assert sorted(str(pydicom.dcmread(p).get("SeriesDescription", "")) for p in stored) == sorted(
+        [original, "CHEST PA corrected"]
+    )
+    latest_file = node.spool.path_of(latest.path).read_bytes()
+    assert hashlib.sha256(latest_file).hexdigest() == latest.sha256
