@@ -5,7 +5,7 @@ HTTP outcome) into an :class:`AuditTrail`, which writes AuditEvents in batches f
 background thread, so an access costs the request no database write. The same thread
 writes each request's access log line (request id, method, path, status, time; never the
 query string), so formatting it and writing it to stderr and the log file happen off the
-event loop too. Stopping the trail
+event loop too (up to about ``gather_seconds`` after the response). Stopping the trail
 writes what is left; a crash can lose the last batch (at most ``flush_seconds`` of
 events). AuditEvents are readable only with the admin scope ``system/AuditEvent.read``.
 
