@@ -24,6 +24,7 @@ from node.rules import decide_study
 from node.settings import EngineSettings, FhirSettings, Settings
 from sr_templates.model import Anchor, PrereadResult, ViewRef
 from workers.anchors import build_anchors
+from workers.dialogue.turn import prefill_followups
 from workers.engines.base import (
     Engine,
     EngineError,
@@ -659,8 +660,6 @@ def _prefill_followups(
     engine: Engine, study_uid: str, image: DisplayImage, result: PrereadResult
 ) -> None:
     """Hook for workers.dialogue.turn.prefill_followups; never fails the study (it is done)."""
-    from workers.dialogue.turn import prefill_followups
-
     try:
         prefill_followups(engine, study_uid, image, result)
     except Exception:
