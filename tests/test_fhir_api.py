@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from node.dispatch import DispatchError, InProcessDispatcher
 from node.fhir.auth import Authenticator, Principal
 from node.fhir.errors import FhirError
-from node.fhir.followups import FollowupPublisher, create_followup, unsent_followups
+from node.fhir.followups import FollowupPublisher, create_followup, followup, unsent_followups
 from node.fhir.projection import record_preread
 from node.fhir.questions import Question, build_question, plain_ask_parameters
 from node.fhir.resources import IdentifierSystems, imaging_study_id, report_id, validate
@@ -468,6 +468,10 @@ def test_respond_sync_answers_with_the_communication_about_the_anchor(api: Api) 
         assert any(i["value"] == "A2" for i in a2["identifier"])
         question = c.get("/" + answer["inResponseTo"][0]["reference"])
         assert question.json()["status"] == "completed"
+    # the question carries its study, so it can be routed to the worker holding the study's
+    # image work (before, questions asked through the API were never routed)
+    job = followup(FhirStore(api.ledger), question.json()["id"])
+    assert job is not None and job.study_uid == api.studies["ACC-0001"]
 
 
 # ----------------------------------------------------------------------------- subscriptions

@@ -22,11 +22,15 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Any
 
-from node.fhir import codes
 from node.fhir import resources as fr
-from node.fhir.followups import FollowupJob, finish_followup, followup, start_followup
-from node.fhir.search import normalise_reference
-from node.fhir.store import FhirStore, StoredResource
+from node.fhir.followups import (
+    FollowupJob,
+    finish_followup,
+    followup,
+    start_followup,
+    study_uid_of,
+)
+from node.fhir.store import FhirStore
 from node.ledger import StudyLedger, StudySummary
 from node.settings import Settings
 from node.turns import DialogueLog, Turn
@@ -74,18 +78,6 @@ def _question_text(question: Mapping[str, Any]) -> str:
         (str(p["contentString"]) for p in question.get("payload", []) if "contentString" in p),
         "",
     )
-
-
-def study_uid_of(store: FhirStore, report: StoredResource) -> str:
-    """The Study Instance UID of a report's ImagingStudy ("" if it has none)."""
-    for ref in report.resource.get("imagingStudy", []):
-        kind, _, rid = normalise_reference(str(ref.get("reference", ""))).partition("/")
-        study = store.get(kind, rid) if kind == "ImagingStudy" else None
-        for ident in study.resource.get("identifier", []) if study else []:
-            value = str(ident.get("value", ""))
-            if value.startswith("urn:oid:") and ident.get("system") == codes.DICOM_UID:
-                return value[len("urn:oid:") :]
-    return ""
 
 
 def _finished_version(ledger: StudyLedger, study_uid: str) -> StudySummary:

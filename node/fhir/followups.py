@@ -38,8 +38,10 @@ from node.affinity import WorkerRegistry
 from node.db import utcnow
 from node.delivery import backoff_seconds
 from node.dispatch import Dispatcher, DispatchError
+from node.fhir import codes
 from node.fhir.models import FollowupRow, FollowupState
-from node.fhir.store import FhirStore
+from node.fhir.search import normalise_reference
+from node.fhir.store import FhirStore, StoredResource
 
 log = logging.getLogger("medgemma.fhir.followups")
 
@@ -88,6 +90,19 @@ class NewQuestion:
     study_uid: str
     language: str
     anchor_ref: str
+
+
+def study_uid_of(store: FhirStore, report: StoredResource) -> str:
+    """The Study Instance UID of a report's ImagingStudy ("" if it has none): what a
+    follow-up is routed by (to the worker holding the study's image work) and answered on."""
+    for ref in report.resource.get("imagingStudy", []):
+        kind, _, rid = normalise_reference(str(ref.get("reference", ""))).partition("/")
+        study = store.get(kind, rid) if kind == "ImagingStudy" else None
+        for ident in study.resource.get("identifier", []) if study else []:
+            value = str(ident.get("value", ""))
+            if value.startswith("urn:oid:") and ident.get("system") == codes.DICOM_UID:
+                return value[len("urn:oid:") :]
+    return ""
 
 
 def create_followup(

@@ -39,7 +39,7 @@ from node.fhir import codes
 from node.fhir.auth import Principal
 from node.fhir.deps import ApiContext, Call, base_url
 from node.fhir.errors import FhirError, bad_request, not_found, operation_outcome, unprocessable
-from node.fhir.followups import FollowupJob, NewQuestion, followup
+from node.fhir.followups import FollowupJob, NewQuestion, followup, study_uid_of
 from node.fhir.resources import ResourceInvalid, now_instant, validate
 from node.fhir.responses import FhirResponse, collection_text, json_response, resource_response
 from node.fhir.search import normalise_reference
@@ -186,6 +186,13 @@ def question_from_communication(comm: Mapping[str, Any]) -> tuple[str, Question]
         raise unprocessable("Communication.payload.contentString must hold the question")
     language = _check_language(str(comm.get("language") or ""))
     return reports[0], Question(_check_text(payloads[0]), anchor, language)
+
+
+def _report_and_study(store: FhirStore, report_id: str) -> tuple[StoredResource, str]:
+    """The report a question is about and its Study Instance UID, by which the question is
+    routed to the worker that holds the study's image work (docs/architecture.md)."""
+    report = _report(store, report_id)
+    return report, study_uid_of(store, report)
 
 
 def _report(store: FhirStore, report_id: str) -> StoredResource:
@@ -361,10 +368,10 @@ async def _accept(
         raise FhirError(
             503, "this node has no work queue for follow-up questions", code="transient"
         )
-    report = await ctx.read(_report, ctx.store, report_id)
+    report, study_uid = await ctx.read(_report_and_study, ctx.store, report_id)
     anchor_ref = await ctx.read(_resolve_anchor, ctx.store, report, q.anchor)
     question = build_question(report, q, anchor_ref, call.principal, extra)
-    item = NewQuestion(question, report.id, "", q.language, anchor_ref)
+    item = NewQuestion(question, report.id, study_uid, q.language, anchor_ref)
     job = await asyncio.wrap_future(ctx.writer.submit(item))
     ctx.publisher.publish(job.id)
     call.access.entities = [f"DiagnosticReport/{job.report_id}", f"Communication/{job.id}"]
