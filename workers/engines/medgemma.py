@@ -326,17 +326,20 @@ class MedGemmaEngine:
     def prepare(self, requests: Sequence[EngineRequest]) -> Any:
         """Chat-template, tokenise (left-padded) and pre-process; tensors on the model's device."""
         conversations = [_conversation(request) for request in requests]
-        inputs = self.processor.apply_chat_template(
+        return self._templated(conversations).to(self.device, dtype=self.dtype)
+
+    def _templated(self, conversations: list[Any], **processor_kwargs: Any) -> Any:
+        """The chat template applied and tokenised (left-padded), images pre-processed."""
+        return self.processor.apply_chat_template(
             conversations,
             add_generation_prompt=True,
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-            processor_kwargs={"padding": True},
+            processor_kwargs={"padding": True, **processor_kwargs},
             # Prompt text (a RIS question, say) cannot write control tokens such as <end_of_turn>.
             sanitize_control_tokens=True,
         )
-        return inputs.to(self.device, dtype=self.dtype)
 
     def layout(self, requests: Sequence[EngineRequest]) -> Any | None:
         """What ``prepare`` gives except the images' pixel values (token ids, attention
@@ -355,15 +358,7 @@ class MedGemmaEngine:
                 if item["type"] == "image":  # same placeholder tokens, nothing to resize
                     item["image"] = Image.new("RGB", (1, 1))
         patch = int(getattr(self.model.config.vision_config, "patch_size", 14))
-        inputs = self.processor.apply_chat_template(
-            conversations,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"padding": True, "size": {"height": patch, "width": patch}},
-            sanitize_control_tokens=True,
-        )
+        inputs = self._templated(conversations, size={"height": patch, "width": patch})
         inputs.pop("pixel_values", None)
         return inputs.to(self.device)
 
