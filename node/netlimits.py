@@ -369,6 +369,24 @@ class HostSlots:
             return self._open.get(host, 0)
 
 
+def admit_host(host: str, allowed: frozenset[str], slots: HostSlots | None) -> bool:
+    """Whether a new connection from ``host`` may go on: ``host`` is in ``allowed`` (when
+    that is not empty) and, with ``slots``, a slot of the host was taken (the caller releases
+    it when the connection ends). A refusal is logged; the caller closes the connection."""
+    if allowed and host not in allowed:
+        log.warning("refused connection from host %s: not in dicom.allowed_hosts", host)
+        return False
+    if slots is not None and not slots.acquire(host):
+        log.warning(
+            "refused connection from host %s: it has %d connections open "
+            "(dicom.max_associations_per_host)",
+            host,
+            slots.per_host,
+        )
+        return False
+    return True
+
+
 # --- deflated datasets -------------------------------------------------------------------
 
 

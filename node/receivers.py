@@ -51,7 +51,7 @@ from typing import Any
 
 from node.datadir import PRIVATE_UMASK
 from node.ledger import StudyLedger
-from node.netlimits import HostSlots
+from node.netlimits import HostSlots, admit_host
 from node.scp import StorageSCP, StoreCounters, make_ssl_context
 from node.settings import DicomSettings, Settings, StorageSettings
 from node.spool import Spool
@@ -557,17 +557,7 @@ class ReceiverPool:
 
     def _admit(self, client: socket.socket, address: Any) -> None:
         host = str(address[0])
-        if self._allowed and host not in self._allowed:
-            log.warning("refused connection from host %s: not in dicom.allowed_hosts", host)
-            client.close()
-            return
-        if not self._slots.acquire(host):
-            log.warning(
-                "refused connection from host %s: it has %d connections open "
-                "(dicom.max_associations_per_host)",
-                host,
-                self._slots.per_host,
-            )
+        if not admit_host(host, self._allowed, self._slots):
             client.close()
             return
         message = json.dumps({"host": host, "port": int(address[1])}).encode()

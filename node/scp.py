@@ -77,6 +77,7 @@ from node.netlimits import (
     PeerLimits,
     PeerSocket,
     TlsPeerSocket,
+    admit_host,
     inflate_limited,
     install_pynetdicom_log_filter,
     limit_connection,
@@ -261,18 +262,9 @@ class _HostCheckingServer(ThreadedAssociationServer):
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])
-        if self.allowed_hosts and host not in self.allowed_hosts:
-            log.warning("refused connection from host %s: not in dicom.allowed_hosts", host)
+        if not admit_host(host, self.allowed_hosts, self.slots):
             return False
         if self.slots is not None:
-            if not self.slots.acquire(host):
-                log.warning(
-                    "refused connection from host %s: it has %d connections open "
-                    "(dicom.max_associations_per_host)",
-                    host,
-                    self.slots.per_host,
-                )
-                return False
             slots = self.slots
             on_close = lambda: slots.release(host)  # noqa: E731
         else:
