@@ -18,6 +18,7 @@ from node.fhir.audit import AccessRecord, audit_event
 from node.fhir.projection import record_preread
 from node.fhir.resources import build_answer, report_id
 from node.fhir.routers.metadata import ask_operation_definition, capability_statement
+from node.fhir.search import parse_query
 from node.fhir.store import FhirStore
 from node.ledger import InstanceHeader, StudyLedger, StudyState
 from sr_templates.model import PrereadResult
@@ -317,3 +318,48 @@ def test_question_built_for_ask_validates(ledger: StudyLedger) -> None:
         assert comm["about"][0] == {"reference": f"DiagnosticReport/{report.id}"}
         assert comm["subject"] == report.resource["subject"]
         assert (comm.get("language") or "") == q.language
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_reads_and_paged_searches_agree_on_sqlite_and_postgresql(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The store reads through the SQLite driver on SQLite and through SQLAlchemy on
+    PostgreSQL (node.fhir.store.SqliteDriver): the same statements, so a RIS sees the same
+    reports on either: every one of a patient's reports once over the pages, none of
+    another patient's, the total right on every page, reads equal to the search's rows."""
+    url = (
+        f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    ledger = StudyLedger(url)
+    try:
+        mine = [add_study(ledger, accession=f"ACC-{n}", study_date=f"2025011{n}") for n in range(5)]
+        other = add_study(ledger, patient_id="PAT-0002", accession="ACC-OTHER")
+        for uid in [*mine, other]:
+            record(ledger, uid)
+        store = FhirStore(ledger)
+        conditions = parse_query(
+            "DiagnosticReport", [("patient.identifier", f"{SYSTEMS_PATIENT}|PAT-0001")]
+        )
+        seen: list[str] = []
+        page = store.search_page("DiagnosticReport", conditions, count=2)
+        pages = 1
+        while True:
+            assert page.total == len(mine)
+            seen += [r.id for r in page.resources]
+            if page.next is None:
+                break
+            page = store.search_page("DiagnosticReport", conditions, count=2, after=page.next)
+            pages += 1
+        assert pages == 3
+        assert sorted(seen) == sorted(report_id(uid) for uid in mine)  # each once
+        refs = [("DiagnosticReport", rid) for rid in reversed(seen)] + [("Patient", "nobody")]
+        assert [r.id for r in store.get_many(refs)] == list(reversed(seen))
+        one = store.get("DiagnosticReport", seen[0])
+        assert one is not None and one.resource["id"] == seen[0]
+        assert store.get("DiagnosticReport", report_id(other)) is not None
+        assert store.search_page("DiagnosticReport", conditions, count=0).total == len(mine)
+    finally:
+        ledger.close()
