@@ -25,9 +25,20 @@ children), the senders' CPU seconds and the CPU the rest of the machine used mea
 the receiver's CPU per file much less. Runs alternate ours / storescp (ABAB, the order
 flipping each repeat) to spread drift; the summary is the median of the repeats.
 
+Settle: on a virtual machine whose balloon driver reports free memory back to the host
+(virtio-balloon free page reporting, as on the machines these figures come from), memory a
+guest freed is handed back after about 2 s, and writing to it again costs the guest a host
+page fault per page: about 25 ms of system CPU per 10 MB file instead of 4, measured. Each
+run removes its files at the end; a receiver that starts in milliseconds (storescp) would
+then write into the memory just freed while ours, whose start takes seconds, writes into
+memory already handed back. So every run's first file goes ``--settle`` seconds (default
+5) after the previous run's files were removed, and both receivers write under the same
+conditions. ``--settle 0`` restores the old behaviour (first file as soon as the receiver
+answers C-ECHO).
+
 Usage:
   python bench/ingest.py [--count 200] [--syntax explicit j2k] [--associations 1 4]
-      [--repeat 1] [--data-dir bench/out/data] [--json bench/out/ingest.json]
+      [--repeat 1] [--settle 5] [--data-dir bench/out/data] [--json bench/out/ingest.json]
 Needs dcmtk 3.6 (``/usr/bin/storescu``, ``storescp``; pynetdicom installs scripts of the
 same names in the venv, so the dcmtk paths are explicit). Receivers are started and
 stopped with bench/nodeproc.py and are ready when they answer C-ECHO.
@@ -434,6 +445,10 @@ def send(
     return elapsed
 
 
+#: When the previous run's files were removed (time.monotonic()), for ``--settle``.
+_last_cleanup = [0.0]
+
+
 def run_once(
     receiver: Receiver,
     data: DataSet,
@@ -442,7 +457,10 @@ def run_once(
     work_root: Path,
     log_dir: Path,
     sender_env: dict[str, str],
+    settle: float = 0.0,
 ) -> RunResult:
+    """One timed run. The first file is sent ``settle`` seconds after the previous run's
+    files were removed, whatever the receiver's start-up time (``--settle``)."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"{receiver.name}-", dir=work_root))
     tag = f"{data.syntax}-a{associations}-{receiver.name}"
     run_logs = log_dir / tag
@@ -452,6 +470,7 @@ def run_once(
         port = receiver.start(run_dir, run_logs / "receiver.log")
         try:
             assert receiver.pid is not None
+            time.sleep(max(0.0, _last_cleanup[0] + settle - time.monotonic()))
             load1 = os.getloadavg()[0]
             cpu0 = tree_cpu_seconds(receiver.pid)
             busy0, senders0 = _machine_busy_seconds(), os.times()
@@ -477,6 +496,7 @@ def run_once(
             )
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+        _last_cleanup[0] = time.monotonic()
     result = RunResult(
         data.syntax, associations, receiver.name, repeat, len(data.files), data.total_bytes,
         round(seconds, 3), round(receiver_cpu, 2), round(senders_cpu, 2), round(other, 2),
@@ -625,7 +645,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "values add receivers ours-pN, run in the same alternation (e.g. 2 1: ours with 2, "
         "ours-p1 with 1, ratio ours/ours-p1)",
     )
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=5.0,
+        help="seconds from the end of one run (its files removed) to the first file of the "
+        "next, the same for every receiver (default 5; see 'Settle' in the module text)",
+    )
     args = parser.parse_args(argv)
+    if args.settle < 0:
+        parser.error("--settle must be at least 0")
     if min(args.receiver_processes) < 1:
         parser.error("--receiver-processes must be at least 1")
     if args.count < 1 or args.repeat < 1 or min(args.associations) < 1:
@@ -665,7 +694,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     order = receivers if rep % 2 == 0 else receivers[::-1]
                     for receiver in order:
                         results.append(
-                            run_once(receiver, data[syntax], assoc, rep, work_root, log_dir, env)
+                            run_once(
+                                receiver,
+                                data[syntax],
+                                assoc,
+                                rep,
+                                work_root,
+                                log_dir,
+                                env,
+                                settle=args.settle,
+                            )
                         )
     except BenchError as exc:
         print(f"ingest: {exc}", file=sys.stderr)

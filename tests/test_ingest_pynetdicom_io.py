@@ -13,14 +13,17 @@ from typing import Any
 
 import pynetdicom
 import pytest
-from pynetdicom import AE, dul, evt
+from pydicom import dcmread
+from pynetdicom import AE, dul, evt, fsm
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+import node.scp as node_scp
 from node.netlimits import PeerSocket
 from node.pynetdicom_io import (
     CHECKED_PYNETDICOM,
@@ -67,6 +70,21 @@ def test_what_the_replacement_relies_on_is_still_there() -> None:
     # the DIMSE layer reads a value's control header as data[0] and the rest as data[1:]
     dimse = inspect.getsource(DIMSEMessage.decode_msg)
     assert "data[0]" in dimse and "write(data[1:])" in dimse
+    # what the direct write of a dataset's middle relies on: in Sta6 a P-DATA-TF (Evt10) is
+    # DT-2, which stays in Sta6 and hands the PDU's values to the DIMSE layer; that writes a
+    # dataset fragment of a chunked C-STORE to message._data_set_file and flushes it, and
+    # keeps the context of the command set; the reactor restarts the idle timer after a read
+    assert fsm.TRANSITION_TABLE[("Evt10", "Sta6")] == "DT-2"
+    dt_2 = inspect.getsource(fsm.DT_2)
+    assert "dimse.receive_primitive" in dt_2 and 'return "Sta6"' in dt_2
+    assert "self._data_set_file.write(data[1:])" in dimse
+    assert "self._data_set_file.file.flush()" in dimse
+    assert "self.context_id = context_id" in dimse
+    assert "self.message.decode_msg(primitive" in inspect.getsource(
+        DIMSEServiceProvider.receive_primitive
+    )
+    reactor = inspect.getsource(DULServiceProvider.run_reactor)
+    assert "self._is_transport_event():" in reactor and "self._idle_timer.restart()" in reactor
 
 
 def _p_data_tf(*values: tuple[int, bytes]) -> bytes:
@@ -200,3 +218,52 @@ def test_the_pdu_reader_reads_a_pdu_whole_and_refuses_what_pynetdicom_refuses() 
     assert _events(assoc) == ["Evt17"]
     assert assoc.dul._recv_pdu.empty()
     assoc.dul.socket.close()  # type: ignore[union-attr]
+
+
+def _sent_and_stored(node: NodeRuntime, tmp_path: Path, seed: int) -> tuple[Any, Any, Path]:
+    """storescu one 2 MiB image to the node in PDUs of at most 16 KiB (about 130 of them);
+    the dataset sent and the dataset stored."""
+    image = make_chest_radiograph(seed=seed, rows=1024, cols=1024)
+    (path,) = write_study(tmp_path / f"in-{seed}", [image])
+    result = storescu(node.scp.port, path, extra=("--max-send-pdu", "16384"))
+    assert result.returncode == 0, result.stderr
+    inst = node.ledger.find_instance(image.dataset.SOPInstanceUID)
+    assert inst is not None
+    stored = node.spool.path_of(inst.path)
+    assert inst.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
+    return dcmread(path), dcmread(stored), stored
+
+
+def test_the_middle_of_a_dataset_goes_straight_to_its_file(
+    node: NodeRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    primitives: list[int] = []
+    receive = DIMSEServiceProvider.receive_primitive
+
+    def counting(self: DIMSEServiceProvider, primitive: P_DATA) -> None:
+        primitives.append(len(primitive.presentation_data_value_list))
+        receive(self, primitive)
+
+    monkeypatch.setattr(DIMSEServiceProvider, "receive_primitive", counting)
+    sent, stored, _ = _sent_and_stored(node, tmp_path, seed=11)
+    # pynetdicom's DIMSE layer sees the command set and the dataset's last fragment, not
+    # the 130 PDUs between them; the stored dataset is the one sent, byte for byte
+    assert 2 <= len(primitives) <= 4
+    assert stored.PixelData == sent.PixelData
+    assert stored.SOPInstanceUID == sent.SOPInstanceUID
+
+
+def test_a_bound_pdu_recv_handler_sees_every_pdu_of_the_dataset(
+    node: NodeRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    original = node_scp.read_in_large_chunks
+
+    def with_handler(assoc: Association) -> None:
+        assoc.bind(evt.EVT_PDU_RECV, lambda event: seen.append(type(event.pdu).__name__))
+        original(assoc)
+
+    monkeypatch.setattr(node_scp, "read_in_large_chunks", with_handler)
+    sent, stored, _ = _sent_and_stored(node, tmp_path, seed=12)
+    assert seen.count("P_DATA_TF") > 100  # every PDU through pynetdicom, as without the node
+    assert stored.PixelData == sent.PixelData
