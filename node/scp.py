@@ -475,11 +475,13 @@ class StorageSCP:
         rq_sop = str(request.AffectedSOPInstanceUID or "")
         path = Path(event.dataset_path)
         receiving = _receiving.get(str(path))
+        # the digest also writes what is still in memory of a file written in blocks
+        # (node.spool.ReceivingFile), so a full disk can show here first
+        digest = receiving.digest() if receiving is not None else None
         if receiving is not None and receiving.error is not None:
             self.counters.refused += 1
             return self._receive_failed(receiving.error, calling_ae, rq_sop)
         try:
-            digest = receiving.digest() if receiving is not None else None
             rq_class = str(request.AffectedSOPClassUID or "")
             status = self._store(path, calling_ae, rq_class, rq_sop, digest)
         except Exception as exc:

@@ -3,7 +3,9 @@ recorded, the partial file deleted at once, and the rest of the dataset dropped 
 error, so the C-STORE can be answered. The full disk itself, end to end, is
 tests/test_fault_matrix.py::test_data_directory_filling_up_during_a_store (needs a tmpfs);
 here a file size limit (RLIMIT_FSIZE: writes past it fail with EFBIG) fails the write on
-any machine."""
+any machine. Every test runs twice: with the file written in O_DIRECT blocks (where the
+file system takes it, as the receive directory's does) and with buffered writes (where it
+does not)."""
 
 from __future__ import annotations
 
@@ -17,9 +19,25 @@ from pathlib import Path
 
 import pytest
 
-from node.spool import HASH_BATCH_BYTES, ReceivingFile
+import node.spool
+from node.spool import DIRECT_BLOCK_BYTES, HASH_BATCH_BYTES, ReceivingFile
 
 LIMIT = 64 << 10
+
+
+@pytest.fixture(autouse=True, params=["direct", "buffered"])
+def write_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "buffered":
+        monkeypatch.setattr(node.spool, "_direct_io", lambda fd: False)
+    return str(request.param)
+
+
+def test_the_receive_directory_takes_direct_writes(tmp_path: Path, write_mode: str) -> None:
+    receiving = ReceivingFile(tmp_path)
+    assert receiving.direct == (write_mode == "direct"), (
+        "O_DIRECT refused on the test's directory: received datasets would fill the page cache"
+    )
+    receiving.close()
 
 
 @pytest.fixture
@@ -68,7 +86,8 @@ def test_a_failed_write_deletes_the_partial_file_and_drops_the_rest(
         assert receiving.write(chunk) == len(chunk)
         receiving.file.flush()
         written += len(chunk)
-        assert written < 4 * file_size_limit, "the size limit did not fail the write"
+        # buffered writes fail at the limit; direct ones when the block holding it is written
+        assert written < 4 * file_size_limit + DIRECT_BLOCK_BYTES, "the limit did not fail it"
     assert receiving.error.errno == errno.EFBIG
     assert not Path(receiving.name).exists(), "partial file left behind"
     assert receiving.write(chunk) == len(chunk)  # the rest of the dataset: dropped, no error
