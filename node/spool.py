@@ -71,17 +71,19 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
 
 
-#: A file being received hands what it wrote to the hashing thread in batches of this many
-#: bytes; at most _HASH_QUEUE batches wait there (then the receiving thread waits).
+#: A file being received with buffered writes hands what it wrote to the background thread
+#: in batches of this many bytes; at most QUEUED_JOBS jobs wait there (then the receiving
+#: thread waits).
 HASH_BATCH_BYTES = 1 << 20
-_HASH_QUEUE = 32
+QUEUED_JOBS = 32
 
 
-class _HashingThread:
-    """One daemon thread that feeds queued chunks to their SHA-256 objects, in the order
-    they were queued, so the receiving threads do not hash (``hashlib`` releases the GIL
-    while it hashes: on another core, hashing overlaps receiving). Started on first use,
-    and again in a forked child (threads do not survive a fork)."""
+class _BackgroundThread:
+    """One daemon thread that runs queued jobs in the order they were queued: it writes
+    the blocks of files received with O_DIRECT and feeds every received chunk to its
+    SHA-256, so the receiving threads neither wait for the disk nor hash (both release the
+    GIL: on another core, they overlap receiving). Started on first use, and again in a
+    forked child (threads do not survive a fork)."""
 
     def __init__(self) -> None:
         self._reset()
@@ -89,44 +91,38 @@ class _HashingThread:
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[Any, Any, Callable[[], None] | None]] = queue.Queue(
-            _HASH_QUEUE
-        )
+        self._queue: queue.Queue[Callable[[], object]] = queue.Queue(QUEUED_JOBS)
         self._thread: threading.Thread | None = None
 
-    def submit(
-        self, sha256: Any, chunks: list[Any], then: Callable[[], None] | None = None
-    ) -> None:
-        """Hash ``chunks`` into ``sha256``, then call ``then`` (in the hashing thread)."""
+    def submit(self, job: Callable[[], object]) -> None:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, args=(self._queue,), name="medgemma-hash", daemon=True
                 )
                 self._thread.start()
-        self._queue.put((sha256, chunks, then))
+        self._queue.put(job)
 
     def wait(self) -> None:
-        """Return once every chunk submitted before this call is hashed."""
+        """Return once every job submitted before this call has run."""
         done = threading.Event()
-        self._queue.put((None, done, None))
+        self.submit(done.set)
         done.wait()
 
     @staticmethod
-    def _run(work: queue.Queue[tuple[Any, Any, Callable[[], None] | None]]) -> None:
+    def _run(work: queue.Queue[Callable[[], object]]) -> None:
         while True:
-            sha256, chunks, then = work.get()
-            if isinstance(chunks, threading.Event):
-                chunks.set()
-                continue
-            for chunk in chunks:
-                sha256.update(chunk)
-            del chunks
-            if then is not None:
-                then()
+            job = work.get()
+            job()
+            del job
 
 
-_hashing = _HashingThread()
+def _hash_all(sha256: Any, chunks: list[bytes | memoryview]) -> None:
+    for chunk in chunks:
+        sha256.update(chunk)
+
+
+_background = _BackgroundThread()
 
 #: A dataset being received goes to its file in blocks of this many bytes, written with
 #: O_DIRECT (:class:`ReceivingFile`); the last block is padded to :data:`_DIRECT_ALIGN` and
@@ -237,31 +233,35 @@ class ReceivingFile:
     """A dataset being written into the receive directory, as it arrives (the binary file
     object pynetdicom's chunked receive writes to and flushes; ``file`` is itself).
 
-    Where the file system takes O_DIRECT (ext4, xfs), what is written is gathered in
-    page-aligned blocks of :data:`DIRECT_BLOCK_BYTES` (:class:`_BlockPool`) and each full
-    block goes to the disk directly; :meth:`digest` or :meth:`close` writes the last,
-    partial block (padded, then the file is cut to its size). The page cache is not filled
-    with every received byte: that copy, into new page-cache memory, cost up to 30 ms of
-    system CPU per 10 MB file on the receiving thread, where the direct write costs about
-    2 ms and leaves little for the fsync before the C-STORE response (docs/performance.md).
-    Elsewhere (tmpfs) writes are buffered, and the written bytes are sent on to the disk
-    every :data:`WRITEBACK_BYTES` (:func:`start_writeback`). Either way the file holds
-    everything written once :meth:`digest` or :meth:`close` returned, and the stored
-    instance is durable only after the spool's fsync (:meth:`Spool.store_file`).
+    Where the file system takes O_DIRECT (ext4, xfs; tmpfs too since Linux 6.6), what is
+    written is gathered in page-aligned blocks of :data:`DIRECT_BLOCK_BYTES` (reused:
+    :class:`_BlockPool`), and each full block is written to the disk directly, by the
+    process's background thread (:class:`_BackgroundThread`) while the next one fills;
+    :meth:`digest` or :meth:`close` writes the last, partial block (padded, then the file is
+    cut to its size). So the received bytes are not copied into new page-cache memory,
+    which cost up to 30 ms of system CPU per 10 MB file on the receiving thread here (a
+    direct write: about 2 ms), and the fsync before the C-STORE response has little left to
+    write (docs/performance.md, "Direct writes"). Elsewhere writes are buffered, and the
+    written bytes are sent on to the disk every :data:`WRITEBACK_BYTES`
+    (:func:`start_writeback`). Either way the file holds everything written once
+    :meth:`digest` or :meth:`close` has returned; the stored instance is durable only after
+    the spool's fsync (:meth:`Spool.store_file`).
 
     The SHA-256 of what is written is computed as it is written (:meth:`digest`), so the
     stored file is not read a second time to hash it: every byte of the file passes through
-    :meth:`write`, in order, and nothing else writes to it. The hashing itself runs in the
-    process's hashing thread (:class:`_HashingThread`), a block (or a batch of
-    :data:`HASH_BATCH_BYTES` of buffered writes) at a time, off the receiving thread; a file
-    smaller than one is hashed in :meth:`digest`. What is written must not change afterwards
-    (pynetdicom hands over bytes, or views of a PDU it never touches again).
+    :meth:`write`, in order, and nothing else writes to it. The hashing runs in the
+    background thread too, a block (or a batch of :data:`HASH_BATCH_BYTES` of buffered
+    writes) at a time, in order; a file smaller than one is hashed in :meth:`digest`. What
+    is written must not change afterwards (pynetdicom hands over bytes, or views of a PDU it
+    never touches again).
 
     A failing write (disk full: ENOSPC, EDQUOT; any OSError, creating the file too) does not
     stop the transfer: the first error is kept in :attr:`error`, the partial file is deleted
     at once (its space freed), and the rest of the dataset is dropped as it comes, so the
     C-STORE completes and its handler can answer Out of Resources on an association that
-    goes on. The file is created 0600 (``tempfile.mkstemp``), like the spool's.
+    goes on. A block written in the background fails the file at the next :meth:`write`,
+    :meth:`digest` or :meth:`close`. The file is created 0600 (``tempfile.mkstemp``), like
+    the spool's.
     """
 
     def __init__(self, directory: Path, prefix: str = "rx-", suffix: str = ".dcm") -> None:
@@ -271,11 +271,13 @@ class ReceivingFile:
         self._size = 0
         self._unhashed: list[bytes | memoryview] = []  # written, not yet handed to hashing
         self._unhashed_bytes = 0
-        self._handed_over = False  # whether the hashing thread has had any of this file
+        self._handed_over = False  # whether the background thread has had any of this file
         self._written_back = 0  # bytes handed to start_writeback so far
         self._block: mmap.mmap | None = None  # direct: the block being filled
         self._used = 0  # direct: bytes of the current block filled
+        self._direct = False
         self._finished = False  # direct: the last block is written, the file cut to size
+        self._block_error: OSError | None = None  # direct: a block write that failed
         try:
             fd, name = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=directory)
         except OSError as exc:
@@ -285,6 +287,7 @@ class ReceivingFile:
             return
         self.name = name
         if _direct_io(fd):
+            self._direct = True
             self._file = os.fdopen(fd, "wb", buffering=0)
             self._block = _blocks.get()
         else:
@@ -301,13 +304,15 @@ class ReceivingFile:
     @property
     def direct(self) -> bool:
         """Whether the file is written with O_DIRECT, in blocks."""
-        return self._block is not None or self._finished
+        return self._direct
 
     def write(self, data: bytes | memoryview) -> int:
         """Write ``data``; after a failure, drop it. Returns ``len(data)`` either way."""
+        if self._block_error is not None and self.error is None:
+            self._fail(self._block_error)
         if self._file is None or self.error is not None:
             return len(data)
-        if self._block is not None:
+        if self._direct:
             self._gather(data)
             return len(data)
         try:
@@ -325,7 +330,8 @@ class ReceivingFile:
         return len(data)
 
     def _gather(self, data: bytes | memoryview) -> None:
-        """Copy ``data`` into the current block; write and hash each block filled."""
+        """Copy ``data`` into the current block; hand each full block to the background
+        thread, to be written and hashed."""
         with memoryview(data) as view:
             count = len(view)
             pos = 0
@@ -337,52 +343,49 @@ class ReceivingFile:
                 self._size += take
                 pos += take
                 if self._used == DIRECT_BLOCK_BYTES:
-                    if not self._write_block():
-                        return
-                    block = self._block
-                    _hashing.submit(self._sha256, [memoryview(block)], partial(_blocks.put, block))
+                    offset = self._size - DIRECT_BLOCK_BYTES
+                    _background.submit(partial(self._store_block, self._block, offset))
                     self._handed_over = True
                     self._block = _blocks.get()
                     self._used = 0
 
-    def _write_block(self) -> bool:
-        """Write the current block (its used part, padded to _DIRECT_ALIGN) at its place in
-        the file; False after a failure (then recorded and the file deleted)."""
-        assert self._file is not None and self._block is not None
-        fd = self._file.fileno()
-        offset = self._size - self._used  # every block before this one is full
-        length = -(-self._used // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    def _store_block(self, block: mmap.mmap, offset: int) -> None:
+        """In the background thread: write a full block at ``offset``, hash it, and give it
+        back to the pool; after a failed block, only give it back."""
         try:
-            with memoryview(self._block) as view:
-                done = 0
-                while done < length:
-                    done += os.pwrite(fd, view[done:length], offset + done)
+            if self._block_error is None and self.error is None:
+                assert self._file is not None
+                _write_at(self._file.fileno(), block, DIRECT_BLOCK_BYTES, offset)
+                with memoryview(block) as view:
+                    self._sha256.update(view)
         except OSError as exc:
-            self._fail(exc)
-            return False
-        return True
+            self._block_error = exc
+        finally:
+            _blocks.put(block)
 
     def _finish(self) -> None:
-        """Direct: write the last, partial block and cut the file to its size (once)."""
-        if self._block is None or self._finished or self.error is not None:
+        """Direct: once the background thread is done with this file's blocks, write the
+        last, partial block and cut the file to its size (once; nothing after a failure)."""
+        if not self._direct or self._finished or self.error is not None:
             return
-        if self._used and not self._write_block():
+        if self._handed_over:
+            _background.wait()
+        if self._block_error is not None:
+            self._fail(self._block_error)
             return
-        assert self._file is not None
+        assert self._file is not None and self._block is not None
+        block, used = self._block, self._used
         try:
+            if used:
+                _write_at(self._file.fileno(), block, used, self._size - used)
             os.ftruncate(self._file.fileno(), self._size)
         except OSError as exc:
             self._fail(exc)
             return
-        block, used = self._block, self._used
-        self._block = None
+        with memoryview(block) as view:
+            self._sha256.update(view[:used])
+        self._release_block()
         self._finished = True
-        if self._handed_over:
-            _hashing.submit(self._sha256, [memoryview(block)[:used]], partial(_blocks.put, block))
-        else:
-            with memoryview(block) as view:
-                self._sha256.update(view[:used])
-            _blocks.put(block)
 
     def _write_back(self) -> None:
         assert self._file is not None
@@ -395,7 +398,7 @@ class ReceivingFile:
         self._written_back = self._size
 
     def _hand_over(self) -> None:
-        _hashing.submit(self._sha256, self._unhashed)
+        _background.submit(partial(_hash_all, self._sha256, self._unhashed))
         self._unhashed = []
         self._unhashed_bytes = 0
         self._handed_over = True
@@ -404,29 +407,25 @@ class ReceivingFile:
         """(SHA-256 hex digest, size in bytes) of everything written so far, or None after
         a failed write (the file is gone). Direct: the file is complete afterwards, and takes
         no more writes."""
+        if self._direct:
+            self._finish()
         if self.error is not None or self._file is None:
             return None
-        if self.direct:
-            self._finish()
-            if self.error is not None:
-                return None
-            if self._handed_over:
-                _hashing.wait()
+        if self._direct:
             return self._sha256.hexdigest(), self._size
         if self._handed_over:
             if self._unhashed:
                 self._hand_over()
-            _hashing.wait()
+            _background.wait()
         else:
-            for chunk in self._unhashed:
-                self._sha256.update(chunk)
+            _hash_all(self._sha256, self._unhashed)
             self._unhashed = []
             self._unhashed_bytes = 0
         return self._sha256.hexdigest(), self._size
 
     def flush(self) -> None:
         """Buffered: flush. Direct: nothing (blocks are written as they fill)."""
-        if self._file is not None and self.error is None and self._block is None:
+        if self._file is not None and self.error is None and not self._direct:
             try:
                 self._file.flush()
             except OSError as exc:
@@ -441,7 +440,6 @@ class ReceivingFile:
                 self._file.close()
             except OSError as exc:
                 self._fail(exc)
-        self._release_block()
 
     def _release_block(self) -> None:
         if self._block is not None:
@@ -451,6 +449,8 @@ class ReceivingFile:
     def _fail(self, exc: OSError) -> None:
         self.error = exc
         self._unhashed = []  # no digest after a failure
+        if self._handed_over:
+            _background.wait()  # no block of this file is being written when it is closed
         if self._file is not None:
             try:
                 self._file.close()  # the buffered bytes fail to flush again; the fd is closed
@@ -458,6 +458,16 @@ class ReceivingFile:
                 pass
         self._release_block()
         Path(self.name).unlink(missing_ok=True)
+
+
+def _write_at(fd: int, block: mmap.mmap, length: int, offset: int) -> None:
+    """Write ``length`` bytes of a block at ``offset`` of an O_DIRECT file, padded to
+    _DIRECT_ALIGN (the caller cuts the file to its size afterwards)."""
+    padded = -(-length // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    with memoryview(block) as view:
+        done = 0
+        while done < padded:
+            done += os.pwrite(fd, view[done:padded], offset + done)
 
 
 @dataclass(frozen=True)
