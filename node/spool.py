@@ -71,7 +71,7 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: errors ignored
 
 
-#: A file being received with buffered writes hands what it wrote to the background thread
+#: A file being received with buffered writes hands what it wrote to the hashing thread
 #: in batches of this many bytes; at most QUEUED_JOBS jobs wait there (then the receiving
 #: thread waits).
 HASH_BATCH_BYTES = 1 << 20
@@ -79,13 +79,15 @@ QUEUED_JOBS = 32
 
 
 class _BackgroundThread:
-    """One daemon thread that runs queued jobs in the order they were queued: it writes
-    the blocks of files received with O_DIRECT and feeds every received chunk to its
-    SHA-256, so the receiving threads neither wait for the disk nor hash (both release the
-    GIL: on another core, they overlap receiving). Started on first use, and again in a
-    forked child (threads do not survive a fork)."""
+    """One daemon thread that runs queued jobs in the order they were queued. A process has
+    two (:data:`_writer`: the blocks of files received with O_DIRECT; :data:`_hasher`: the
+    SHA-256 of every received chunk), so the receiving threads neither wait for the disk
+    nor hash, and writing one block overlaps hashing the one before (both release the GIL:
+    on other cores, they overlap receiving). Started on first use, and again in a forked
+    child (threads do not survive a fork)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
         self._reset()
         os.register_at_fork(after_in_child=self._reset)
 
@@ -98,7 +100,7 @@ class _BackgroundThread:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._run, args=(self._queue,), name="medgemma-hash", daemon=True
+                    target=self._run, args=(self._queue,), name=self.name, daemon=True
                 )
                 self._thread.start()
         self._queue.put(job)
@@ -122,7 +124,8 @@ def _hash_all(sha256: Any, chunks: list[bytes | memoryview]) -> None:
         sha256.update(chunk)
 
 
-_background = _BackgroundThread()
+_writer = _BackgroundThread("medgemma-write")
+_hasher = _BackgroundThread("medgemma-hash")
 
 #: A dataset being received goes to its file in blocks of this many bytes, written with
 #: O_DIRECT (:class:`ReceivingFile`); the last block is padded to :data:`_DIRECT_ALIGN` and
@@ -236,7 +239,7 @@ class ReceivingFile:
     Where the file system takes O_DIRECT (ext4, xfs; tmpfs too since Linux 6.6), what is
     written is gathered in page-aligned blocks of :data:`DIRECT_BLOCK_BYTES` (reused:
     :class:`_BlockPool`), and each full block is written to the disk directly, by the
-    process's background thread (:class:`_BackgroundThread`) while the next one fills;
+    process's writing thread (:class:`_BackgroundThread`) while the next one fills;
     :meth:`digest` or :meth:`close` writes the last, partial block (padded, then the file is
     cut to its size). So the received bytes are not copied into new page-cache memory,
     which cost up to 30 ms of system CPU per 10 MB file on the receiving thread here (a
@@ -250,7 +253,7 @@ class ReceivingFile:
     The SHA-256 of what is written is computed as it is written (:meth:`digest`), so the
     stored file is not read a second time to hash it: every byte of the file passes through
     :meth:`write`, in order, and nothing else writes to it. The hashing runs in the
-    background thread too, a block (or a batch of :data:`HASH_BATCH_BYTES` of buffered
+    process's hashing thread, a block (or a batch of :data:`HASH_BATCH_BYTES` of buffered
     writes) at a time, in order; a file smaller than one is hashed in :meth:`digest`. What
     is written must not change afterwards (pynetdicom hands over bytes, or views of a PDU it
     never touches again).
@@ -259,7 +262,7 @@ class ReceivingFile:
     stop the transfer: the first error is kept in :attr:`error`, the partial file is deleted
     at once (its space freed), and the rest of the dataset is dropped as it comes, so the
     C-STORE completes and its handler can answer Out of Resources on an association that
-    goes on. A block written in the background fails the file at the next :meth:`write`,
+    goes on. A block the writing thread fails to write fails the file at the next :meth:`write`,
     :meth:`digest` or :meth:`close`. The file is created 0600 (``tempfile.mkstemp``), like
     the spool's.
     """
@@ -271,7 +274,7 @@ class ReceivingFile:
         self._size = 0
         self._unhashed: list[bytes | memoryview] = []  # written, not yet handed to hashing
         self._unhashed_bytes = 0
-        self._handed_over = False  # whether the background thread has had any of this file
+        self._handed_over = False  # whether the writing or hashing thread has had any of it
         self._written_back = 0  # bytes handed to start_writeback so far
         self._block: mmap.mmap | None = None  # direct: the block being filled
         self._used = 0  # direct: bytes of the current block filled
@@ -344,32 +347,41 @@ class ReceivingFile:
                 pos += take
                 if self._used == DIRECT_BLOCK_BYTES:
                     offset = self._size - DIRECT_BLOCK_BYTES
-                    _background.submit(partial(self._store_block, self._block, offset))
+                    _writer.submit(partial(self._store_block, self._block, offset))
                     self._handed_over = True
                     self._block = _blocks.get()
                     self._used = 0
 
     def _store_block(self, block: mmap.mmap, offset: int) -> None:
-        """In the background thread: write a full block at ``offset``, hash it, and give it
-        back to the pool; after a failed block, only give it back."""
+        """In the writing thread: write a full block at ``offset`` and hand it to the
+        hashing thread (which gives it back to the pool); after a failure, only give it
+        back."""
         try:
             if self._block_error is None and self.error is None:
                 assert self._file is not None
                 _write_at(self._file.fileno(), block, DIRECT_BLOCK_BYTES, offset)
-                with memoryview(block) as view:
-                    self._sha256.update(view)
+                _hasher.submit(partial(self._hash_block, block))
+                return
         except OSError as exc:
             self._block_error = exc
+        _blocks.put(block)
+
+    def _hash_block(self, block: mmap.mmap) -> None:
+        """In the hashing thread: add a written block to the digest, give it back."""
+        try:
+            with memoryview(block) as view:
+                self._sha256.update(view)
         finally:
             _blocks.put(block)
 
     def _finish(self) -> None:
-        """Direct: once the background thread is done with this file's blocks, write the
-        last, partial block and cut the file to its size (once; nothing after a failure)."""
+        """Direct: once the writing thread is done with this file's blocks, write the last,
+        partial block and cut the file to its size, then wait for the hashing thread (once;
+        nothing after a failure)."""
         if not self._direct or self._finished or self.error is not None:
             return
         if self._handed_over:
-            _background.wait()
+            _writer.wait()
         if self._block_error is not None:
             self._fail(self._block_error)
             return
@@ -382,6 +394,8 @@ class ReceivingFile:
         except OSError as exc:
             self._fail(exc)
             return
+        if self._handed_over:
+            _hasher.wait()  # every block before the last one is in the digest
         with memoryview(block) as view:
             self._sha256.update(view[:used])
         self._release_block()
@@ -398,7 +412,7 @@ class ReceivingFile:
         self._written_back = self._size
 
     def _hand_over(self) -> None:
-        _background.submit(partial(_hash_all, self._sha256, self._unhashed))
+        _hasher.submit(partial(_hash_all, self._sha256, self._unhashed))
         self._unhashed = []
         self._unhashed_bytes = 0
         self._handed_over = True
@@ -416,7 +430,7 @@ class ReceivingFile:
         if self._handed_over:
             if self._unhashed:
                 self._hand_over()
-            _background.wait()
+            _hasher.wait()
         else:
             _hash_all(self._sha256, self._unhashed)
             self._unhashed = []
@@ -450,7 +464,7 @@ class ReceivingFile:
         self.error = exc
         self._unhashed = []  # no digest after a failure
         if self._handed_over:
-            _background.wait()  # no block of this file is being written when it is closed
+            _writer.wait()  # no block of this file is being written when it is closed
         if self._file is not None:
             try:
                 self._file.close()  # the buffered bytes fail to flush again; the fd is closed
