@@ -19,6 +19,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import logging
 import mmap
 import os
 import queue
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from node.datadir import PRIVATE_FILE, open_private, private_dirs
+
+log = logging.getLogger("medgemma.spool")
 
 # PS3.5 9.1: components of digits separated by dots, no leading zeros, at most 64 chars.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -163,16 +166,40 @@ class _BlockPool:
 _blocks = _BlockPool()
 
 
+#: File systems (st_dev) whose O_DIRECT writes failed with EINVAL although they took the
+#: flag (some FUSE and network file systems): later files there are written buffered.
+_no_direct_devices: set[int] = set()
+
+
 def _direct_io(fd: int) -> bool:
-    """Switch ``fd`` to O_DIRECT (Linux; not every file system takes it: tmpfs may not)."""
+    """Switch ``fd`` to O_DIRECT (Linux; not every file system takes it)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return False
     try:
+        if os.fstat(fd).st_dev in _no_direct_devices:
+            return False
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | flag)
     except OSError:
         return False
     return True
+
+
+def _refuses_direct_writes(fd: int, exc: OSError) -> None:
+    """After EINVAL from an O_DIRECT write, write later files on that file system buffered
+    (the file at hand has failed: its sender gets A700 and may send it again)."""
+    if exc.errno != errno.EINVAL:
+        return
+    try:
+        device = os.fstat(fd).st_dev
+    except OSError:
+        return
+    if device not in _no_direct_devices:
+        _no_direct_devices.add(device)
+        log.warning(
+            "O_DIRECT writes refused (EINVAL) on the file system of the receive directory: "
+            "datasets are received with buffered writes from now on"
+        )
 
 
 class SpoolError(Exception):
@@ -363,6 +390,8 @@ class ReceivingFile:
                 _hasher.submit(partial(self._hash_block, block))
                 return
         except OSError as exc:
+            assert self._file is not None
+            _refuses_direct_writes(self._file.fileno(), exc)
             self._block_error = exc
         _blocks.put(block)
 
@@ -392,6 +421,7 @@ class ReceivingFile:
                 _write_at(self._file.fileno(), block, used, self._size - used)
             os.ftruncate(self._file.fileno(), self._size)
         except OSError as exc:
+            _refuses_direct_writes(self._file.fileno(), exc)
             self._fail(exc)
             return
         if self._handed_over:

@@ -151,3 +151,31 @@ def test_a_forked_child_hashes_with_its_own_thread(tmp_path: Path) -> None:
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_file_system_that_refuses_direct_writes_gets_buffered_ones(
+    tmp_path: Path, write_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if write_mode != "direct":
+        pytest.skip("about O_DIRECT writes")
+    monkeypatch.setattr(node.spool, "_no_direct_devices", set())
+
+    def refuse(*args: object) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(node.spool, "_write_at", refuse)
+    first = ReceivingFile(tmp_path)
+    assert first.direct
+    first.write(b"x" * (DIRECT_BLOCK_BYTES + 10))  # a full block: the writing thread's
+    assert first.digest() is None  # the file failed (its sender gets A700) and is gone
+    assert first.error is not None and first.error.errno == errno.EINVAL
+    assert not Path(first.name).exists()
+
+    second = ReceivingFile(tmp_path)  # the same file system: buffered from now on
+    assert not second.direct
+    data = b"y" * (DIRECT_BLOCK_BYTES + 10)
+    second.write(data)
+    digest = second.digest()
+    second.close()
+    assert Path(second.name).read_bytes() == data
+    assert digest == (hashlib.sha256(data).hexdigest(), len(data))
