@@ -44,11 +44,15 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
+from pynetdicom.transport import AssociationSocket
 
 #: The pynetdicom version whose DUL and AssociationSocket this module was checked against.
 CHECKED_PYNETDICOM = "3.0.4"
 #: The most one socket read asks for (a PDU's remaining bytes, up to this).
 RECV_CHUNK = 1 << 20
+#: The read-ahead buffer of each association's reader (:class:`_ChunkedRecv`): reads
+#: shorter than this are served from it, longer ones go straight to their destination.
+READ_AHEAD = 256 << 10
 _P_DATA_TF_TYPE = 0x04
 _ITEM_LENGTH = struct.Struct(">L")
 _PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length
@@ -59,12 +63,26 @@ _DATA_TRANSFER = "Sta6"  # the state in which a P-DATA-TF PDU is data (DT-2)
 
 class _ChunkedRecv:
     """``AssociationSocket.recv(nr_bytes)``: read ``nr_bytes`` from the connection, blocking,
-    and return them; fewer when the peer closed the connection first."""
+    and return them; fewer when the peer closed the connection first.
 
-    __slots__ = ("_assoc_socket",)
+    Small reads (a PDU's header, a short PDU) are served from a read-ahead buffer of
+    :data:`READ_AHEAD` bytes, filled with whatever the connection has (one socket read for
+    what would be several); large ones are read straight into their destination. Bytes read
+    ahead belong to later reads: :attr:`pending` says how many there are, and the socket's
+    ``ready`` counts them (:class:`_ReadAheadSocket`), so pynetdicom's reactor still reads
+    a PDU that arrived with the one before it."""
+
+    __slots__ = ("_ahead", "_assoc_socket", "_end", "_start")
 
     def __init__(self, assoc_socket: Any) -> None:
         self._assoc_socket = assoc_socket
+        self._ahead = bytearray(READ_AHEAD)
+        self._start = 0  # the read-ahead bytes not consumed yet: _ahead[_start:_end]
+        self._end = 0
+
+    @property
+    def pending(self) -> int:
+        return self._end - self._start
 
     def __call__(self, nr_bytes: int) -> bytearray:
         data = bytearray(nr_bytes)
@@ -76,15 +94,85 @@ class _ChunkedRecv:
     def read_into(self, view: memoryview) -> int:
         """Fill ``view`` from the connection, blocking; the bytes read, fewer than
         ``len(view)`` when the peer closed the connection first."""
-        sock = self._assoc_socket.socket
         nr_bytes = len(view)
-        got = 0
+        got = self._drain(view)
         while got < nr_bytes:
-            count = sock.recv_into(view[got:], min(nr_bytes - got, RECV_CHUNK))
-            if not count:  # connection closed: what was read so far, as pynetdicom does
+            if nr_bytes - got >= READ_AHEAD:  # large: straight into the destination
+                sock = self._assoc_socket.socket
+                count = sock.recv_into(view[got:], min(nr_bytes - got, RECV_CHUNK))
+                if not count:  # connection closed: what was read so far, as pynetdicom does
+                    break
+                got += count
+                continue
+            if not self._fill():
                 break
-            got += count
+            got += self._drain(view[got:])
         return got
+
+    def _drain(self, view: memoryview) -> int:
+        """Move read-ahead bytes into ``view``; how many."""
+        take = min(len(view), self._end - self._start)
+        if take:
+            view[:take] = self._ahead[self._start : self._start + take]
+            self._start += take
+        return take
+
+    def _fill(self) -> bool:
+        """Read what the connection has (at least one byte, blocking) after the pending
+        bytes; False when the peer closed the connection."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start and READ_AHEAD - self._end < READ_AHEAD // 2:
+            # little room left after the pending bytes (a few, usually): move them first
+            pending = self._end - self._start
+            self._ahead[:pending] = self._ahead[self._start : self._end]
+            self._start, self._end = 0, pending
+        sock = self._assoc_socket.socket
+        with memoryview(self._ahead) as ahead:
+            count = int(sock.recv_into(ahead[self._end :], READ_AHEAD - self._end))
+        self._end += count
+        return count > 0
+
+    def peek(self, nr_bytes: int) -> memoryview | None:
+        """The next ``nr_bytes`` (at most READ_AHEAD), not consumed, blocking until they are
+        there; None when the peer closed the connection first. The view is valid until the
+        next read."""
+        while self._end - self._start < nr_bytes:
+            if not self._fill():
+                return None
+        return memoryview(self._ahead)[self._start : self._start + nr_bytes]
+
+    def skip(self, nr_bytes: int) -> None:
+        """Consume ``nr_bytes`` already peeked at."""
+        self._start += nr_bytes
+
+    def write_to(self, target: Any, nr_bytes: int, copy: bool) -> bool:
+        """Write the next ``nr_bytes`` from the connection to ``target`` (a file object), as
+        they arrive: views of the read-ahead buffer, or bytes when ``copy`` (a target that
+        keeps what it is given). False when the peer closed the connection first."""
+        while nr_bytes:
+            if self._start == self._end and not self._fill():
+                return False
+            take = min(nr_bytes, self._end - self._start)
+            with memoryview(self._ahead) as ahead:
+                chunk = ahead[self._start : self._start + take]
+                target.write(bytes(chunk) if copy else chunk)
+                chunk.release()
+            self._start += take
+            nr_bytes -= take
+        return True
+
+
+class _ReadAheadSocket(AssociationSocket):
+    """An acceptor's AssociationSocket whose ``ready`` also counts the bytes its reader
+    (:class:`_ChunkedRecv`, the instance's ``recv``) has read ahead."""
+
+    @property
+    def ready(self) -> bool:
+        recv = self.__dict__.get("recv")
+        if isinstance(recv, _ChunkedRecv) and recv.pending:
+            return True
+        return bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
 
 
 def read_in_large_chunks(assoc: Association) -> None:
@@ -93,10 +181,13 @@ def read_in_large_chunks(assoc: Association) -> None:
     assoc_socket = assoc.dul.socket
     if assoc_socket is None:
         return
+    if type(assoc_socket) is not AssociationSocket:
+        return  # a socket class of someone else's: left as it is
     recv = _ChunkedRecv(assoc_socket)
     # instance attributes: the DUL's ``self.socket.recv(...)`` and ``self._read_pdu_data()``
     # find them before the methods
     assoc_socket.recv = recv  # type: ignore[method-assign]
+    assoc_socket.__class__ = _ReadAheadSocket  # ``ready`` counts the bytes read ahead
     assoc.dul._read_pdu_data = _ReadPdu(assoc.dul, recv)  # type: ignore[method-assign]
 
 
@@ -115,15 +206,62 @@ class _ReadPdu:
     def __call__(self) -> None:
         dul = self._dul
         while True:
-            bytestream = self._read()
-            if bytestream is None:
-                return
-            if not _write_dataset_fragments(dul, bytestream):
-                self._decode(bytestream)
-                return
+            streamed = self._stream_dataset()
+            if streamed is None:
+                return  # the connection failed: its event is queued
+            if not streamed:
+                bytestream = self._read()
+                if bytestream is None:
+                    return
+                if not _write_dataset_fragments(dul, bytestream):
+                    self._decode(bytestream)
+                    return
             dul._idle_timer.restart()  # what the reactor does after each PDU read
-            if not _next_pdu_waiting(dul):
+            if not _next_pdu_waiting(dul, self._recv):
                 return
+
+    def _stream_dataset(self) -> bool | None:
+        """If the next PDU is a P-DATA-TF of one value that only continues the dataset
+        being received (:func:`_write_dataset_fragments`'s conditions), write its value to
+        the dataset's file as it arrives, without a buffer of its own: True. False (nothing
+        consumed) for any other PDU; None when the connection failed (Evt17 queued)."""
+        dul = self._dul
+        target = _dataset_target(dul)
+        if target is None:
+            return False
+        recv = self._recv
+        try:
+            head = recv.peek(_PDU_HEADER.size)
+            if head is None or head[0] != _P_DATA_TF_TYPE:
+                return False
+            (pdu_length,) = _ITEM_LENGTH.unpack_from(head, 2)
+            if pdu_length < 6:
+                return False
+            head = recv.peek(_PDU_HEADER.size + 6)  # the value's header is in this PDU
+            if head is None:
+                return False
+            (item_length,) = _ITEM_LENGTH.unpack_from(head, 6)
+            context_id, control = head[10], head[11]
+            head.release()
+            message: Any = dul.assoc.dimse.message
+            if item_length + 4 != pdu_length or item_length < 2:
+                return False  # several values, or one of its control header alone
+            if context_id != message.context_id or control & 0b11:
+                return False  # another context, a command fragment or the last fragment
+            recv.skip(_PDU_HEADER.size + 6)
+            copy = not getattr(target, "direct", False)  # a buffered ReceivingFile keeps views
+            complete = recv.write_to(target, item_length - 2, copy)
+            target.file.flush()
+        except (OSError, TimeoutError) as exc:
+            _DUL_LOG.error("Connection closed before the entire PDU was received")
+            _DUL_LOG.exception(exc)
+            dul.event_queue.put("Evt17")
+            return None
+        if not complete:
+            _DUL_LOG.error("The received PDU is shorter than expected")
+            dul.event_queue.put("Evt17")
+            return None
+        return True
 
     def _read(self) -> bytearray | None:
         """One whole PDU (header and body in one buffer), or None after putting the event
@@ -187,19 +325,31 @@ def _plain_handlers(assoc: Association) -> bool:
     return all(handler is standard_pdu_recv_handler for handler, _ in bound)
 
 
+def _dataset_target(dul: DULServiceProvider) -> Any:
+    """The file of the C-STORE dataset being received, when a P-DATA-TF PDU that only
+    continues it may be written there directly: state Sta6, no PDU or event waiting to be
+    processed before it, nothing bound that would see it; else None."""
+    if dul.state_machine.current_state != _DATA_TRANSFER:
+        return None
+    if not (dul.event_queue.empty() and dul._recv_pdu.empty()):
+        return None  # an earlier PDU or event comes first
+    message: Any = dul.assoc.dimse.message
+    target = getattr(message, "_data_set_file", None)
+    if target is None or not _plain_handlers(dul.assoc):
+        return None
+    return target
+
+
 def _write_dataset_fragments(dul: DULServiceProvider, bytestream: bytearray) -> bool:
     """Write a P-DATA-TF PDU that only continues the C-STORE dataset being received to the
     dataset's file, as pynetdicom's DT-2 and DIMSE decoding would; False (nothing written)
     for any other PDU, which then goes through pynetdicom."""
-    if bytestream[0] != _P_DATA_TF_TYPE or dul.state_machine.current_state != _DATA_TRANSFER:
+    if bytestream[0] != _P_DATA_TF_TYPE:
         return False
-    if not (dul.event_queue.empty() and dul._recv_pdu.empty()):
-        return False  # an earlier PDU or event comes first
-    message: Any = dul.assoc.dimse.message
-    target = getattr(message, "_data_set_file", None)
-    if target is None or not _plain_handlers(dul.assoc):
+    target = _dataset_target(dul)
+    if target is None:
         return False
-    context_id = message.context_id
+    context_id = dul.assoc.dimse.message.context_id  # type: ignore[union-attr]
     end = len(bytestream)
     values = []
     offset = 6
@@ -223,12 +373,14 @@ def _write_dataset_fragments(dul: DULServiceProvider, bytestream: bytearray) -> 
     return True
 
 
-def _next_pdu_waiting(dul: DULServiceProvider) -> bool:
+def _next_pdu_waiting(dul: DULServiceProvider, recv: _ChunkedRecv) -> bool:
     """Whether the reader may read the next PDU now instead of returning to the reactor:
-    its bytes have arrived, and the reactor has nothing else to do (no event, nothing to
-    send, not being stopped)."""
+    its bytes have arrived (read ahead, or waiting in the connection), and the reactor has
+    nothing else to do (no event, nothing to send, not being stopped)."""
     if dul._kill_thread or not dul.event_queue.empty() or not dul.to_provider_queue.empty():
         return False
+    if recv.pending:
+        return True
     sock: Any = dul.socket
     return sock is not None and bool(sock.ready)
 

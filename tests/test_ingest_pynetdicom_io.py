@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu import A_RELEASE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 import node.scp as node_scp
+import node.spool as node_spool
 from node.netlimits import PeerSocket
 from node.pynetdicom_io import (
     CHECKED_PYNETDICOM,
@@ -266,4 +268,31 @@ def test_a_bound_pdu_recv_handler_sees_every_pdu_of_the_dataset(
     monkeypatch.setattr(node_scp, "read_in_large_chunks", with_handler)
     sent, stored, _ = _sent_and_stored(node, tmp_path, seed=12)
     assert seen.count("P_DATA_TF") > 100  # every PDU through pynetdicom, as without the node
+    assert stored.PixelData == sent.PixelData
+
+
+def test_a_pdu_read_ahead_with_the_one_before_it_is_still_read() -> None:
+    """Two PDUs in one segment: the reader takes both off the connection at once; the
+    socket stays ready while the second waits in the reader, so the reactor reads it."""
+    assoc, peer = _connected_acceptor()
+    with peer:
+        release = A_RELEASE_RQ()
+        peer.sendall(_p_data_tf((1, b"\x02" + b"d" * 100)) + bytes(release.encode()))
+        time.sleep(0.2)  # both have arrived
+        assoc.dul._read_pdu_data()
+        assert _events(assoc) == ["Evt10"]
+        socket_ = assoc.dul.socket
+        assert socket_ is not None and socket_.ready  # the release request, read ahead
+        assoc.dul._read_pdu_data()
+        assert _events(assoc) == ["Evt12"]
+        assert not socket_.ready
+    assoc.dul.socket.close()  # type: ignore[union-attr]
+
+
+def test_a_dataset_received_with_buffered_writes_is_stored_whole(
+    node: NodeRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # where O_DIRECT is refused, the file keeps what it is given: the reader hands it copies
+    monkeypatch.setattr(node_spool, "_direct_io", lambda fd: False)
+    sent, stored, _ = _sent_and_stored(node, tmp_path, seed=13)
     assert stored.PixelData == sent.PixelData
