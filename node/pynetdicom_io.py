@@ -99,6 +99,8 @@ class _ChunkedRecv:
         while got < nr_bytes:
             if nr_bytes - got >= READ_AHEAD:  # large: straight into the destination
                 sock = self._assoc_socket.socket
+                if sock is None:  # closed on our side: as the peer closing it
+                    break
                 count = sock.recv_into(view[got:], min(nr_bytes - got, RECV_CHUNK))
                 if not count:  # connection closed: what was read so far, as pynetdicom does
                     break
@@ -128,6 +130,8 @@ class _ChunkedRecv:
             self._ahead[:pending] = self._ahead[self._start : self._end]
             self._start, self._end = 0, pending
         sock = self._assoc_socket.socket
+        if sock is None:  # closed on our side (pending bytes may remain): nothing more
+            return False
         with memoryview(self._ahead) as ahead:
             count = int(sock.recv_into(ahead[self._end :], READ_AHEAD - self._end))
         self._end += count
@@ -169,6 +173,8 @@ class _ReadAheadSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
+        if self.socket is None or self._is_connected is False:
+            return False  # closed: nothing more is read, as pynetdicom's
         recv = self.__dict__.get("recv")
         if isinstance(recv, _ChunkedRecv) and recv.pending:
             return True

@@ -296,3 +296,18 @@ def test_a_dataset_received_with_buffered_writes_is_stored_whole(
     monkeypatch.setattr(node_spool, "_direct_io", lambda fd: False)
     sent, stored, _ = _sent_and_stored(node, tmp_path, seed=13)
     assert stored.PixelData == sent.PixelData
+
+
+def test_bytes_read_ahead_are_not_read_once_the_connection_is_closed() -> None:
+    assoc, peer = _connected_acceptor()
+    with peer:
+        release = A_RELEASE_RQ()
+        peer.sendall(_p_data_tf((1, b"\x02" + b"d" * 100)) + bytes(release.encode()))
+        time.sleep(0.2)
+        assoc.dul._read_pdu_data()
+        assert _events(assoc) == ["Evt10"]
+        socket_ = assoc.dul.socket
+        assert socket_ is not None and socket_.ready
+        socket_.close()  # as pynetdicom closes it (Evt17), the release request unread
+        assert _events(assoc) == ["Evt17"]
+        assert not socket_.ready  # the reactor reads nothing more, as it would not before
