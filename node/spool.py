@@ -118,7 +118,10 @@ class _BackgroundThread:
     def _run(work: queue.Queue[Callable[[], object]]) -> None:
         while True:
             job = work.get()
-            job()
+            try:
+                job()
+            except Exception:  # a bug: logged; the thread goes on, or every wait() would hang
+                log.exception("a %s job failed", threading.current_thread().name)
             del job
 
 
@@ -307,7 +310,7 @@ class ReceivingFile:
         self._used = 0  # direct: bytes of the current block filled
         self._direct = False
         self._finished = False  # direct: the last block is written, the file cut to size
-        self._block_error: OSError | None = None  # direct: a block write that failed
+        self._block_error: OSError | None = None  # a background job of this file failed
         try:
             fd, name = tempfile.mkstemp(suffix=suffix, prefix=prefix, dir=directory)
         except OSError as exc:
@@ -374,7 +377,7 @@ class ReceivingFile:
                 pos += take
                 if self._used == DIRECT_BLOCK_BYTES:
                     offset = self._size - DIRECT_BLOCK_BYTES
-                    _writer.submit(partial(self._store_block, self._block, offset))
+                    _writer.submit(partial(self._guarded, self._store_block, self._block, offset))
                     self._handed_over = True
                     self._block = _blocks.get()
                     self._used = 0
@@ -387,13 +390,24 @@ class ReceivingFile:
             if self._block_error is None and self.error is None:
                 assert self._file is not None
                 _write_at(self._file.fileno(), block, DIRECT_BLOCK_BYTES, offset)
-                _hasher.submit(partial(self._hash_block, block))
+                _hasher.submit(partial(self._guarded, self._hash_block, block))
                 return
         except OSError as exc:
             assert self._file is not None
             _refuses_direct_writes(self._file.fileno(), exc)
             self._block_error = exc
         _blocks.put(block)
+
+    def _guarded(self, job: Callable[..., object], *args: object) -> None:
+        """Run one of this file's jobs in a background thread; an exception that is not a
+        failed write (a bug) fails the file too (EIO), so it is never stored with a hole or a
+        wrong digest, and is raised on for the thread to log."""
+        try:
+            job(*args)
+        except Exception as exc:
+            if self._block_error is None:
+                self._block_error = OSError(errno.EIO, f"received data not written: {exc!r}")
+            raise
 
     def _hash_block(self, block: mmap.mmap) -> None:
         """In the hashing thread: add a written block to the digest, give it back."""
@@ -426,6 +440,9 @@ class ReceivingFile:
             return
         if self._handed_over:
             _hasher.wait()  # every block before the last one is in the digest
+            if self._block_error is not None:
+                self._fail(self._block_error)
+                return
         with memoryview(block) as view:
             self._sha256.update(view[:used])
         self._release_block()
@@ -442,7 +459,7 @@ class ReceivingFile:
         self._written_back = self._size
 
     def _hand_over(self) -> None:
-        _hasher.submit(partial(_hash_all, self._sha256, self._unhashed))
+        _hasher.submit(partial(self._guarded, _hash_all, self._sha256, self._unhashed))
         self._unhashed = []
         self._unhashed_bytes = 0
         self._handed_over = True
@@ -461,6 +478,9 @@ class ReceivingFile:
             if self._unhashed:
                 self._hand_over()
             _hasher.wait()
+            if self._block_error is not None:
+                self._fail(self._block_error)
+                return None
         else:
             _hash_all(self._sha256, self._unhashed)
             self._unhashed = []

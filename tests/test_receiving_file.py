@@ -14,7 +14,8 @@ import hashlib
 import os
 import resource
 import signal
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,49 @@ def test_a_file_system_that_refuses_direct_writes_gets_buffered_ones(
     second.close()
     assert Path(second.name).read_bytes() == data
     assert digest == (hashlib.sha256(data).hexdigest(), len(data))
+
+
+def test_a_bug_in_a_background_job_fails_its_file_and_not_the_next_one(
+    tmp_path: Path,
+    write_mode: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first background job (writing a block, or hashing a batch) raises something that
+    is not a failed write: that file fails (EIO: never stored with a hole or a digest of
+    part of it) and the error is logged; the thread goes on, so the next file is received."""
+    name = "_write_at" if write_mode == "direct" else "_hash_all"
+    real = getattr(node.spool, name)
+    calls: list[object] = []
+
+    def raise_once(*args: object) -> None:
+        calls.append(args)
+        if len(calls) == 1:
+            raise ValueError("a bug")
+        real(*args)
+
+    monkeypatch.setattr(node.spool, name, raise_once)
+    first = ReceivingFile(tmp_path)
+    first.write(b"x" * (DIRECT_BLOCK_BYTES + 10))  # a full block, or hashing batch
+    assert within_30_s(first.digest) is None
+    assert first.error is not None and first.error.errno == errno.EIO
+    assert not Path(first.name).exists()
+    assert "job failed" in caplog.text and "ValueError: a bug" in caplog.text
+
+    second = ReceivingFile(tmp_path)
+    data = b"y" * (2 * DIRECT_BLOCK_BYTES + 10)
+    second.write(data)
+    assert within_30_s(second.digest) == (hashlib.sha256(data).hexdigest(), len(data))
+    second.close()
+    assert Path(second.name).read_bytes() == data
+
+
+def within_30_s(call: Callable[[], object]) -> object:
+    """``call()``, failing the test when it has not returned within 30 s (it waits for a
+    background thread, which may be dead)."""
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert result, "still waiting for the background thread after 30 s"
+    return result[0]
