@@ -9,8 +9,13 @@ response and the release are behind it) and stops, separately,
 - **fhir**: when ``GET /fhir/DiagnosticReport/<id>`` through the node's FHIR API answers
   a report in status preliminary, final or amended.
 
-Both are polled every ``--interval`` seconds (default 10 ms: the figures are up to one
-interval late, half of it on average). Studies are sent one after another, each once the
+Both are polled every ``--interval`` seconds (default 50 ms: the figures are up to one
+interval late, half of it on average, so they err against the node). The polling is load
+the node would not see from a RIS: every GET is a FHIR request with its token check and
+AuditEvent, in ``serve`` in the process that runs the pre-read. At 10 ms (the default before
+2026-12-03) it cost the node about 200 ms of CPU per study and raised p50 and p95 by
+0.1-0.2 s against 50 ms in alternating runs (docs/performance.md, "Poll interval").
+Studies are sent one after another, each once the
 previous one is measured, so each figure is one study's latency on an otherwise idle node.
 
 Modes, each on a fresh data directory and a fresh Orthanc:
@@ -545,7 +550,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cols", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/14", help="worker mode broker")
-    parser.add_argument("--interval", type=float, default=0.01, help="poll interval, seconds")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.05,
+        help="poll interval, seconds (figures up to it late)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="per study, seconds")
     parser.add_argument("--data-dir", type=Path, default=REPO / "bench/out/overhead-data")
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench/out/overhead")
