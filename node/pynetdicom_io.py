@@ -259,15 +259,19 @@ class _ReadPdu:
             complete = recv.write_to(target, item_length - 2, copy)
             target.file.flush()
         except (OSError, TimeoutError) as exc:
-            _DUL_LOG.error("Connection closed before the entire PDU was received")
-            _DUL_LOG.exception(exc)
-            dul.event_queue.put("Evt17")
+            self._closed_mid_pdu(exc)
             return None
         if not complete:
             _DUL_LOG.error("The received PDU is shorter than expected")
             dul.event_queue.put("Evt17")
             return None
         return True
+
+    def _closed_mid_pdu(self, exc: BaseException) -> None:
+        """What pynetdicom logs and queues when a read fails before the PDU's end (Evt17)."""
+        _DUL_LOG.error("Connection closed before the entire PDU was received")
+        _DUL_LOG.exception(exc)
+        self._dul.event_queue.put("Evt17")
 
     def _read(self) -> bytearray | None:
         """One whole PDU (header and body in one buffer), or None after putting the event
@@ -276,9 +280,7 @@ class _ReadPdu:
         try:
             header = self._recv(_PDU_HEADER.size)
         except (OSError, TimeoutError) as exc:
-            _DUL_LOG.error("Connection closed before the entire PDU was received")
-            _DUL_LOG.exception(exc)
-            dul.event_queue.put("Evt17")
+            self._closed_mid_pdu(exc)
             return None
         if len(header) != _PDU_HEADER.size:
             dul.event_queue.put("Evt17")
@@ -294,9 +296,7 @@ class _ReadPdu:
             with memoryview(bytestream) as view:
                 got = self._recv.read_into(view[_PDU_HEADER.size :])
         except (OSError, TimeoutError) as exc:
-            _DUL_LOG.error("Connection closed before the entire PDU was received")
-            _DUL_LOG.exception(exc)
-            dul.event_queue.put("Evt17")
+            self._closed_mid_pdu(exc)
             return None
         if got != pdu_length:
             _DUL_LOG.error(

@@ -341,8 +341,8 @@ class ReceivingFile:
 
     def write(self, data: bytes | memoryview) -> int:
         """Write ``data``; after a failure, drop it. Returns ``len(data)`` either way."""
-        if self._block_error is not None and self.error is None:
-            self._fail(self._block_error)
+        if self.error is None:
+            self._failed_in_background()
         if self._file is None or self.error is not None:
             return len(data)
         if self._direct:
@@ -409,6 +409,14 @@ class ReceivingFile:
                 self._block_error = OSError(errno.EIO, f"received data not written: {exc!r}")
             raise
 
+    def _failed_in_background(self) -> bool:
+        """Fail the file if one of its background jobs failed (call it after waiting for
+        them, or before a write); whether it did."""
+        if self._block_error is None:
+            return False
+        self._fail(self._block_error)
+        return True
+
     def _hash_block(self, block: mmap.mmap) -> None:
         """In the hashing thread: add a written block to the digest, give it back."""
         try:
@@ -425,8 +433,7 @@ class ReceivingFile:
             return
         if self._handed_over:
             _writer.wait()
-        if self._block_error is not None:
-            self._fail(self._block_error)
+        if self._failed_in_background():
             return
         assert self._file is not None and self._block is not None
         block, used = self._block, self._used
@@ -440,8 +447,7 @@ class ReceivingFile:
             return
         if self._handed_over:
             _hasher.wait()  # every block before the last one is in the digest
-            if self._block_error is not None:
-                self._fail(self._block_error)
+            if self._failed_in_background():
                 return
         with memoryview(block) as view:
             self._sha256.update(view[:used])
@@ -478,8 +484,7 @@ class ReceivingFile:
             if self._unhashed:
                 self._hand_over()
             _hasher.wait()
-            if self._block_error is not None:
-                self._fail(self._block_error)
+            if self._failed_in_background():
                 return None
         else:
             _hash_all(self._sha256, self._unhashed)

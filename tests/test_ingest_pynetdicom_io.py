@@ -271,18 +271,24 @@ def test_a_bound_pdu_recv_handler_sees_every_pdu_of_the_dataset(
     assert stored.PixelData == sent.PixelData
 
 
+def _release_read_ahead(assoc: Association, peer: socket.socket) -> AssociationSocket:
+    """The peer sends a P-DATA-TF and an A-RELEASE-RQ in one segment; the reader reads the
+    first (Evt10) and, with it, the second ahead: the socket is ready."""
+    peer.sendall(_p_data_tf((1, b"\x02" + b"d" * 100)) + bytes(A_RELEASE_RQ().encode()))
+    time.sleep(0.2)  # both have arrived
+    assoc.dul._read_pdu_data()
+    assert _events(assoc) == ["Evt10"]
+    socket_ = assoc.dul.socket
+    assert socket_ is not None and socket_.ready  # the release request, read ahead
+    return socket_
+
+
 def test_a_pdu_read_ahead_with_the_one_before_it_is_still_read() -> None:
     """Two PDUs in one segment: the reader takes both off the connection at once; the
     socket stays ready while the second waits in the reader, so the reactor reads it."""
     assoc, peer = _connected_acceptor()
     with peer:
-        release = A_RELEASE_RQ()
-        peer.sendall(_p_data_tf((1, b"\x02" + b"d" * 100)) + bytes(release.encode()))
-        time.sleep(0.2)  # both have arrived
-        assoc.dul._read_pdu_data()
-        assert _events(assoc) == ["Evt10"]
-        socket_ = assoc.dul.socket
-        assert socket_ is not None and socket_.ready  # the release request, read ahead
+        socket_ = _release_read_ahead(assoc, peer)
         assoc.dul._read_pdu_data()
         assert _events(assoc) == ["Evt12"]
         assert not socket_.ready
@@ -301,13 +307,7 @@ def test_a_dataset_received_with_buffered_writes_is_stored_whole(
 def test_bytes_read_ahead_are_not_read_once_the_connection_is_closed() -> None:
     assoc, peer = _connected_acceptor()
     with peer:
-        release = A_RELEASE_RQ()
-        peer.sendall(_p_data_tf((1, b"\x02" + b"d" * 100)) + bytes(release.encode()))
-        time.sleep(0.2)
-        assoc.dul._read_pdu_data()
-        assert _events(assoc) == ["Evt10"]
-        socket_ = assoc.dul.socket
-        assert socket_ is not None and socket_.ready
+        socket_ = _release_read_ahead(assoc, peer)
         socket_.close()  # as pynetdicom closes it (Evt17), the release request unread
         assert _events(assoc) == ["Evt17"]
         assert not socket_.ready  # the reactor reads nothing more, as it would not before
