@@ -27,6 +27,9 @@ Modes, each on a fresh data directory and a fresh Orthanc:
   an association that stays open, completed by the quiet period (``--quiet-seconds``).
 - ``serve-nograce``: ``serve`` with ``completion.release_grace_seconds = 0``: what the grace
   time that keeps back-to-back associations of one study at one version costs.
+- ``serve-fullgrace``: ``serve`` with ``completion.release_host_idle_seconds`` equal to the
+  grace time: every release waits the whole grace time (the node before 2026-12-03 evening),
+  instead of completing once the sender's host has no connection open.
 
 The "beyond the quiet period" figure is the latency less the time the node waits on
 purpose: nothing when completion on release applies, the quiet period otherwise.
@@ -45,7 +48,10 @@ breakdown of where the time went (``--json``; a table on stdout).
 two-view studies, each view sent by its own storescu right after the other (a sender that
 sends a series per association); the gap is from the first storescu's return to the
 ledger's ``received_at`` of the second view (its transfer, stored and committed). The node
-runs with a grace time of 30 s, so nothing completes in between.
+runs with a grace time of 30 s, so nothing completes in between. It also measures what
+``completion.release_host_idle_seconds`` has to cover, the gap before such a sender's next
+connection: N times, from the start of a storescu (the next one of a shell loop) to a
+listening socket's accept of its connection.
 
 Needs dcmtk (``/usr/bin/storescu``, or ``DCMTK_BIN``), Orthanc (``/usr/sbin/Orthanc``) and,
 for ``worker``, Redis. Orthanc is started by ``bench.orthanc`` (the tests' starter too),
@@ -60,6 +66,7 @@ import json
 import os
 import platform
 import secrets
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -92,7 +99,7 @@ DCMTK_BIN = Path(os.environ.get("DCMTK_BIN", "/usr/bin"))
 NODE_AE = "MEDGEMMA"
 TOKEN = "bench-" + secrets.token_hex(8)
 READY_REPORT = {"preliminary", "final", "amended"}
-MODES = ("serve", "worker", "serve-quiet", "serve-nograce")
+MODES = ("serve", "worker", "serve-quiet", "serve-nograce", "serve-fullgrace")
 
 
 class BenchError(Exception):
@@ -233,6 +240,7 @@ def start_mode(
             "quiet_seconds": args.quiet_seconds,
             "on_association_release": release,
             **({"release_grace_seconds": 0} if mode == "serve-nograce" else {}),
+            **({"release_host_idle_seconds": 0.3} if mode == "serve-fullgrace" else {}),
             **extra.get("completion", {}),
         },
         "engine": {"name": "demo"},
@@ -421,7 +429,7 @@ class ModeResult:
 
 def render(results: list[ModeResult]) -> str:
     head = (
-        f"{'mode':<12} {'target':<6} {'n':>4} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
+        f"{'mode':<15} {'target':<6} {'n':>4} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
         f"{'peer p50':>9} {'peer p95':>9} {'p50/peer':>9} {'p95/peer':>9} {'waits s':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -430,7 +438,7 @@ def render(results: list[ModeResult]) -> str:
         for target in ("pacs", "fhir"):
             p50, p95 = s[f"{target}_p50"], s[f"{target}_p95"]
             lines.append(
-                f"{r.mode:<12} {target:<6} {s['studies']:>4} {p50:>7.3f} {p95:>7.3f} "
+                f"{r.mode:<15} {target:<6} {s['studies']:>4} {p50:>7.3f} {p95:>7.3f} "
                 f"{s[f'{target}_max']:>7.3f} {s['peer_p50']:>9.3f} {s['peer_p95']:>9.3f} "
                 f"{p50 / s['peer_p50']:>9.1f} {p95 / s['peer_p95']:>9.1f} "
                 f"{r.waits_seconds:>8.1f}"
@@ -440,12 +448,12 @@ def render(results: list[ModeResult]) -> str:
     for r in results:
         stages = r.summary()["stage_medians"]
         text = ", ".join(f"{k} {v:.3f}" for k, v in stages.items())
-        lines.append(f"  {r.mode:<12} {text}")
+        lines.append(f"  {r.mode:<15} {text}")
     lines.append("")
     for r in results:
         s = r.summary()
         lines.append(
-            f"  {r.mode:<12} node CPU {s['node_cpu_ms_per_study']:.0f} ms/study, "
+            f"  {r.mode:<15} node CPU {s['node_cpu_ms_per_study']:.0f} ms/study, "
             f"other load {s['other_load_cores']:.2f} cores, wall {r.wall_seconds:.0f} s"
         )
     return "\n".join(lines)
@@ -500,9 +508,10 @@ def run_mode(
     return ModeResult(mode, waits, timings, wall, node_cpu, other)
 
 
-def release_gaps(count: int, args: argparse.Namespace) -> list[float]:
+def release_gaps(count: int, args: argparse.Namespace) -> tuple[list[float], list[Path]]:
     """Seconds from one association's end to the commit of the next one's first instance,
-    for ``count`` back-to-back pairs (see the module docstring)."""
+    for ``count`` back-to-back pairs (see the module docstring); and each pair's second
+    file."""
     from pydicom import dcmread
 
     from node.synthetic import make_two_view_study, write_study
@@ -511,6 +520,7 @@ def release_gaps(count: int, args: argparse.Namespace) -> list[float]:
     work.mkdir(parents=True, exist_ok=True)
     orthanc = start_orthanc(work / "orthanc")
     gaps: list[float] = []
+    seconds: list[Path] = []
     try:
         extra = {"completion": {"release_grace_seconds": 30.0}}
         node = start_mode("serve", work, orthanc, args, extra)
@@ -534,10 +544,39 @@ def release_gaps(count: int, args: argparse.Namespace) -> list[float]:
                     db.close()
                 when = datetime.fromisoformat(str(received)).replace(tzinfo=UTC).timestamp()
                 gaps.append(when - ended)
+                seconds.append(files[1])
         finally:
             node.stop()
     finally:
         orthanc.stop()
+    return gaps, seconds
+
+
+def connect_gaps(files: Sequence[Path]) -> list[float]:
+    """Seconds from starting a storescu of each file to a listening socket's accept of its
+    connection: how soon a sender that starts a process per association (a shell loop of
+    storescu) opens its next connection. The socket closes each connection unanswered."""
+    gaps: list[float] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+        for path in files:
+            started = time.monotonic()
+            sender = subprocess.Popen(
+                [str(DCMTK_BIN / "storescu"), "-aec", NODE_AE, "127.0.0.1", str(port), str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                connection, _ = listener.accept()
+                gaps.append(time.monotonic() - started)
+                connection.close()
+            except TimeoutError as exc:
+                raise BenchError("storescu did not connect within 10 s") from exc
+            finally:
+                sender.wait(timeout=30)
     return gaps
 
 
@@ -576,13 +615,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.release_gaps > 0:
         try:
-            gaps = sorted(release_gaps(args.release_gaps, args))
+            pair_gaps, second_files = release_gaps(args.release_gaps, args)
+            gaps = sorted(pair_gaps)
+            connects = sorted(connect_gaps(second_files))
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(
             f"release gaps, {len(gaps)} pairs: p50 {percentile(gaps, 50):.3f} s, "
             f"p95 {percentile(gaps, 95):.3f} s, max {gaps[-1]:.3f} s"
+        )
+        print(
+            f"next-connection gaps (process start to accept), {len(connects)}: "
+            f"p50 {percentile(connects, 50):.3f} s, p95 {percentile(connects, 95):.3f} s, "
+            f"max {connects[-1]:.3f} s"
         )
         return 0
 

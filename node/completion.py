@@ -2,7 +2,9 @@
 
 A study version is complete when the association that sent it has ended and nothing new
 arrived for ``completion.release_grace_seconds`` after it (``on_association_release``, the
-common path), or after a quiet period with no new instance (``quiet_seconds``: an
+common path; sooner, from ``completion.release_host_idle_seconds`` after the release on,
+once the sender's host has no connection open to the node: it is not sending a next
+association), or after a quiet period with no new instance (``quiet_seconds``: an
 association that stays open, a caller in ``quiet_only_callers``, a node stopped before the
 grace time ended). The completion thread sleeps until the next of these is due (at most
 ``poll_seconds``) and is woken by a release, so neither waits on a fixed poll. A complete
@@ -18,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 
 from node.db import utcnow
@@ -29,6 +32,20 @@ from node.settings import Settings
 
 log = logging.getLogger("medgemma.completion")
 
+#: While a released study waits for its sender's host to close its connections: how often
+#: the completion thread looks (at most until the grace time ends).
+_HOST_POLL_SECONDS = 0.02
+
+
+@dataclass(frozen=True)
+class _Released:
+    """A study version whose association ended, waiting for its grace time."""
+
+    due: float  # time.monotonic() when the grace time ends
+    released: datetime  # when, UTC: an instance after it keeps the version open
+    host: str | None  # the sender's address
+    host_idle_from: float  # time.monotonic() from when its host having no connection will do
+
 
 class StudyCoordinator:
     def __init__(self, settings: Settings, ledger: StudyLedger, dispatcher: Dispatcher) -> None:
@@ -38,9 +55,11 @@ class StudyCoordinator:
         self._stop = threading.Event()
         self._wake = threading.Event()  # a release to complete: look now, not at the next poll
         self._thread: threading.Thread | None = None
-        # study version id -> (monotonic time its grace ends, when it was released, UTC)
-        self._released: dict[int, tuple[float, datetime]] = {}
+        self._released: dict[int, _Released] = {}  # by study version id
         self._released_lock = threading.Lock()
+        #: connections the node has open from a host (the SCP's, or the receiving
+        #: processes' parent's, count); None: a release always waits its grace time
+        self.host_connections: Callable[[str], int] | None = None
 
     # --- completion --------------------------------------------------------------------
 
@@ -49,14 +68,17 @@ class StudyCoordinator:
         self._route(done)
         return done
 
-    def complete_on_release(self, study_ids: set[int]) -> None:
-        """SCP callback: an association that stored into these studies has ended.
+    def complete_on_release(self, study_ids: set[int], host: str | None = None) -> None:
+        """SCP callback: an association from ``host`` that stored into these studies has
+        ended.
 
         With ``release_grace_seconds`` 0 they complete here and now; otherwise the
-        completion thread completes them once the grace time has passed, unless an instance
-        arrived meanwhile (another association of the same sender, whose own end counts).
-        Versions with an instance from a caller in ``quiet_only_callers`` are left to the
-        quiet period.
+        completion thread completes them once the grace time has passed, or sooner, from
+        ``release_host_idle_seconds`` after the release on, as soon as ``host`` has no
+        connection open to the node (it is not sending the next association), unless an
+        instance arrived meanwhile (another association of the same sender, whose own end
+        counts). Versions with an instance from a caller in ``quiet_only_callers`` are left
+        to the quiet period.
         """
         completion = self.settings.completion
         if not completion.on_association_release:
@@ -71,21 +93,41 @@ class StudyCoordinator:
                 )
             )
             return
-        due = time.monotonic() + completion.release_grace_seconds
+        now = time.monotonic()
+        pending = _Released(
+            due=now + completion.release_grace_seconds,
+            released=released,
+            host=host,
+            host_idle_from=now + completion.release_host_idle_seconds,
+        )
         with self._released_lock:
             for study_id in study_ids:
-                self._released[study_id] = (due, released)
+                self._released[study_id] = pending
         self._wake.set()
 
+    def _host_idle(self, host: str | None) -> bool:
+        """Whether ``host`` has no connection open to the node (False when unknown)."""
+        if host is None or self.host_connections is None:
+            return False
+        return self.host_connections(host) == 0
+
     def complete_released_studies(self) -> list[StudySummary]:
-        """Complete the released study versions whose grace time has passed."""
+        """Complete the released study versions whose grace time has passed, and those
+        whose sender's host has closed its connections (:meth:`complete_on_release`)."""
         now = time.monotonic()
         by_release: dict[datetime, list[int]] = {}
+        idle: dict[str | None, bool] = {}
         with self._released_lock:
-            for study_id, (due, released) in list(self._released.items()):
-                if due <= now:
-                    del self._released[study_id]
-                    by_release.setdefault(released, []).append(study_id)
+            for study_id, pending in list(self._released.items()):
+                if pending.due > now:
+                    if pending.host_idle_from > now:
+                        continue
+                    if pending.host not in idle:
+                        idle[pending.host] = self._host_idle(pending.host)
+                    if not idle[pending.host]:
+                        continue
+                del self._released[study_id]
+                by_release.setdefault(pending.released, []).append(study_id)
         done: list[StudySummary] = []
         for released, ids in by_release.items():
             done += self.ledger.complete_studies(
@@ -101,10 +143,14 @@ class StudyCoordinator:
         ending, at most ``poll_seconds`` (at least 10 ms, so a clock step cannot spin)."""
         completion = self.settings.completion
         wait = completion.poll_seconds
+        now = time.monotonic()
         with self._released_lock:
-            if self._released:
-                due = min(d for d, _ in self._released.values())
-                wait = min(wait, due - time.monotonic())
+            for pending in self._released.values():
+                due = pending.due
+                if pending.host is not None and self.host_connections is not None:
+                    # its host's connections are looked at from host_idle_from on
+                    due = min(due, max(pending.host_idle_from, now + _HOST_POLL_SECONDS))
+                wait = min(wait, due - now)
         last = self.ledger.last_open_instance_at()
         if last is not None:
             quiet_ends = (last - utcnow()).total_seconds() + completion.quiet_seconds

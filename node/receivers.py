@@ -235,8 +235,8 @@ def _receiver_main(
         max_run_seconds=args.max_run_seconds,
     )
 
-    def released(study_ids: set[int]) -> None:
-        connections.send(_message("released", study_ids=sorted(study_ids)))
+    def released(study_ids: set[int], host: str) -> None:
+        connections.send(_message("released", study_ids=sorted(study_ids), host=host))
 
     scp = StorageSCP(args.dicom, spool, ledger, on_release=released)
     scp.counters = SharedStoreCounters(cells, args.row)
@@ -278,7 +278,7 @@ class ReceiverPool:
     """The parent side: the listening socket, the receivers, and what they report."""
 
     def __init__(
-        self, settings: Settings, on_release: Callable[[set[int]], None] | None = None
+        self, settings: Settings, on_release: Callable[[set[int], str], None] | None = None
     ) -> None:
         self.settings = settings
         self.on_release = on_release
@@ -326,6 +326,11 @@ class ReceiverPool:
     def open_connections(self) -> list[int]:
         with self._lock:
             return [r.open for r in self._receivers]
+
+    def host_connections(self, host: str) -> int:
+        """Connections from ``host`` open now, in every receiver (the parent counts each
+        from its accept to the receiver's report that it closed)."""
+        return self._slots.open_connections(host)
 
     def handed_connections(self) -> list[int]:
         with self._lock:
@@ -476,7 +481,7 @@ class ReceiverPool:
                     del receiver.hosts[host]
             self._slots.release(host)
         elif event == "released" and self.on_release is not None:
-            self.on_release({int(i) for i in message["study_ids"]})
+            self.on_release({int(i) for i in message["study_ids"]}, str(message["host"]))
 
     def _ended(self, receiver: _Receiver, process: Any) -> None:
         with self._lock:

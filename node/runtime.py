@@ -83,6 +83,9 @@ class NodeRuntime:
         if settings.dicom.receiving_processes > 1:
             self.receivers = ReceiverPool(settings, on_release=self.coordinator.complete_on_release)
         self._counted = self.receivers if self.receivers is not None else self.scp
+        # a released study completes before its grace time ends once its sender's host has
+        # no connection open (node.completion): the node's accepted connections, per host
+        self.coordinator.host_connections = self._counted.host_connections
         track_scp(self._counted)  # C-STORE outcomes in this process's /metrics
         self.outbox = Outbox(self.ledger, settings.outbox)
         self.sender = OutboxSender(

@@ -342,14 +342,15 @@ class StoreCounters:
 
 
 class StorageSCP:
-    """The node's DICOM listener. ``on_release`` gets the study ids an association touched."""
+    """The node's DICOM listener. ``on_release`` gets the study ids an association touched
+    and the peer's address, when the association ends."""
 
     def __init__(
         self,
         settings: DicomSettings,
         spool: Spool,
         ledger: StudyLedger,
-        on_release: Callable[[set[int]], None] | None = None,
+        on_release: Callable[[set[int], str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -358,7 +359,7 @@ class StorageSCP:
         self.counters = StoreCounters()
         self._touched: dict[int, set[int]] = {}
         self._touched_lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: _HostCheckingServer | None = None
         self._thread: threading.Thread | None = None
 
         ae = AE(ae_title=settings.ae_title)
@@ -446,6 +447,14 @@ class StorageSCP:
             raise RuntimeError("the SCP is not running")
         return int(self._server.server_address[1])
 
+    def host_connections(self, host: str) -> int:
+        """Connections from ``host`` open now (accepted and not yet closed; 0 when the SCP
+        is not running)."""
+        server = self._server
+        if server is None or server.slots is None:
+            return 0
+        return server.slots.open_connections(host)
+
     # --- handlers ----------------------------------------------------------------------
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -464,7 +473,7 @@ class StorageSCP:
             touched = self._touched.pop(id(event.assoc), set())
         if touched and self.on_release is not None:
             try:
-                self.on_release(touched)
+                self.on_release(touched, str(event.assoc.requestor.address))
             except Exception:
                 log.exception("completing studies on association release failed")
 

@@ -60,3 +60,7 @@ def test_release_gaps_are_measured_for_each_pair(tmp_path: Path) -> None:
     assert line.startswith("release gaps, 2 pairs: p50 ")
     p50 = float(line.split("p50 ")[1].split(" s")[0])
     assert 0 < p50 < 30  # the second view arrived before the node's 30 s grace time ended
+    (line,) = [x for x in completed.stdout.splitlines() if x.startswith("next-connection")]
+    assert line.startswith("next-connection gaps (process start to accept), 2: p50 ")
+    p50 = float(line.split("p50 ")[1].split(" s")[0])
+    assert 0 < p50 < 10  # storescu connected to the listening socket (10 s: it gives up)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from bench.nodeproc import ServerProcess
@@ -104,8 +106,16 @@ def test_back_to_back_associations_of_one_study_make_one_version(
     node_factory: Callable[..., NodeRuntime], tmp_path: Path
 ) -> None:
     """A sender that sends each series over its own association, one right after the
-    other, gets one study version (one pre-read of both images), not one per series."""
-    node = node_factory(completion={"quiet_seconds": HOUR, "release_grace_seconds": 2.0})
+    other, gets one study version (one pre-read of both images), not one per series: the
+    grace time covers the gap (a new storescu process each), here with the sender's host
+    not looked at before the grace time ends."""
+    node = node_factory(
+        completion={
+            "quiet_seconds": HOUR,
+            "release_grace_seconds": 2.0,
+            "release_host_idle_seconds": 2.0,
+        }
+    )
     frontal, lateral = make_two_view_study(seed=133, **SMALL)
     first, second = write_study(tmp_path / "in", [frontal, lateral])
     assert storescu(node.scp.port, first).returncode == 0
@@ -115,6 +125,58 @@ def test_back_to_back_associations_of_one_study_make_one_version(
     assert study.state is StudyState.DONE, study.reason
     assert (study.version, study.instance_count) == (1, 2)
     assert [s.version for s in node.ledger.study_versions(uid)] == [1]
+
+
+def test_a_released_study_completes_once_its_sender_has_no_connection_open(
+    node_factory: Callable[..., NodeRuntime], tmp_path: Path
+) -> None:
+    """The grace time (an hour here) is not waited when the sender's host has closed its
+    connections: it is not sending a next association. The default host check (0.1 s
+    after the release) completes the study."""
+    node = node_factory(
+        completion={"quiet_seconds": HOUR, "poll_seconds": HOUR, "release_grace_seconds": HOUR}
+    )
+    image = make_chest_radiograph(seed=136, **SMALL)
+    (path,) = write_study(tmp_path / "in", [image])
+    assert storescu(node.scp.port, path).returncode == 0
+    study = wait_for_state(node, str(image.dataset.StudyInstanceUID), {"done", "failed"}, 60)
+    assert study.state is StudyState.DONE, study.reason
+
+
+def test_the_senders_next_association_keeps_the_study_open(
+    node_factory: Callable[..., NodeRuntime],
+) -> None:
+    """A sender that opens its next association right after releasing one (a series per
+    association) and sends the next series over it later than the host check: the study
+    is not completed while that association is open, and is one version of both images."""
+    node = node_factory(
+        completion={
+            "quiet_seconds": HOUR,
+            "poll_seconds": HOUR,
+            "release_grace_seconds": HOUR,
+            "release_host_idle_seconds": 0.3,
+        }
+    )
+    frontal, lateral = make_two_view_study(seed=137, **SMALL)
+    uid = str(frontal.dataset.StudyInstanceUID)
+    ae = AE(ae_title="SERIES")
+    ae.add_requested_context(frontal.dataset.SOPClassUID, ExplicitVRLittleEndian)
+    first = ae.associate("127.0.0.1", node.scp.port, ae_title="MEDGEMMA")
+    assert first.is_established
+    assert first.send_c_store(frontal.dataset).Status == 0
+    first.release()
+    second = ae.associate("127.0.0.1", node.scp.port, ae_title="MEDGEMMA")
+    try:
+        assert second.is_established
+        time.sleep(1.5)  # five times the host check: the open association holds the study
+        study = node.ledger.get_study(uid)
+        assert study is not None and study.state is StudyState.RECEIVED
+        assert second.send_c_store(lateral.dataset).Status == 0
+    finally:
+        second.release()
+    study = wait_for_state(node, uid, {"done", "failed"}, 60)
+    assert study.state is StudyState.DONE, study.reason
+    assert (study.version, study.instance_count) == (1, 2)
 
 
 def test_quiet_only_callers_wait_for_the_quiet_period(

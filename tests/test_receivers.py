@@ -22,7 +22,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage  # type: ignore
 from sqlalchemy import select
 
 from bench.nodeproc import ServerProcess, dicom_echo
-from node.ledger import Instance
+from node.ledger import Instance, StudyState
 from node.metrics import ScpCollector
 from node.receivers import receiver_dicom
 from node.runtime import NodeRuntime
@@ -63,6 +63,19 @@ def spool_files(runtime: NodeRuntime) -> list[Path]:
 def cstore_counts() -> dict[str, float]:
     (family,) = ScpCollector().collect()
     return {s.labels["outcome"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+def test_a_released_study_completes_once_its_sender_has_no_connection_open(
+    start_node: Callable[..., NodeRuntime], tmp_path: Path
+) -> None:
+    """The parent, which accepts every connection, tells completion that the sender's host
+    has none open: the study completes without the grace time (an hour here)."""
+    node = start_node(completion={"quiet_seconds": 3600.0, "release_grace_seconds": 3600.0})
+    image = make_chest_radiograph(seed=77, **SMALL)
+    (path,) = write_study(tmp_path / "in", [image])
+    assert storescu(node.dicom_port, path).returncode == 0
+    study = wait_for_state(node, str(image.dataset.StudyInstanceUID), {"done", "failed"}, 60)
+    assert study.state is StudyState.DONE, study.reason
 
 
 def test_four_senders_over_two_receivers(
