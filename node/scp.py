@@ -492,7 +492,8 @@ class StorageSCP:
             return self._receive_failed(receiving.error, calling_ae, rq_sop)
         try:
             rq_class = str(request.AffectedSOPClassUID or "")
-            status = self._store(path, calling_ae, rq_class, rq_sop, digest)
+            syntax = str(event.context.transfer_syntax)
+            status = self._store(path, calling_ae, rq_class, rq_sop, digest, syntax)
         except Exception as exc:
             # Any unexpected failure: the sender gets a failure and may retry; nothing is lost.
             # One line (the traceback only at DEBUG): the message may quote what the peer sent.
@@ -538,17 +539,19 @@ class StorageSCP:
         rq_class: str,
         rq_sop: str,
         digest: tuple[str, int] | None = None,
+        transfer_syntax: str | None = None,
     ) -> int | Dataset:
         """Store one received file. Returns the study row id, or a failure status dataset.
 
         ``digest``: (SHA-256, size) computed while the file was received
         (:meth:`node.spool.ReceivingFile.digest`); used when the file still has that size,
-        else the file is hashed here.
+        else the file is hashed here. ``transfer_syntax``: the presentation context's, which
+        pynetdicom wrote into the file meta (None: read from the file).
         """
         who, sop = peer_text(calling_ae), peer_text(rq_sop)
         limit = self.limits.max_dataset_bytes
         try:
-            inflated = _inflated_copy(path, limit)
+            inflated = _inflated_copy(path, limit, transfer_syntax)
         except InflateLimitExceeded:
             log.warning(
                 "C-STORE of %s from %s refused: deflated dataset inflates to more than %d MB "
@@ -695,14 +698,17 @@ _DEFLATED = str(DeflatedExplicitVRLittleEndian)
 _GROUP_LENGTH_END = 128 + 4 + 12
 
 
-def _inflated_copy(path: Path, limit: int) -> Path | None:
+def _inflated_copy(path: Path, limit: int, transfer_syntax: str | None = None) -> Path | None:
     """For a received deflated dataset, a copy with the dataset inflated (Explicit VR
     Little Endian), written next to it, at most ``limit`` inflated bytes; None for any other
-    transfer syntax. pydicom would inflate the whole dataset in memory, however large.
+    transfer syntax (``transfer_syntax`` when given: then the file is not read for it).
+    pydicom would inflate the whole dataset in memory, however large.
 
     The file meta was written by pynetdicom (with its group length); the dataset after it is
     what the peer sent.
     """
+    if transfer_syntax is not None and transfer_syntax != _DEFLATED:
+        return None
     meta = read_file_meta_info(path)
     if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
         return None

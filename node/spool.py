@@ -2,8 +2,9 @@
 
 Layout: ``<data_dir>/spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``;
 a later revision of the same SOP instance (different bytes) is ``<SOP>.r<N>.dcm``. A file
-is first written as ``*.part``, fsynced, then renamed over its final name, and the
-directory is fsynced: after a crash a file either exists complete or not at all.
+is fsynced where it was received (or, from another disk, copied to ``*.part`` and
+fsynced), then renamed to its final name, and the directory is fsynced: after a crash a
+file either exists complete or not at all.
 Directories are created 0700 and files 0600 (:mod:`node.datadir`): they hold patient data.
 
 Datasets arrive in ``<data_dir>/receiving/`` (the SCP's chunked receive writes there, not to
@@ -137,6 +138,9 @@ _hasher = _BackgroundThread("medgemma-hash")
 #: O_DIRECT (:class:`ReceivingFile`); the last block is padded to :data:`_DIRECT_ALIGN` and
 #: the file cut to its size.
 DIRECT_BLOCK_BYTES = 1 << 20
+#: The start of a received file the kernel is asked to read back into the page cache once
+#: its first block is written (the C-STORE handler parses the file meta and header there).
+HEADER_READ_AHEAD = 256 << 10
 _DIRECT_ALIGN = 4096  # a multiple of every logical block size (512, 4096)
 _POOLED_BLOCKS = 48  # blocks kept for reuse: the hashing queue's and a few more
 
@@ -235,6 +239,13 @@ def sha256_of(path: Path) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
+
+
+def _make_durable(path: Path) -> None:
+    """Make a file private (a moved file keeps its old mode) and fsync it."""
+    with path.open("rb+") as f:
+        os.fchmod(f.fileno(), PRIVATE_FILE)
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -389,7 +400,13 @@ class ReceivingFile:
         try:
             if self._block_error is None and self.error is None:
                 assert self._file is not None
-                _write_at(self._file.fileno(), block, DIRECT_BLOCK_BYTES, offset)
+                fd = self._file.fileno()
+                _write_at(fd, block, DIRECT_BLOCK_BYTES, offset)
+                if offset == 0:
+                    # the C-STORE handler reads the file meta and the header from here, and
+                    # a direct write leaves nothing in the page cache: have the kernel read
+                    # it back while the rest arrives, not when the handler asks
+                    _read_ahead(fd, HEADER_READ_AHEAD)
                 _hasher.submit(partial(self._guarded, self._hash_block, block))
                 return
         except OSError as exc:
@@ -437,22 +454,35 @@ class ReceivingFile:
             return
         assert self._file is not None and self._block is not None
         block, used = self._block, self._used
+        if self._handed_over:
+            # hashed in the hashing thread (after the blocks before it) while it is written
+            _hasher.submit(partial(self._guarded, self._hash_tail, block, used))
+        failed: OSError | None = None
         try:
             if used:
                 _write_at(self._file.fileno(), block, used, self._size - used)
             os.ftruncate(self._file.fileno(), self._size)
         except OSError as exc:
             _refuses_direct_writes(self._file.fileno(), exc)
-            self._fail(exc)
-            return
+            failed = exc
         if self._handed_over:
-            _hasher.wait()  # every block before the last one is in the digest
-            if self._failed_in_background():
-                return
-        with memoryview(block) as view:
-            self._sha256.update(view[:used])
+            _hasher.wait()  # every block, the last one too, is in the digest (or failed)
+        if failed is not None:
+            self._fail(failed)  # the hashing thread is done with the block: it may go back
+            return
+        if self._failed_in_background():
+            return
+        if not self._handed_over:
+            with memoryview(block) as view:
+                self._sha256.update(view[:used])
         self._release_block()
         self._finished = True
+
+    def _hash_tail(self, block: mmap.mmap, used: int) -> None:
+        """In the hashing thread: add the last, partial block to the digest (the block
+        stays the file's until :meth:`_finish` is done with it)."""
+        with memoryview(block) as view:
+            self._sha256.update(view[:used])
 
     def _write_back(self) -> None:
         assert self._file is not None
@@ -527,6 +557,15 @@ class ReceivingFile:
                 pass
         self._release_block()
         Path(self.name).unlink(missing_ok=True)
+
+
+def _read_ahead(fd: int, length: int) -> None:
+    """Ask the kernel to read the first ``length`` bytes of ``fd`` into the page cache (a
+    hint: nothing happens where it is not taken)."""
+    try:
+        os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
 
 
 def _write_at(fd: int, block: mmap.mmap, length: int, offset: int) -> None:
@@ -619,17 +658,23 @@ class Spool:
         private_dirs(final.parent)
         part = final.with_name(final.name + ".part")
         try:
-            try:
-                os.replace(source, part)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
+            moved = False
+            if same_disk:
+                # fsynced where it is, then renamed once: after a crash the final name holds
+                # the whole file or is not there (a file left in the receive directory is
+                # removed at the next start)
+                _make_durable(source)
+                try:
+                    os.replace(source, final)
+                    moved = True
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:  # the same device, another mount: copied
+                        raise
+            if not moved:
                 with source.open("rb") as src, os.fdopen(open_private(part), "wb") as dst:
                     shutil.copyfileobj(src, dst, _CHUNK)
-            with part.open("rb+") as f:
-                os.fchmod(f.fileno(), PRIVATE_FILE)  # a moved file keeps its old mode
-                os.fsync(f.fileno())
-            os.replace(part, final)
+                _make_durable(part)
+                os.replace(part, final)
             _fsync_dir(final.parent)
         except OSError as exc:
             part.unlink(missing_ok=True)

@@ -71,6 +71,35 @@ def test_storescu_file_is_spooled_recorded_and_identical(node: NodeRuntime, tmp_
     assert study.instance_count == 1
 
 
+def test_a_received_file_that_cannot_be_renamed_into_the_spool_is_copied(
+    node: NodeRuntime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receive directory on the spool's device but another mount (a bind mount: the
+    rename fails with EXDEV): the file is copied into the spool instead, complete, private
+    (0600) and with no partial file left, and the C-STORE is answered Success."""
+    import errno
+    import os
+
+    real_replace = os.replace
+    receive_dir = str(node.spool.receive_dir)
+
+    def replace(src: object, dst: object) -> None:
+        if str(src).startswith(receive_dir):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("node.spool.os.replace", replace)
+    image = make_chest_radiograph(seed=2, **SMALL)
+    (path,) = write_study(tmp_path / "in", [image])
+    assert storescu(node.scp.port, path).returncode == 0
+    inst = node.ledger.find_instance(image.dataset.SOPInstanceUID)
+    assert inst is not None
+    stored = node.spool.path_of(inst.path)
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == inst.sha256
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert not list(node.spool.root.rglob("*.part"))
+
+
 @pytest.mark.parametrize(
     ("syntax", "propose"),
     [
