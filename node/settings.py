@@ -154,8 +154,9 @@ class CompletionSettings(Section):
     # back to back stays one version); callers in quiet_only_callers wait for quiet_seconds
     on_association_release: bool = True
     release_grace_seconds: float = Field(default=0.3, ge=0)
-    # sooner: once the sender's host has had no connection open to the node for this long
-    # after the release (it is not sending the next association; at least 0.1 s after it)
+    # sooner: from this long after the release on, as soon as the sender's host has no
+    # connection open to the node (it is not sending a next association); set it to
+    # release_grace_seconds to always wait the whole grace time
     release_host_idle_seconds: float = Field(default=0.1, ge=0)
     quiet_only_callers: list[str] = Field(default_factory=list)  # calling AE titles
     poll_seconds: float = Field(default=0.5, gt=0)
