@@ -48,7 +48,8 @@ breakdown of where the time went (``--json``; a table on stdout).
 two-view studies, each view sent by its own storescu right after the other (a sender that
 sends a series per association); the gap is from the first storescu's return to the
 ledger's ``received_at`` of the second view (its transfer, stored and committed). The node
-runs with a grace time of 30 s, so nothing completes in between. It also measures what
+runs with a grace time of 30 s and no host check before it ends, so nothing completes in
+between. It also measures what
 ``completion.release_host_idle_seconds`` has to cover, the gap before such a sender's next
 connection: N times, from the start of a storescu (the next one of a shell loop) to a
 listening socket's accept of its connection.
@@ -522,7 +523,8 @@ def release_gaps(count: int, args: argparse.Namespace) -> tuple[list[float], lis
     gaps: list[float] = []
     seconds: list[Path] = []
     try:
-        extra = {"completion": {"release_grace_seconds": 30.0}}
+        # nothing completes between the two views: no grace time ending, no host check
+        extra = {"completion": {"release_grace_seconds": 30.0, "release_host_idle_seconds": 30.0}}
         node = start_mode("serve", work, orthanc, args, extra)
         try:
             for i in range(count):
