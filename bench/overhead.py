@@ -241,7 +241,6 @@ def start_mode(
             "quiet_seconds": args.quiet_seconds,
             "on_association_release": release,
             **({"release_grace_seconds": 0} if mode == "serve-nograce" else {}),
-            **({"release_host_idle_seconds": 0.3} if mode == "serve-fullgrace" else {}),
             **extra.get("completion", {}),
         },
         "engine": {"name": "demo"},
@@ -249,6 +248,13 @@ def start_mode(
         "retention": {"days": 0, "emergency_free_mb": 0},
         "outbox": dict(extra.get("outbox", {})),
     }
+    if mode == "serve-fullgrace":  # the host check no sooner than the grace time ends
+        from node.settings import CompletionSettings
+
+        completion = values["completion"]
+        completion["release_host_idle_seconds"] = completion.get(
+            "release_grace_seconds", CompletionSettings().release_grace_seconds
+        )
     if mode == "worker":
         tag = secrets.token_hex(3)
         values["queue"] = {

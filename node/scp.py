@@ -538,15 +538,15 @@ class StorageSCP:
         calling_ae: str,
         rq_class: str,
         rq_sop: str,
-        digest: tuple[str, int] | None = None,
-        transfer_syntax: str | None = None,
+        digest: tuple[str, int] | None,
+        transfer_syntax: str,
     ) -> int | Dataset:
         """Store one received file. Returns the study row id, or a failure status dataset.
 
         ``digest``: (SHA-256, size) computed while the file was received
         (:meth:`node.spool.ReceivingFile.digest`); used when the file still has that size,
         else the file is hashed here. ``transfer_syntax``: the presentation context's, which
-        pynetdicom wrote into the file meta (None: read from the file).
+        pynetdicom wrote into the file meta.
         """
         who, sop = peer_text(calling_ae), peer_text(rq_sop)
         limit = self.limits.max_dataset_bytes
@@ -698,16 +698,16 @@ _DEFLATED = str(DeflatedExplicitVRLittleEndian)
 _GROUP_LENGTH_END = 128 + 4 + 12
 
 
-def _inflated_copy(path: Path, limit: int, transfer_syntax: str | None = None) -> Path | None:
+def _inflated_copy(path: Path, limit: int, transfer_syntax: str) -> Path | None:
     """For a received deflated dataset, a copy with the dataset inflated (Explicit VR
     Little Endian), written next to it, at most ``limit`` inflated bytes; None for any other
-    transfer syntax (``transfer_syntax`` when given: then the file is not read for it).
-    pydicom would inflate the whole dataset in memory, however large.
+    transfer syntax (``transfer_syntax``, the presentation context's: the file is not read
+    for it). pydicom would inflate the whole dataset in memory, however large.
 
     The file meta was written by pynetdicom (with its group length); the dataset after it is
     what the peer sent.
     """
-    if transfer_syntax is not None and transfer_syntax != _DEFLATED:
+    if transfer_syntax != _DEFLATED:
         return None
     meta = read_file_meta_info(path)
     if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import socket
 import subprocess
 import threading
@@ -77,9 +79,6 @@ def test_a_received_file_that_cannot_be_renamed_into_the_spool_is_copied(
     """The receive directory on the spool's device but another mount (a bind mount: the
     rename fails with EXDEV): the file is copied into the spool instead, complete, private
     (0600) and with no partial file left, and the C-STORE is answered Success."""
-    import errno
-    import os
-
     real_replace = os.replace
     receive_dir = str(node.spool.receive_dir)
 
